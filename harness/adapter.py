@@ -1,0 +1,148 @@
+"""The contract every LM-head/loss implementation is put behind.
+
+An implementation subclasses ``Implementation`` and provides:
+
+- ``availability()``: can it run on this machine at all, and if not, why (one line);
+- ``capabilities(device)``: the dtypes, reductions and options it supports on that device, and,
+  for an option it lacks, why (``unsupported_options``);
+- ``compute(hidden, weight, labels, spec, bias)``: the loss on 2-D inputs.
+
+Callers use ``loss(...)``, which validates the inputs, flattens ``(B, T, D)`` inputs, refuses
+unsupported cases with ``UnsupportedCase``, applies ``loss_div_factor`` and restores the
+``(B, T)`` shape of per-token losses, so that ``compute`` stays about the kernel alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.errors import UnsupportedCase
+from harness.semantics import head_logits
+from harness.spec import OPTIONS, REDUCTIONS, LossOutput, LossSpec, dtype_name, validate_inputs
+
+FAMILIES = ("native", "triton", "cuda", "plugin")
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether an implementation can run here; ``detail`` says why not, or how it runs."""
+
+    available: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an implementation supports on one device.
+
+    ``unsupported_options`` maps each option from ``harness.spec.OPTIONS`` it lacks to the reason.
+    """
+
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+    reductions: tuple[str, ...] = REDUCTIONS
+    unsupported_options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(o for o in OPTIONS if o not in self.unsupported_options)
+
+
+class Implementation:
+    """Base class of every adapter. Subclasses set the class attributes and ``compute``."""
+
+    name: str = ""
+    family: str = "native"
+    summary: str = ""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    def capabilities(self, device: str) -> Capabilities:
+        return Capabilities()
+
+    def compute(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        spec: LossSpec,
+        bias: torch.Tensor | None,
+    ) -> LossOutput:
+        """The loss of ``(N, D)`` hidden against ``(N,)`` labels, ignoring ``spec.loss_div_factor``."""
+        raise NotImplementedError
+
+    def with_chunk_size(self, chunk_size: int) -> Implementation | None:
+        """The same implementation with a fixed token chunk size, or None if it has no such knob."""
+        return None
+
+    # --- what callers use -------------------------------------------------------------------
+
+    def unsupported_reason(
+        self, spec: LossSpec, *, dtype: torch.dtype, device: str, has_bias: bool
+    ) -> str | None:
+        """One line saying why this case cannot run here, or None when it can."""
+        available = self.availability()
+        if not available.available:
+            return available.detail
+        if device not in self.devices:
+            return f"{self.name} does not run on {device} (runs on {', '.join(self.devices)})"
+        caps = self.capabilities(device)
+        if dtype not in caps.dtypes:
+            return f"{self.name} does not support {dtype_name(dtype)} on {device}"
+        if spec.reduction not in caps.reductions:
+            return f"{self.name} does not support reduction={spec.reduction}"
+        for option in sorted(spec.options_used(has_bias=has_bias)):
+            if option in caps.unsupported_options:
+                return f"{option}: {caps.unsupported_options[option]}"
+        return None
+
+    def loss(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        spec: LossSpec = LossSpec(),
+        *,
+        bias: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> LossOutput:
+        """Loss of ``(N, D)`` or ``(B, T, D)`` hidden states through a ``(V, D)`` head.
+
+        Raises ``HarnessError`` for bad inputs (when ``validate``), ``UnsupportedCase`` when this
+        implementation cannot run the case here. ``validate=False`` skips the label-range check,
+        which synchronises with the GPU; the benchmark and the behaviour matrix use it.
+        """
+        validate_inputs(hidden, weight, labels, spec, bias, check_label_values=validate)
+        reason = self.unsupported_reason(
+            spec, dtype=hidden.dtype, device=hidden.device.type, has_bias=bias is not None
+        )
+        if reason is not None:
+            raise UnsupportedCase(reason)
+        out = self.compute(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), spec, bias)
+        loss, z_loss = out.loss, out.z_loss
+        if spec.loss_div_factor != 1.0:
+            loss = loss / spec.loss_div_factor
+            z_loss = None if z_loss is None else z_loss / spec.loss_div_factor
+        if spec.reduction == "none":
+            loss = loss.view(labels.shape)
+            z_loss = None if z_loss is None else z_loss.view(labels.shape)
+        return LossOutput(loss, z_loss)
+
+    def logits(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        softcap: float | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """The head without labels (generation): logits of the last ``logits_to_keep`` positions."""
+        return head_logits(hidden, weight, bias, softcap=softcap, logits_to_keep=logits_to_keep)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,116 @@
+"""Turn implementation names into implementations: built-in names, or ``package.module:attr``.
+
+``attr`` may be an ``Implementation`` (instance or class) or a plain function
+
+    fn(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+       label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None) -> loss
+
+that raises ``NotImplementedError`` for an option it does not support.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from harness.adapter import Implementation
+from harness.errors import HarnessError, UnsupportedCase
+from harness.spec import LossOutput
+
+
+class FunctionImplementation(Implementation):
+    """Adapter for a plain loss function given as ``module:attr``.
+
+    Its support is discovered when it runs: ``NotImplementedError`` makes a case "unsupported".
+    It cannot report the z-loss separately, and ``loss_div_factor`` is applied by the harness.
+    """
+
+    family = "plugin"
+
+    def __init__(self, name: str, function) -> None:
+        self.name = name
+        self.function = function
+        doc = inspect.getdoc(function) or ""
+        self.summary = doc.splitlines()[0] if doc else f"plain function {name}"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        try:
+            loss = self.function(
+                hidden,
+                weight,
+                labels,
+                bias=bias,
+                ignore_index=spec.ignore_index,
+                reduction=spec.reduction,
+                label_smoothing=spec.label_smoothing,
+                z_loss_multiplier=spec.z_loss_multiplier,
+                softcap=spec.softcap,
+                class_weight=spec.class_weight,
+            )
+        except NotImplementedError as exc:
+            raise UnsupportedCase(f"{self.name}: {exc or 'NotImplementedError'}") from None
+        return LossOutput(loss, None)
+
+
+def builtin_names() -> tuple[str, ...]:
+    from implementations import builtin_implementations
+
+    return tuple(impl.name for impl in builtin_implementations())
+
+
+def resolve(name: str) -> Implementation:
+    """The implementation called ``name``; ``HarnessError`` with a one-line reason otherwise."""
+    from implementations import builtin_implementations
+
+    for impl in builtin_implementations():
+        if impl.name == name:
+            return impl
+    if ":" not in name:
+        raise HarnessError(
+            f"unknown implementation {name!r}; known: {', '.join(builtin_names())} "
+            "(or give a plugin as package.module:attr)"
+        )
+    return load_plugin(name)
+
+
+def resolve_many(names: list[str] | None) -> list[Implementation]:
+    """Implementations for ``names`` (all built-ins when empty), without duplicates."""
+    from implementations import builtin_implementations
+
+    if not names:
+        return list(builtin_implementations())
+    seen: dict[str, Implementation] = {}
+    for name in names:
+        impl = resolve(name)
+        seen.setdefault(impl.name, impl)
+    return list(seen.values())
+
+
+def load_plugin(spec: str) -> Implementation:
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise HarnessError(f"bad plugin {spec!r}: expected package.module:attr")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HarnessError(f"cannot import plugin module {module_name!r} for {spec!r}: {exc}") from None
+    except Exception as exc:  # a plugin module that fails on import is still the user's input
+        raise HarnessError(f"plugin module {module_name!r} failed on import: {type(exc).__name__}: {exc}") from None
+    obj = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise HarnessError(f"plugin module {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, Implementation):
+        impl = obj
+    elif inspect.isclass(obj) and issubclass(obj, Implementation):
+        impl = obj()
+    elif callable(obj) and not inspect.isclass(obj):
+        return FunctionImplementation(spec, obj)
+    else:
+        raise HarnessError(
+            f"plugin {spec!r} is a {type(obj).__name__}, not an Implementation or a loss function"
+        )
+    if not impl.name:
+        raise HarnessError(f"plugin {spec!r} is an Implementation without a name")
+    return impl

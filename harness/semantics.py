@@ -1,0 +1,124 @@
+"""The single definition of the LM-head loss, and the float64 reference built on it.
+
+``loss_from_logits`` is the function every implementation is measured against. The reference
+(``reference_loss`` / ``reference_result``) runs it in float64 on the CPU with autograd; the
+``torch-eager`` implementation runs the same code on float32-upcast logits, as Hugging Face and
+OLMo-core do by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.spec import LossOutput, LossSpec
+
+
+def apply_softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2 style logit soft-capping: ``cap * tanh(logits / cap)``."""
+    if softcap is None:
+        return logits
+    return softcap * torch.tanh(logits / softcap)
+
+
+def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec) -> LossOutput:
+    """Loss of ``(N, V)`` logits against ``(N,)`` labels under ``spec``, in the logits' dtype."""
+    logits = apply_softcap(logits, spec.softcap)
+    labels = labels.long()
+    class_weight = None if spec.class_weight is None else spec.class_weight.to(logits)
+    ce = F.cross_entropy(
+        logits,
+        labels,
+        weight=class_weight,
+        ignore_index=spec.ignore_index,
+        reduction=spec.reduction,
+        label_smoothing=spec.label_smoothing,
+    )
+    valid = labels != spec.ignore_index
+    z_per_token = spec.z_loss_multiplier * torch.logsumexp(logits, dim=-1).square() * valid
+    if spec.reduction == "none":
+        z_loss = z_per_token
+    elif spec.reduction == "sum":
+        z_loss = z_per_token.sum()
+    else:  # z-loss is never class-weighted: its mean is over the tokens not ignored
+        z_loss = z_per_token.sum() / valid.sum()
+    loss = ce + z_loss if spec.z_loss_multiplier else ce
+    return LossOutput(loss=loss / spec.loss_div_factor, z_loss=z_loss / spec.loss_div_factor)
+
+
+def head_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    logits_to_keep: int = 0,
+) -> torch.Tensor:
+    """The inference path: logits of the last ``logits_to_keep`` positions (all when 0).
+
+    Positions are the sequence axis: ``T`` for ``(B, T, D)`` input, ``N`` for ``(N, D)``.
+    """
+    if logits_to_keep:
+        hidden = hidden[..., -logits_to_keep:, :]
+    return apply_softcap(F.linear(hidden, weight, bias), softcap)
+
+
+def reference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    bias: torch.Tensor | None = None,
+) -> LossOutput:
+    """The loss in float64 from 2-D or 3-D inputs of any dtype, differentiable through autograd."""
+    logits = F.linear(hidden.double().flatten(0, -2), weight.double(), None if bias is None else bias.double())
+    out = loss_from_logits(logits, labels.flatten(), spec.replace(class_weight=_as_double(spec.class_weight)))
+    if spec.reduction == "none":
+        out = LossOutput(out.loss.view(labels.shape), out.z_loss.view(labels.shape))
+    return out
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    """The float64 reference for one case: loss, z-loss and the gradients of a chosen backward."""
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def reference_result(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    bias: torch.Tensor | None = None,
+    *,
+    grad_output: torch.Tensor | None = None,
+) -> ReferenceResult:
+    """Float64 CPU reference with gradients of ``(loss * grad_output).sum()``.
+
+    ``grad_output`` defaults to ones (a plain ``loss.backward()`` or ``loss.sum().backward()``).
+    """
+    h = hidden.detach().double().cpu().requires_grad_()
+    w = weight.detach().double().cpu().requires_grad_()
+    b = None if bias is None else bias.detach().double().cpu().requires_grad_()
+    out = reference_loss(h, w, labels.cpu(), spec.replace(class_weight=_as_double(spec.class_weight)), b)
+    upstream = torch.ones_like(out.loss) if grad_output is None else grad_output.double().cpu()
+    grads = torch.autograd.grad(out.loss, [t for t in (h, w, b) if t is not None], upstream, allow_unused=True)
+    grad_b = grads[2] if b is not None else None
+    return ReferenceResult(
+        loss=out.loss.detach(),
+        z_loss=out.z_loss.detach(),
+        grad_hidden=grads[0],
+        grad_weight=grads[1],
+        grad_bias=grad_b,
+    )
+
+
+def _as_double(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().double().cpu()

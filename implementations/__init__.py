@@ -1,0 +1,25 @@
+"""Every built-in LM-head/loss implementation, one module per family.
+
+The harness takes them from ``builtin_implementations()``; third-party ones plug in by name as
+``package.module:attr`` (see ``harness.registry``) without being listed here.
+"""
+
+from harness.adapter import Implementation
+from implementations.cce import CutCrossEntropy
+from implementations.chunked import Chunked
+from implementations.liger import Liger
+from implementations.torch_linear_ce import TorchLinearCrossEntropy
+from implementations.torch_native import TorchCompile, TorchEager
+
+
+def builtin_implementations() -> tuple[Implementation, ...]:
+    """Fresh instances, in the order tables and plots list them (torch-eager, the baseline, first)."""
+    return (
+        TorchEager(),
+        TorchCompile(),
+        TorchLinearCrossEntropy(),
+        Chunked(),
+        Liger(),
+        CutCrossEntropy("cce"),
+        CutCrossEntropy("cce-exact", exact=True),
+    )

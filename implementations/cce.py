@@ -1,0 +1,73 @@
+"""Apple's Cut Cross-Entropy (``cut-cross-entropy``).
+
+On CUDA, its Triton kernels: ``cce`` (skips gradient blocks below ``filter_eps``, the package
+default) and ``cce-exact`` (``filter_eps=None``: no filtering). On a CPU, ``cce`` runs the
+package's ``torch_compile`` implementation, because its Triton kernels do not run under Triton's
+interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import torch
+
+from harness.adapter import Availability, Capabilities, Implementation
+from harness.spec import LossOutput
+
+PACKAGE_HINT = "pip install 'lmhead-bench[cce]'"
+
+UNSUPPORTED = {
+    "bias": "cut-cross-entropy 25.1 has no bias input",
+    "label_smoothing": "cut-cross-entropy 25.1 has no label smoothing",
+    "z_loss": "cut-cross-entropy 25.1 has no z-loss",
+    "class_weight": "cut-cross-entropy 25.1 has no class weights",
+}
+
+
+class CutCrossEntropy(Implementation):
+    family = "triton"
+
+    def __init__(self, name: str = "cce", *, exact: bool = False) -> None:
+        self.name = name
+        self.exact = exact
+        self.summary = (
+            "Cut Cross-Entropy, Triton kernel without gradient filtering (filter_eps=None)"
+            if exact
+            else "Cut Cross-Entropy: Triton 'cce' kernel on CUDA, its 'torch_compile' impl on CPU"
+        )
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("cut_cross_entropy") is None:
+            return Availability(False, f"cut-cross-entropy is not installed ({PACKAGE_HINT})")
+        if torch.cuda.is_available():
+            return Availability(True, "Triton kernel 'cce'" + (" with filter_eps=None" if self.exact else ""))
+        if self.exact:
+            return Availability(
+                False, "the exact Triton kernel needs a CUDA GPU (on CPU, 'cce' runs the torch_compile impl)"
+            )
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            return Availability(False, "its torch_compile impl on CPU needs a C++ compiler (c++/g++) on PATH")
+        return Availability(True, "its 'torch_compile' impl (no GPU here: its Triton kernels need CUDA)")
+
+    def capabilities(self, device):
+        return Capabilities(unsupported_options=dict(UNSUPPORTED))
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        from cut_cross_entropy import linear_cross_entropy
+
+        if hidden.is_cuda:
+            kwargs = {"impl": "cce", "filter_eps": None} if self.exact else {"impl": "cce"}
+        else:
+            kwargs = {"impl": "torch_compile"}
+        loss = linear_cross_entropy(
+            hidden,
+            weight,
+            labels.long(),
+            ignore_index=spec.ignore_index,
+            softcap=spec.softcap,
+            reduction=spec.reduction,
+            **kwargs,
+        )
+        return LossOutput(loss, None)

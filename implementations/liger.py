@@ -1,0 +1,81 @@
+"""Liger-Kernel's fused linear cross-entropy (Triton).
+
+On a machine without a CUDA GPU the harness has turned on Triton's interpreter before Triton was
+imported (see ``harness/__init__.py``), so the same kernels run, slowly but exactly, on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+
+from harness.adapter import Availability, Capabilities, Implementation
+from harness.spec import LossOutput
+
+PACKAGE_HINT = "pip install 'lmhead-bench[liger]'"
+
+# In liger-kernel 0.8.5 these kernels branches fail under Triton's interpreter with
+# InterpreterError: AttributeError("'float' object has no attribute 'to'"). On a GPU they run.
+INTERPRETER_FAILURES = {
+    "class_weight": "liger-kernel's class-weight kernel fails under Triton's interpreter (no GPU here)",
+    "softcap": "liger-kernel's softcap kernel fails under Triton's interpreter (no GPU here)",
+}
+
+
+def _interpreter_on() -> bool:
+    """True when Triton's interpreter is active (Triton reads the setting once, at import)."""
+    if "triton" in sys.modules:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class Liger(Implementation):
+    name = "liger"
+    family = "triton"
+    summary = "Liger-Kernel LigerFusedLinearCrossEntropyFunction (chunked, gradients in the forward)"
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("liger_kernel") is None:
+            return Availability(False, f"liger-kernel is not installed ({PACKAGE_HINT})")
+        if importlib.util.find_spec("triton") is None:
+            return Availability(False, "triton is not installed")
+        if torch.cuda.is_available():
+            return Availability(True, "Triton kernels on CUDA")
+        if not _interpreter_on():
+            return Availability(
+                False,
+                "no GPU and Triton was imported before the harness could set TRITON_INTERPRET=1; "
+                "import harness first or export TRITON_INTERPRET=1",
+            )
+        return Availability(True, "through Triton's interpreter (no GPU here; slow but exact)")
+
+    def capabilities(self, device):
+        if device == "cpu":
+            return Capabilities(unsupported_options=dict(INTERPRETER_FAILURES))
+        return Capabilities()
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        # Liger's class weights must share the logits' precision for its kernel (float32 here).
+        class_weight = None if spec.class_weight is None else spec.class_weight.to(hidden.device, torch.float32)
+        loss, z_loss, _, _ = LigerFusedLinearCrossEntropyFunction.apply(
+            hidden,
+            weight,
+            labels.long(),
+            bias,
+            class_weight,
+            spec.ignore_index,
+            spec.z_loss_multiplier,
+            spec.label_smoothing,
+            spec.reduction,
+            spec.softcap,
+            True,  # return_z_loss: reported separately for logging
+        )
+        return LossOutput(loss, z_loss)
