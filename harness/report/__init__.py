@@ -1,0 +1,1 @@
+"""Reports: seaborn dashboards, Markdown summaries and the regression gate between runs."""

@@ -1,0 +1,136 @@
+"""The results folder: one run is ``results/<run-id>/``, written as it is produced.
+
+A run folder holds:
+
+- ``meta.json``: ``"kind"`` (``"sweep"`` or ``"check"``) and the run's environment (device, versions, git commit, host, time, command line),
+  written when the run starts and updated (atomically) with figures measured once per run, such
+  as the device's matmul rate.
+- ``rows.csv``: the tidy long-format table, one row per case x implementation x mode x metric
+  (``ROW_COLUMNS``). Rows are appended and flushed to disk as each case finishes, so a crash,
+  an OOM, a timeout or Ctrl-C loses nothing already measured. A case that did not produce
+  numbers has one row with ``metric = "status"``, its ``status`` and its ``reason``.
+A check run (``python -m harness check``, kind ``"check"``) holds ``properties.csv``
+(``PROPERTY_COLUMNS``) and ``behaviour.csv`` (``BEHAVIOUR_COLUMNS``) beside its ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import datetime as dt
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS_DIR = Path("results")
+
+ROW_COLUMNS = (
+    "run_id",
+    "case",  # unique case name, e.g. "llama3-8b/N=8192/bfloat16"
+    "shape",  # the model / shape family, e.g. "llama3-8b" or "vocab-sweep"
+    "vocab",
+    "hidden",
+    "tokens",
+    "dtype",
+    "tied",
+    "options",  # LossSpec.describe() plus ", bias" when a bias is used
+    "implementation",
+    "mode",  # forward | forward_backward | backward
+    "metric",  # see METRICS, or "status" for a case that produced no numbers
+    "value",
+    "unit",
+    "status",  # ok | unsupported | oom | timeout | crash | error
+    "reason",
+    "device",
+)
+
+# metric name -> unit
+METRICS = {
+    "time_median": "ms",
+    "time_p20": "ms",
+    "time_p80": "ms",
+    "first_call": "ms",  # first call, compilation and autotuning included
+    "peak_memory": "bytes",  # above the baseline of the inputs already in place
+    "tflops": "TFLOP/s",  # from 2*N*D*V (forward) or 6*N*D*V (forward+backward)
+    "matmul_fraction": "ratio",  # tflops / the device's measured matmul rate in this dtype
+    "memory_over_lower_bound": "ratio",  # peak / (bytes of grad_hidden + grad_weight)
+    "memory_over_logits": "ratio",  # peak / (bytes of the N x V logits in the input dtype)
+}
+
+STATUSES = ("ok", "unsupported", "oom", "timeout", "crash", "error")
+
+PROPERTY_COLUMNS = ("implementation", "property", "status", "examples", "detail", "reproducer")
+BEHAVIOUR_COLUMNS = ("implementation", "edge_case", "behaviour", "detail")
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now()
+    return now.strftime("%Y%m%d-%H%M%S")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace ``path`` with ``data`` so that a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+class RowWriter:
+    """Appends rows to a CSV file, flushing each batch to disk; creates the header when new.
+
+    Appends hold an exclusive lock, so several processes (one per GPU under torchrun) can share
+    one run's file.
+    """
+
+    def __init__(self, path: Path, columns: tuple[str, ...] = ROW_COLUMNS):
+        self.path = Path(path)
+        self.columns = columns
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        with open(self.path, "a", newline="") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            new_file = handle.tell() == 0
+            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="raise")
+            if new_file:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({column: row.get(column, "") for column in self.columns})
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_rows(run_dir: Path) -> pd.DataFrame:
+    """The rows of one run (empty frame with the right columns when it has none yet)."""
+    path = Path(run_dir) / "rows.csv"
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=list(ROW_COLUMNS))
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    for column in ("reason", "options", "status", "metric", "unit"):
+        frame[column] = frame[column].fillna("").astype(str)
+    return frame
+
+
+def read_meta(run_dir: Path) -> dict:
+    path = Path(run_dir) / "meta.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def list_runs(results_dir: Path = RESULTS_DIR, kind: str | None = None) -> list[Path]:
+    """Run folders (those with a meta.json), oldest first by run id; ``kind`` is "sweep" or "check"."""
+    if not Path(results_dir).is_dir():
+        return []
+    runs = sorted(p for p in Path(results_dir).iterdir() if (p / "meta.json").exists())
+    return [p for p in runs if kind is None or read_meta(p).get("kind") == kind]
+
+
+def latest_run(results_dir: Path = RESULTS_DIR, kind: str | None = None) -> Path | None:
+    runs = list_runs(results_dir, kind)
+    return runs[-1] if runs else None
