@@ -1,0 +1,51 @@
+"""Third-party implementations as a user would write them, loaded by name as ``module:attr``."""
+
+import torch
+import torch.nn.functional as F
+
+from harness.adapter import Capabilities, Implementation
+from harness.spec import LossOutput
+
+
+def plain_eager(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss_multiplier=0.0,
+    softcap=None,
+    class_weight=None,
+):
+    """Materialised logits and F.cross_entropy; no z-loss and no softcap."""
+    if z_loss_multiplier:
+        raise NotImplementedError("z-loss is not implemented")
+    if softcap is not None:
+        raise NotImplementedError("softcap is not implemented")
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(
+        logits, labels, weight=class_weight, ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing,
+    )
+
+
+class SumOnlyAdapter(Implementation):
+    """An adapter of the project's own kind that only supports reduction="sum"."""
+
+    name = "sum-only"
+    family = "plugin"
+    summary = "example plugin adapter supporting only reduction=sum"
+
+    def capabilities(self, device):
+        return Capabilities(dtypes=(torch.float32,), reductions=("sum",))
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        logits = F.linear(hidden, weight, bias).float()
+        return LossOutput(F.cross_entropy(logits, labels, ignore_index=spec.ignore_index, reduction="sum"))
+
+
+sum_only = SumOnlyAdapter()
+not_callable = 42

@@ -1,0 +1,286 @@
+"""The harness core: one contract for every implementation, the float64 reference, and `list`.
+
+These are the small, fixed cases; ``tests/test_check_*.py`` and ``python -m harness check`` draw
+many more with Hypothesis.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.errors import HarnessError, UnsupportedCase
+from harness.model import TinyLM
+from harness.registry import builtin_names, resolve, resolve_many
+from harness.semantics import reference_loss, reference_result
+from harness.spec import OPTIONS, LossSpec
+
+BUILTINS = ("torch-eager", "torch-compile", "torch-linear-ce", "chunked", "liger", "cce")
+VOCAB, DIM, TOKENS = 97, 12, 23
+
+# One spec per option, each exercising exactly that option (bias is an input: handled below).
+OPTION_SPECS = {
+    "ignore_index": LossSpec(ignore_index=7),
+    "label_smoothing": LossSpec(label_smoothing=0.1),
+    "z_loss": LossSpec(z_loss_multiplier=1e-2),
+    "softcap": LossSpec(softcap=4.0),
+    "loss_div_factor": LossSpec(loss_div_factor=3.0),
+    "class_weight": LossSpec(class_weight=torch.rand(VOCAB, generator=torch.Generator().manual_seed(1)) + 0.5),
+}
+
+
+def make_inputs(seed=0, tokens=TOKENS, ignore_index=-100):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, DIM, generator=gen)
+    weight = torch.randn(VOCAB, DIM, generator=gen) * 0.5
+    bias = torch.randn(VOCAB, generator=gen) * 0.1
+    labels = torch.randint(0, VOCAB, (tokens,), generator=gen)
+    labels[::5] = ignore_index
+    return hidden, weight, bias, labels
+
+
+def available(name):
+    impl = resolve(name)
+    if not impl.availability().available:
+        pytest.skip(f"{name} unavailable here: {impl.availability().detail}")
+    return impl
+
+
+def assert_matches_reference(impl, spec, *, with_bias, reduction="mean", seed=0):
+    spec = spec.replace(reduction=reduction)
+    hidden, weight, bias, labels = make_inputs(seed, ignore_index=spec.ignore_index)
+    bias = bias if with_bias else None
+    reason = impl.unsupported_reason(spec, dtype=torch.float32, device="cpu", has_bias=with_bias)
+    if reason:  # a case it does not claim is refused with the reason, never computed wrongly
+        with pytest.raises(UnsupportedCase, match=reason.split(":")[0]):
+            impl.loss(hidden, weight, labels, spec, bias=bias)
+        return
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    out = impl.loss(h, w, labels, spec, bias=b)
+    upstream = torch.randn(out.loss.shape, generator=torch.Generator().manual_seed(seed + 1))
+    out.loss.backward(upstream)
+    ref = reference_result(hidden, weight, labels, spec, bias, grad_output=upstream)
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss.double(), ref.loss, **close)
+    if out.z_loss is not None:
+        torch.testing.assert_close(out.z_loss.double(), ref.z_loss, **close)
+    torch.testing.assert_close(h.grad.double(), ref.grad_hidden, **close)
+    torch.testing.assert_close(w.grad.double(), ref.grad_weight, **close)
+    if b is not None:
+        torch.testing.assert_close(b.grad.double(), ref.grad_bias, **close)
+
+
+class TestRegistry:
+    def test_every_builtin_family_is_registered(self):
+        assert set(BUILTINS) <= set(builtin_names())
+
+    def test_unknown_name_is_a_one_line_error(self):
+        with pytest.raises(HarnessError, match="unknown implementation 'nope'"):
+            resolve("nope")
+
+    @pytest.mark.parametrize(
+        "name, message",
+        [
+            ("no_such_module_xyz:fn", "cannot import plugin module 'no_such_module_xyz'"),
+            ("tests.plugin_examples:missing", "has no attribute 'missing'"),
+            ("tests.plugin_examples:not_callable", "is a int, not an Implementation"),
+            (":fn", "expected package.module:attr"),
+        ],
+    )
+    def test_bad_plugin_is_a_one_line_error(self, name, message):
+        with pytest.raises(HarnessError, match=message):
+            resolve(name)
+
+    def test_plain_function_plugin_is_wrapped(self):
+        impl = resolve("tests.plugin_examples:plain_eager")
+        assert impl.name == "tests.plugin_examples:plain_eager"
+        assert impl.family == "plugin"
+
+    def test_adapter_plugin_is_used_as_is(self):
+        assert resolve("tests.plugin_examples:sum_only").name == "sum-only"
+        assert resolve("tests.plugin_examples:SumOnlyAdapter").name == "sum-only"
+
+    def test_resolve_many_defaults_to_all_builtins_without_duplicates(self):
+        assert [i.name for i in resolve_many(None)] == list(builtin_names())
+        assert [i.name for i in resolve_many(["chunked", "chunked"])] == ["chunked"]
+
+
+class TestSpecAndInputs:
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            (dict(reduction="avg"), "unknown reduction 'avg'"),
+            (dict(label_smoothing=1.5), "label_smoothing must be in"),
+            (dict(softcap=0.0), "softcap must be a positive number"),
+            (dict(loss_div_factor=0.0), "loss_div_factor must be a positive number"),
+            (dict(z_loss_multiplier=-1.0), "z_loss_multiplier must be finite"),
+        ],
+    )
+    def test_bad_options_are_rejected(self, kwargs, message):
+        with pytest.raises(HarnessError, match=message):
+            LossSpec(**kwargs)
+
+    def test_labels_out_of_range_are_rejected_with_position(self):
+        hidden, weight, _, labels = make_inputs()
+        labels[3] = VOCAB
+        with pytest.raises(HarnessError, match=f"label {VOCAB} at flat position 3 is out of range"):
+            resolve("torch-eager").loss(hidden, weight, labels)
+
+    def test_shape_mismatch_is_rejected(self):
+        hidden, weight, _, labels = make_inputs()
+        with pytest.raises(HarnessError, match="hidden size mismatch"):
+            resolve("chunked").loss(hidden[:, :5], weight, labels)
+        with pytest.raises(HarnessError, match="labels shape"):
+            resolve("chunked").loss(hidden, weight, labels[:-1])
+
+    def test_options_used_names_only_non_defaults(self):
+        assert LossSpec().options_used(has_bias=False) == frozenset()
+        assert LossSpec(softcap=30.0).options_used(has_bias=True) == {"softcap", "bias"}
+        assert set(OPTION_SPECS) | {"bias"} == set(OPTIONS)
+
+
+class TestReference:
+    def test_mean_over_ignored_tokens_divides_by_tokens_kept(self):
+        hidden, weight, _, labels = make_inputs()
+        per_token = reference_loss(hidden, weight, labels, LossSpec(reduction="none")).loss
+        mean = reference_loss(hidden, weight, labels, LossSpec()).loss
+        kept = (labels != -100).sum()
+        torch.testing.assert_close(mean, per_token.sum() / kept)
+        assert (per_token[labels == -100] == 0).all()
+
+    def test_z_loss_is_reported_and_included(self):
+        hidden, weight, _, labels = make_inputs()
+        plain = reference_loss(hidden, weight, labels, LossSpec()).loss
+        with_z = reference_loss(hidden, weight, labels, LossSpec(z_loss_multiplier=0.1))
+        torch.testing.assert_close(with_z.loss, plain + with_z.z_loss)
+        assert with_z.z_loss > 0
+
+    def test_mean_with_class_weights_divides_by_their_sum(self):
+        hidden, weight, _, labels = make_inputs()
+        class_weight = OPTION_SPECS["class_weight"].class_weight
+        spec = LossSpec(class_weight=class_weight)
+        per_token = reference_loss(hidden, weight, labels, spec.replace(reduction="none")).loss
+        kept = labels[labels != -100]
+        torch.testing.assert_close(
+            reference_loss(hidden, weight, labels, spec).loss, per_token.sum() / class_weight.double()[kept].sum()
+        )
+
+    def test_loss_div_factor_divides_the_reduced_loss(self):
+        hidden, weight, _, labels = make_inputs()
+        spec = LossSpec(reduction="sum")
+        torch.testing.assert_close(
+            reference_loss(hidden, weight, labels, spec.replace(loss_div_factor=8.0)).loss,
+            reference_loss(hidden, weight, labels, spec).loss / 8.0,
+        )
+
+    def test_reference_is_float64_with_all_gradients(self):
+        hidden, weight, bias, labels = make_inputs()
+        ref = reference_result(hidden.bfloat16(), weight.bfloat16(), labels, LossSpec(), bias.bfloat16())
+        assert ref.loss.dtype == ref.grad_hidden.dtype == ref.grad_weight.dtype == ref.grad_bias.dtype == torch.float64
+
+
+class TestEveryImplementationAgreesWithTheReference:
+    """Float32, one small case per option, with and without bias: an implementation either matches
+    the reference or refuses the case as unsupported (``UnsupportedCase``) with its reason."""
+
+    @pytest.mark.parametrize("name", BUILTINS)
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+    def test_plain_loss(self, name, reduction, with_bias):
+        assert_matches_reference(available(name), LossSpec(), with_bias=with_bias, reduction=reduction)
+
+    @pytest.mark.parametrize("name", BUILTINS)
+    @pytest.mark.parametrize("option", sorted(OPTION_SPECS))
+    def test_each_option_matches_or_is_refused(self, name, option):
+        assert_matches_reference(available(name), OPTION_SPECS[option], with_bias=False)
+
+    def test_chunked_with_every_option_at_once_and_tiny_chunks(self):
+        spec = LossSpec(
+            label_smoothing=0.2, z_loss_multiplier=1e-2, softcap=3.0, loss_div_factor=2.0,
+            class_weight=OPTION_SPECS["class_weight"].class_weight,
+        )
+        for reduction in ("mean", "sum", "none"):
+            assert_matches_reference(resolve("chunked").with_chunk_size(4), spec, with_bias=True, reduction=reduction)
+
+
+class TestTiedAndUntiedHeads:
+    @pytest.mark.parametrize("name", BUILTINS)
+    @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+    def test_gradients_match_torch_eager(self, name, tied):
+        impl = available(name)
+        tokens = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+        labels = tokens.roll(-1, dims=1)
+        labels[:, -1] = -100
+        grads = {}
+        for candidate in (resolve("torch-eager"), impl):
+            model = TinyLM(VOCAB, DIM, tied=tied, seed=3)
+            model.loss(candidate, tokens, labels).loss.backward()
+            grads[candidate.name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        expected, actual = grads["torch-eager"], grads[impl.name]
+        assert expected.keys() == actual.keys()
+        for name_ in expected:
+            torch.testing.assert_close(actual[name_], expected[name_], rtol=1e-4, atol=1e-6)
+
+    def test_tied_head_weight_is_the_embedding_parameter(self):
+        model = TinyLM(VOCAB, DIM, tied=True)
+        assert model.head_weight is model.embedding.weight
+        assert not TinyLM(VOCAB, DIM, tied=False).head_weight is TinyLM(VOCAB, DIM, tied=False).embedding.weight
+
+
+class TestUnsupportedAndInference:
+    def test_liger_without_gpu_reports_interpreter_limits_as_unsupported(self):
+        liger = resolve("liger")
+        if torch.cuda.is_available():
+            pytest.skip("on a GPU liger supports softcap and class weights")
+        assert "interpreter" in liger.availability().detail
+        hidden, weight, _, labels = make_inputs()
+        with pytest.raises(UnsupportedCase, match="softcap: .*Triton's interpreter"):
+            liger.loss(hidden, weight, labels, LossSpec(softcap=30.0))
+
+    def test_plain_function_raising_not_implemented_is_unsupported(self):
+        hidden, weight, _, labels = make_inputs()
+        with pytest.raises(UnsupportedCase, match="softcap is not implemented"):
+            resolve("tests.plugin_examples:plain_eager").loss(hidden, weight, labels, LossSpec(softcap=5.0))
+
+    def test_declared_reductions_are_enforced(self):
+        hidden, weight, _, labels = make_inputs()
+        with pytest.raises(UnsupportedCase, match="reduction=mean"):
+            resolve("tests.plugin_examples:sum_only").loss(hidden, weight, labels)
+
+    def test_3d_inputs_give_per_token_losses_in_batch_shape(self):
+        hidden, weight, _, labels = make_inputs(tokens=24)
+        out = resolve("chunked").loss(hidden.view(4, 6, DIM), weight, labels.view(4, 6), LossSpec(reduction="none"))
+        assert out.loss.shape == (4, 6)
+
+    def test_logits_to_keep_returns_last_positions(self):
+        hidden = torch.randn(2, 5, DIM)
+        weight = torch.randn(VOCAB, DIM)
+        logits = resolve("torch-eager").logits(hidden, weight, logits_to_keep=1)
+        assert logits.shape == (2, 1, VOCAB)
+        torch.testing.assert_close(logits[:, 0], hidden[:, -1] @ weight.T)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=300)
+
+
+class TestListCommand:
+    def test_lists_all_implementations_and_a_plugin(self):
+        result = run_cli("list", "--plugin", "tests.plugin_examples:plain_eager")
+        assert result.returncode == 0, result.stderr
+        for name in BUILTINS + ("tests.plugin_examples:plain_eager",):
+            assert name in result.stdout
+        if not torch.cuda.is_available():
+            assert "interpreter" in result.stdout
+            assert "torch_compile" in result.stdout
+
+    @pytest.mark.parametrize("name", ["nope", "no_such_module_xyz:fn"])
+    def test_bad_name_exits_2_with_one_line(self, name):
+        result = run_cli("list", "--impl", name)
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: ")
+        assert len(result.stderr.strip().splitlines()) == 1
