@@ -241,6 +241,19 @@ class TestUnsupportedAndInference:
         with pytest.raises(UnsupportedCase, match="softcap: .*Triton's interpreter"):
             liger.loss(hidden, weight, labels, LossSpec(softcap=30.0))
 
+    @pytest.mark.parametrize("name, package", [("liger", "liger_kernel"), ("cce", "cut_cross_entropy")])
+    def test_missing_optional_package_makes_only_that_adapter_unavailable(self, name, package, monkeypatch):
+        import importlib.util
+
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda mod, *a: None if mod == package else real_find_spec(mod, *a)
+        )
+        availability = resolve(name).availability()
+        assert not availability.available
+        assert "is not installed" in availability.detail and "pip install" in availability.detail
+        assert resolve("torch-eager").availability().available
+
     def test_plain_function_raising_not_implemented_is_unsupported(self):
         hidden, weight, _, labels = make_inputs()
         with pytest.raises(UnsupportedCase, match="softcap is not implemented"):
