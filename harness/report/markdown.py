@@ -1,0 +1,73 @@
+"""``summary.md``: a pull-request-comment-sized summary (one table per dtype, then the failures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from harness.report import tables
+from harness.report.runs import BASELINE, Run
+
+MAX_CASES_PER_DTYPE = 30  # keeps the comment readable (and far below GitHub's comment size limit)
+MAX_FAILURES = 20
+
+
+def escape(text) -> str:
+    """Plain text for a Markdown table cell: no column breaks, line breaks or HTML."""
+    text = "" if text is None or (isinstance(text, float) and pd.isna(text)) else str(text)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return " ".join(text.replace("|", "\\|").split())
+
+
+def _table(frame: pd.DataFrame, index: str) -> list[str]:
+    header = [index, *map(str, frame.columns)]
+    lines = ["| " + " | ".join(escape(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for label, row in frame.iterrows():
+        lines.append("| " + " | ".join(escape(v) for v in [label, *row]) + " |")
+    return lines
+
+
+def write_summary(
+    path: Path, *, runs: list[Run], device: str, frame: pd.DataFrame, failures: pd.DataFrame,
+    mode: str | None, dashboard: Path,
+) -> Path:
+    names = ", ".join(run.name for run in runs)
+    lines = [
+        f"## lmhead-bench: {escape(names)}",
+        "",
+        f"measured on: **{escape(device)}**; mode: {escape(mode or '–')}; "
+        f"full dashboard: `{escape(dashboard)}`",
+        "",
+    ]
+    if frame.empty:
+        lines += ["No measurements in these runs.", ""]
+    for dtype in sorted(frame["dtype"].unique()) if not frame.empty else []:
+        table = tables.case_by_implementation(frame, mode, dtype, tables.time_and_memory_cell)
+        if table.empty:
+            continue
+        fastest = tables.best_per_case(frame, mode).set_index("case")["fastest"]
+        table.insert(0, "fastest", fastest.reindex(table.index).fillna("–"))
+        lines += [f"### {escape(dtype)}: median time (speed-up over {BASELINE}), peak memory", ""]
+        lines += _table(table.head(MAX_CASES_PER_DTYPE), index="case")
+        if len(table) > MAX_CASES_PER_DTYPE:
+            lines.append(f"\n…and {len(table) - MAX_CASES_PER_DTYPE} more cases in the dashboard.")
+        lines.append("")
+    lines += _failures(failures)
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def _failures(failures: pd.DataFrame) -> list[str]:
+    if failures.empty:
+        return ["Every case produced numbers."]
+    counts = ", ".join(f"{status}: {count}" for status, count in failures["status"].value_counts().items())
+    lines = [f"### Cases without numbers ({escape(counts)})", ""]
+    for _, row in failures.head(MAX_FAILURES).iterrows():
+        lines.append(
+            f"- {escape(row['case'])} · {escape(row['implementation'])} · {escape(row['mode'])}: "
+            f"**{escape(row['status'])}**, {escape(row['reason'])}"
+        )
+    if len(failures) > MAX_FAILURES:
+        lines.append(f"- …and {len(failures) - MAX_FAILURES} more in the dashboard.")
+    return lines

@@ -1,0 +1,166 @@
+"""The report's figures, drawn with seaborn on matplotlib's file-only Agg backend.
+
+Every figure has one facet (column) per dtype, log axes where the data span decades, and says
+which device its numbers were measured on. A figure whose data the runs do not hold (no vocabulary
+sweep, no memory measured) is skipped with the reason, so a partial run still gets a report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; must be chosen before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from harness.report.runs import BASELINE, primary_mode  # noqa: E402
+
+MAX_FACET_ROWS = 6  # more sweep groups than this would make an unreadable figure; the rest is noted
+DPI = 100
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure of the report: ``path`` is the PNG, or None when skipped (``note`` says why)."""
+
+    name: str
+    title: str
+    path: Path | None
+    note: str = ""
+
+
+def draw_all(frame: pd.DataFrame, device: str, out_dir: Path) -> list[Plot]:
+    """Every figure of the report, written as ``out_dir/<name>.png``."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    mode = primary_mode(frame)
+    plots = [
+        _sweep_plot(frame, mode, device, out_dir, vary="vocab", metric="time", name="time_vs_vocab",
+                    title="Time vs vocabulary size V"),
+        _sweep_plot(frame, mode, device, out_dir, vary="tokens", metric="time", name="time_vs_tokens",
+                    title="Time vs number of tokens N"),
+        _sweep_plot(frame, mode, device, out_dir, vary="tokens", metric="peak_memory", name="memory_vs_tokens",
+                    title="Peak memory vs number of tokens N"),
+        _heatmap(frame, mode, device, out_dir, value="speedup", name="speedup_heatmap",
+                 title=f"Speed-up over {BASELINE} (its time / this time)", fmt=".2f", log_colour=True, centre=1.0),
+        _heatmap(frame, mode, device, out_dir, value="memory_over_lower_bound", name="memory_over_lower_bound",
+                 title="Peak memory as a multiple of the lower bound (grad_hidden + grad_weight)",
+                 fmt=".1f", log_colour=True),
+        _heatmap(frame, mode, device, out_dir, value="matmul_fraction", name="matmul_fraction",
+                 title="Achieved fraction of the device's measured matmul rate", fmt=".2f", log_colour=False),
+    ]
+    plt.close("all")
+    return plots
+
+
+def _sweep_groups(data: pd.DataFrame, vary: str) -> list[tuple[str, pd.DataFrame]]:
+    """Sets of cases that differ only in ``vary`` (at least two values of it), with a label."""
+    fixed = ["shape", "hidden", "tied", "options", "tokens" if vary == "vocab" else "vocab"]
+    groups = []
+    for key, group in data.groupby(fixed, dropna=False, sort=True):
+        if group[vary].nunique() < 2:
+            continue
+        shape, hidden, tied, options, other = key
+        other_name = "N" if vary == "vocab" else "V"
+        label = f"{shape}  D={hidden:g} {other_name}={other:g}"
+        if options:
+            label += f"  [{options}]"
+        if str(tied).lower() == "true":
+            label += " tied"
+        groups.append((label, group))
+    return groups
+
+
+def _sweep_plot(frame, mode, device, out_dir, *, vary, metric, name, title) -> Plot:
+    """Lines per implementation over ``vary``, with the p20–p80 band for times."""
+    value = "time_median" if metric == "time" else "peak_memory"
+    data = frame[(frame["mode"] == mode)].dropna(subset=[value, vary]) if mode else frame.iloc[0:0]
+    groups = _sweep_groups(data, vary)
+    if not groups:
+        what = "vocabulary sizes" if vary == "vocab" else "token counts"
+        reason = (f"no measured {value} in these runs" if data.empty
+                  else f"no set of cases that differs only in its {what}")
+        return Plot(name, title, None, f"skipped: {reason}")
+    note = ""
+    if len(groups) > MAX_FACET_ROWS:
+        note = f"showing the first {MAX_FACET_ROWS} of {len(groups)} sweeps"
+        groups = groups[:MAX_FACET_ROWS]
+    long = pd.concat([g.assign(sweep=label) for label, g in groups], ignore_index=True)
+    scale = 1.0 if metric == "time" else 2**20
+    long = long.assign(y=long[value] / scale, low=long["time_p20"], high=long["time_p80"])
+    grid = sns.FacetGrid(
+        long, row="sweep", col="dtype", hue="series", hue_order=sorted(long["series"].unique()),
+        row_order=[label for label, _ in groups], col_order=sorted(long["dtype"].unique()),
+        sharex=False, sharey=False, height=3.2, aspect=1.4,
+    )
+    grid.map_dataframe(_line_with_band, x=vary, band=metric == "time")
+    grid.set(xscale="log", yscale="log")
+    grid.set_axis_labels(
+        "vocabulary size V" if vary == "vocab" else "tokens N",
+        "time, median (ms)" if metric == "time" else "peak memory (MiB)",
+    )
+    grid.set_titles(template="{row_name} · {col_name}", size=9)
+    grid.add_legend(title="implementation")
+    band = "; band = p20–p80" if metric == "time" else ""
+    # Just above the facet titles: bbox_inches="tight" grows the saved image to include it.
+    height = grid.figure.get_figheight()
+    grid.figure.suptitle(f"{title} — {mode}{band}\nmeasured on: {device}", y=1 + 0.15 / height, va="bottom")
+    return _save(grid.figure, out_dir, name, title, note)
+
+
+def _line_with_band(*, data: pd.DataFrame, x: str, band: bool, color=None, label=None, **_) -> None:
+    data = data.sort_values(x)
+    ax = plt.gca()
+    ax.plot(data[x], data["y"], marker="o", color=color, label=label)
+    if band and data[["low", "high"]].notna().all(axis=None):
+        ax.fill_between(data[x], data["low"], data["high"], color=color, alpha=0.2, linewidth=0)
+
+
+def _heatmap(frame, mode, device, out_dir, *, value, name, title, fmt, log_colour, centre=None) -> Plot:
+    """case x implementation, one panel per dtype; colours on a log scale when values span decades."""
+    data = frame[frame["mode"] == mode].dropna(subset=[value]) if mode else frame.iloc[0:0]
+    if data.empty:
+        why = f"no {BASELINE} measurements to compare with" if value == "speedup" else f"no measured {value}"
+        return Plot(name, title, None, f"skipped: {why} in these runs")
+    dtypes = sorted(data["dtype"].unique())
+    data = data.sort_values(["shape", "vocab", "hidden", "tokens", "case"])  # numeric order, not by name
+    tables = {
+        dtype: data[data["dtype"] == dtype].pivot_table(index="case", columns="series", values=value, aggfunc="last")
+        .reindex(data.loc[data["dtype"] == dtype, "case"].unique())
+        for dtype in dtypes
+    }
+    rows = max(len(t.index) for t in tables.values())
+    width = sum(2.5 + 0.9 * len(t.columns) for t in tables.values()) + 3
+    figure, axes = plt.subplots(1, len(dtypes), figsize=(width, 1.6 + 0.38 * rows), squeeze=False)
+    for ax, (dtype, table) in zip(axes[0], tables.items()):
+        colour = np.log10(table) if log_colour else table
+        if centre is not None:  # diverging colours, symmetric around "as fast as the baseline"
+            middle = np.log10(centre) if log_colour else centre
+            spread = float(np.nanmax(np.abs(colour.to_numpy() - middle))) or 1.0
+            limits, cmap = dict(center=middle, vmin=middle - spread, vmax=middle + spread), "RdYlGn"
+        else:
+            limits, cmap = {}, "mako_r"
+        sns.heatmap(colour, annot=table, fmt=fmt, cmap=cmap, cbar=False, linewidths=0.5, ax=ax,
+                    annot_kws={"fontsize": 8}, **limits)
+        ax.set_title(dtype)
+        ax.set_xlabel("implementation")
+        ax.set_ylabel("case" if ax is axes[0][0] else "")
+        ax.tick_params(axis="x", labelrotation=30)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+    colour_note = " (colour: log scale)" if log_colour else ""
+    figure.suptitle(f"{title} — {mode}{colour_note}\nmeasured on: {device}")
+    figure.tight_layout()
+    return _save(figure, out_dir, name, title)
+
+
+def _save(figure, out_dir: Path, name: str, title: str, note: str = "") -> Plot:
+    path = Path(out_dir) / f"{name}.png"
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    return Plot(name, title, path, note)
