@@ -193,7 +193,7 @@ def print_comparison(comparison: Comparison, console: Console) -> None:
     for label, frame in (("only in BASE", comparison.only_in_base), ("only in NEW", comparison.only_in_new)):
         if frame.empty:
             continue
-        listed = Table(title=f"Cases {label} {base.name if 'BASE' in label else new.name} (listed, not failed)")
+        listed = Table(title=f"Cases {label} ({base.name if label.endswith('BASE') else new.name}; listed, not failed)")
         for column in KEY:
             listed.add_column(column, overflow="fold")
         for _, row in frame.iterrows():
