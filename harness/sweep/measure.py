@@ -1,0 +1,297 @@
+"""Timing and peak memory of one implementation on one case, inside the case's own process.
+
+Modes (what one timed call does):
+
+- ``forward``: the loss with autograd enabled, as in training. Fused implementations (chunked,
+  Liger, PyTorch's chunked ``linear_cross_entropy``) compute the gradients here, so this is not
+  "inference"; the graph and whatever the forward saved stay alive until the call returns.
+- ``forward_backward``: the loss and ``backward()`` into freshly allocated gradients (as after
+  ``zero_grad(set_to_none=True)``): the one figure comparable across all implementations.
+- ``backward``: ``backward(retain_graph=True)`` on one forward's graph, repeated. Implementations
+  that refuse a retained graph (PyTorch's chunked path, Cut Cross-Entropy's compiled path) get
+  ``unsupported`` for this mode with their own message as the reason.
+
+Time: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed before each repetition, its own
+warm-up); on a CPU ``torch.utils.benchmark.Timer.blocked_autorange`` (wall clock, all of torch's
+threads), with at least ``min_repeats`` repetitions. Gradients are reset to None between
+repetitions, outside the timed region. The first call of each mode in the process, which pays
+for compilation and autotuning, is timed on its own as ``first_call``.
+
+Peak memory, in a call of its own after the first call: on a GPU the peak allocated by PyTorch's
+allocator above what was allocated before the call; on a CPU the peak resident set size of this
+process above its resident size before the call (Linux: the high-water mark VmHWM, reset through
+``/proc/self/clear_refs``, after returning freed heap pages to the system with ``malloc_trim``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.adapter import Implementation
+from harness.errors import UnsupportedCase
+from harness.spec import DTYPES, LossSpec
+from harness.sweep.cases import Case
+
+MODES = ("forward", "forward_backward", "backward")
+QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
+INPUT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """How long to time each mode.
+
+    ``measure_time``: seconds of timed repetitions (CPU: ``min_run_time``; GPU: do_bench's ``rep``).
+    ``min_repeats``: on a CPU, time at least this many repetitions however long a call takes.
+    ``gpu_warmup``: seconds of do_bench warm-up (after the separately timed first call).
+    """
+
+    measure_time: float = 1.0
+    min_repeats: int = 5
+    gpu_warmup: float = 0.025
+
+    def to_json(self) -> dict:
+        return {"measure_time": self.measure_time, "min_repeats": self.min_repeats, "gpu_warmup": self.gpu_warmup}
+
+
+@dataclass
+class CaseInputs:
+    """The tensors of one case, already on the device: the baseline every memory figure is above."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    bias: torch.Tensor | None
+    spec: LossSpec
+    grad_output: torch.Tensor | None  # per-token upstream gradient for reduction="none"
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        return [t for t in (self.hidden, self.weight, self.bias) if t is not None]
+
+    def reset_grads(self) -> None:
+        for tensor in self.leaves:
+            tensor.grad = None
+
+
+def make_inputs(case: Case, device: str) -> CaseInputs:
+    """Seeded inputs: unit-variance hidden states and a head scaled so the logits are about N(0, 1)."""
+    dtype = DTYPES[case.dtype]
+    generator = torch.Generator(device=device).manual_seed(INPUT_SEED)
+
+    def random(*shape, scale=1.0):
+        values = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
+        return (values * scale).to(dtype).requires_grad_()
+
+    hidden = random(case.tokens, case.hidden)
+    weight = random(case.vocab, case.hidden, scale=case.hidden**-0.5)
+    labels = torch.randint(0, case.vocab, (case.tokens,), generator=generator, device=device)
+    bias = random(case.vocab, scale=0.01) if case.options.bias else None
+    class_weight = None
+    if case.options.class_weight:
+        class_weight = torch.rand(case.vocab, generator=generator, device=device) + 0.5
+    spec = case.options.spec(class_weight)
+    grad_output = torch.ones(case.tokens, device=device, dtype=torch.float32) if spec.reduction == "none" else None
+    return CaseInputs(hidden, weight, labels, bias, spec, grad_output)
+
+
+def mode_function(impl: Implementation, inputs: CaseInputs, mode: str):
+    """The callable one repetition of ``mode`` runs."""
+
+    def forward():
+        return impl.loss(inputs.hidden, inputs.weight, inputs.labels, inputs.spec, bias=inputs.bias, validate=False)
+
+    if mode == "forward":
+        return forward
+    if mode == "forward_backward":
+
+        def forward_backward():
+            out = forward()
+            loss = out.loss if inputs.grad_output is None else out.loss.float()
+            loss.backward(inputs.grad_output)
+
+        return forward_backward
+    if mode == "backward":
+        out = forward()
+        loss = out.loss if inputs.grad_output is None else out.loss.float()
+
+        def backward():
+            loss.backward(inputs.grad_output, retain_graph=True)
+
+        return backward
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_first_call(fn, device: str) -> float:
+    """Seconds of one call, compilation and autotuning included when this is the first."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_repeated(fn, reset, device: str, timing: TimingSettings, call_seconds: float) -> list[float]:
+    """Median, p20 and p80 of one call, in milliseconds (warm: the first call is already done)."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        # do_bench resets the gradients (grad_to_none) and flushes the L2 cache before each
+        # repetition, outside its CUDA events.
+        return list(
+            triton.testing.do_bench(
+                fn,
+                warmup=timing.gpu_warmup * 1000,
+                rep=timing.measure_time * 1000,
+                grad_to_none=reset,
+                quantiles=list(QUANTILES),
+            )
+        )
+    from torch.utils.benchmark import Timer
+
+    leaves = reset
+
+    def reset_grads():
+        for tensor in leaves:
+            tensor.grad = None
+
+    # `setup` runs before each block of repetitions, outside the timed region; slow calls get a
+    # block of one, so every timed call starts from gradients set to None.
+    timer = Timer(
+        stmt="fn()",
+        setup="reset_grads()",
+        globals={"fn": fn, "reset_grads": reset_grads},
+        num_threads=torch.get_num_threads(),
+    )
+    min_run_time = max(timing.measure_time, timing.min_repeats * call_seconds)
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return [float(q) * 1000 for q in np.quantile(measurement.times, QUANTILES)]
+
+
+class _ResidentMemory:
+    """Linux resident-set high-water mark of this process, resettable between calls."""
+
+    def __init__(self) -> None:
+        try:
+            self._libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self._libc = None
+
+    @staticmethod
+    def available() -> bool:
+        path = Path("/proc/self/clear_refs")
+        return path.exists() and Path("/proc/self/status").exists()
+
+    @staticmethod
+    def _status_bytes(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+
+    def reset(self) -> int:
+        """Give freed heap pages back, reset the high-water mark; return the resident bytes now."""
+        gc.collect()
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        return self._status_bytes("VmRSS")
+
+    def peak(self) -> int:
+        return self._status_bytes("VmHWM")
+
+
+def peak_memory(fn, inputs: CaseInputs, device: str) -> tuple[int | None, float]:
+    """(Peak bytes above the baseline during one call or None where unmeasurable, the call's seconds)."""
+    inputs.reset_grads()
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        seconds = time_first_call(fn, device)
+        peak = torch.cuda.max_memory_allocated() - baseline
+    elif _ResidentMemory.available():
+        resident = _ResidentMemory()
+        baseline = resident.reset()
+        seconds = time_first_call(fn, device)
+        peak = resident.peak() - baseline
+    else:
+        return None, time_first_call(fn, device)
+    inputs.reset_grads()
+    return max(0, int(peak)), seconds
+
+
+def measure_mode(impl: Implementation, inputs: CaseInputs, mode: str, device: str, timing: TimingSettings) -> dict:
+    """The raw metrics of one mode: first_call, peak_memory, time_median, time_p20, time_p80."""
+    fn = mode_function(impl, inputs, mode)
+    inputs.reset_grads()
+    if mode == "backward":
+        fn = _retained_backward_or_unsupported(fn)
+    first_call = time_first_call(fn, device)
+    peak, call_seconds = peak_memory(fn, inputs, device)
+    median, p20, p80 = time_repeated(fn, inputs.leaves, device, timing, call_seconds)
+    inputs.reset_grads()
+    metrics = {"first_call": first_call * 1000, "time_median": median, "time_p20": p20, "time_p80": p80}
+    if peak is not None:
+        metrics["peak_memory"] = peak
+    return metrics
+
+
+def _retained_backward_or_unsupported(fn):
+    """Wrap the retained-graph backward so that a refusal of retain_graph reads as unsupported."""
+
+    def backward():
+        try:
+            fn()
+        except RuntimeError as exc:
+            if "retain_graph" in str(exc):
+                first_line = str(exc).strip().splitlines()[0]
+                raise UnsupportedCase(
+                    f"backward alone is timed on a retained graph, which this implementation refuses: {first_line}"
+                ) from None
+            raise
+
+    # Every call is wrapped, not just the first: some implementations accept one retained
+    # backward and refuse the next one.
+    return backward
+
+
+def matmul_tflops(dtype_name: str, device: str, timing: TimingSettings) -> float:
+    """The device's matmul rate in this dtype: TFLOP/s of a square matmul (median time).
+
+    On a GPU the matrices are 8192 x 8192, large enough to reach the peak of its tensor cores. On a
+    CPU the size grows from 512 until one call takes 50 ms (at most 4096), because some CPUs are
+    a hundred times slower in bfloat16 than in float32.
+    """
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator(device=device).manual_seed(INPUT_SEED)
+    size = 8192 if device.startswith("cuda") else 512
+    while True:
+        a = torch.randn(size, size, generator=generator, device=device).to(dtype)
+        b = torch.randn(size, size, generator=generator, device=device).to(dtype)
+
+        def matmul():
+            torch.mm(a, b)
+
+        call_seconds = time_first_call(matmul, device)
+        if device.startswith("cuda") or size >= 4096:
+            break
+        call_seconds = time_first_call(matmul, device)  # warm
+        if call_seconds >= 0.05:
+            break
+        size *= 2
+    median_ms = time_repeated(matmul, [], device, timing, call_seconds)[0]
+    return 2 * size**3 / (median_ms / 1000) / 1e12

@@ -1,0 +1,115 @@
+"""One job's outcome as rows of the results table (``harness.results.ROW_COLUMNS``).
+
+A mode that produced numbers gives one row per metric, the measured ones (time, first call,
+peak memory) and the derived ones:
+
+- ``tflops``: matmul work (2*N*D*V forward, 4*N*D*V backward, 6*N*D*V forward+backward) over the
+  median time;
+- ``matmul_fraction``: that rate over the device's own matmul rate in the same dtype, measured
+  once per run (``meta.json``: ``matmul_tflops``);
+- ``memory_over_lower_bound``: peak memory over the bytes of the gradients of hidden and weight
+  (the lower bound of the Cut Cross-Entropy paper);
+- ``memory_over_logits``: peak memory over the bytes of the N x V logits in the input dtype.
+
+A mode that did not gets a single row with ``metric = "status"``, its status and its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.results import METRICS
+from harness.sweep.cases import Case
+from harness.sweep.isolation import ChildOutcome
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (case, implementation) pair; ``reference`` is what the registry resolves (a name or module:attr)."""
+
+    case: Case
+    implementation: str
+    reference: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.case.name, self.implementation)
+
+
+def mode_results(outcome: ChildOutcome, modes: list[str]) -> dict[str, dict]:
+    """Each mode's result: ``{"status", "metrics"}`` or ``{"status", "reason"}``.
+
+    A mode the child reported keeps its own result. A mode it did not (the process died, was
+    stopped at a limit, or stopped itself) takes the process-level failure, saying in which
+    mode it happened and, for the modes after it, that they were not measured.
+    """
+    reported = {m["mode"]: m for m in outcome.messages if m.get("event") == "result"}
+    started = [m["mode"] for m in outcome.messages if m.get("event") == "started"]
+    running = next((mode for mode in reversed(started) if mode not in reported), None)
+    results: dict[str, dict] = {}
+    for mode in modes:
+        if mode in reported:
+            results[mode] = reported[mode]
+            continue
+        if outcome.failure is None:
+            status, reason = "error", "the worker ended without a result for this mode"
+        else:
+            status, reason = outcome.failure
+        if running is not None and mode != running:
+            reason = f"not measured: {reason} during {running}"
+        elif running is not None:
+            reason = f"{reason} during {mode}"
+        results[mode] = {"status": status, "reason": reason}
+    return results
+
+
+def derived_metrics(case: Case, mode: str, metrics: dict, matmul_tflops: dict[str, float]) -> dict:
+    derived = {}
+    median_ms = metrics.get("time_median")
+    if median_ms and median_ms > 0:
+        derived["tflops"] = case.matmul_flops(mode) / (median_ms / 1000) / 1e12
+        rate = matmul_tflops.get(case.dtype)
+        if rate:
+            derived["matmul_fraction"] = derived["tflops"] / rate
+    peak = metrics.get("peak_memory")
+    if peak is not None:
+        derived["memory_over_lower_bound"] = peak / case.gradient_bytes
+        derived["memory_over_logits"] = peak / case.logits_bytes
+    return derived
+
+
+def job_rows(
+    job: Job,
+    results: dict[str, dict],
+    *,
+    run_id: str,
+    device: str,
+    matmul_tflops: dict[str, float],
+) -> list[dict]:
+    case = job.case
+    common = {
+        "run_id": run_id,
+        "case": case.name,
+        "shape": case.shape,
+        "vocab": case.vocab,
+        "hidden": case.hidden,
+        "tokens": case.tokens,
+        "dtype": case.dtype,
+        "tied": case.tied,
+        "options": case.options.describe(),
+        "implementation": job.implementation,
+        "device": device,
+    }
+    rows = []
+    for mode, result in results.items():
+        if result["status"] != "ok":
+            rows.append({**common, "mode": mode, "metric": "status", "status": result["status"],
+                         "reason": result.get("reason", "")})
+            continue
+        metrics = dict(result["metrics"])
+        metrics.update(derived_metrics(case, mode, metrics, matmul_tflops))
+        for metric, unit in METRICS.items():
+            if metric in metrics:
+                rows.append({**common, "mode": mode, "metric": metric, "value": metrics[metric], "unit": unit,
+                             "status": "ok", "reason": ""})
+    return rows

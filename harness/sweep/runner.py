@@ -1,0 +1,185 @@
+"""Run a sweep: plan the (case, implementation) jobs, run each in its own process, append its rows.
+
+Rows are appended to ``rows.csv`` as each job finishes, so an interrupted sweep keeps every job
+already done, and ``resume`` skips exactly those (whatever their status).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from harness.errors import HarnessError
+from harness.registry import resolve, resolve_many
+from harness.results import RowWriter, read_rows
+from harness.sweep.cases import PROJECT_ROOT, Case
+from harness.sweep.isolation import run_isolated
+from harness.sweep.measure import TimingSettings
+from harness.sweep.rows import Job, job_rows, mode_results
+
+FAILURE_STATUSES = ("oom", "timeout", "crash", "error")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How every job of a sweep is run."""
+
+    modes: tuple[str, ...]
+    device: str  # what the children use: "cpu" or "cuda" (pinned through CUDA_VISIBLE_DEVICES)
+    timing: TimingSettings
+    timeout_s: float
+    max_memory_bytes: int | None
+    child_env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass
+class SweepCounts:
+    jobs: int = 0
+    statuses: collections.Counter = field(default_factory=collections.Counter)  # per mode
+
+    @property
+    def failed(self) -> int:
+        return sum(self.statuses[s] for s in FAILURE_STATUSES)
+
+
+def plan_jobs(cases: list[Case], implementations: list[str] | None) -> list[Job]:
+    """Every (case, implementation) pair; ``implementations`` (from --impl) overrides the case files."""
+    resolved: dict[str, str] = {}  # reference -> implementation name
+
+    def name_of(reference: str, where: str) -> str:
+        if reference not in resolved:
+            try:
+                resolved[reference] = resolve(reference).name
+            except HarnessError as exc:
+                raise HarnessError(f"{where}: {exc}") from None
+        return resolved[reference]
+
+    if implementations:
+        references = [(ref, name_of(ref, "--impl")) for ref in implementations]
+    else:
+        references = [(impl.name, impl.name) for impl in resolve_many(None)]
+    jobs, seen = [], set()
+    for case in cases:
+        if case.implementations is not None and not implementations:
+            where = f"{case.source}: entry {case.shape!r}"
+            pairs = [(ref, name_of(ref, where)) for ref in case.implementations]
+        else:
+            pairs = references
+        for reference, name in pairs:
+            if (case.name, name) not in seen:
+                seen.add((case.name, name))
+                jobs.append(Job(case=case, implementation=name, reference=reference))
+    return jobs
+
+
+def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
+    """(case, implementation) pairs that already have rows in a run, whatever their status."""
+    rows = read_rows(run_dir)
+    return set(zip(rows["case"].astype(str), rows["implementation"].astype(str)))
+
+
+def child_environment(cuda_visible_devices: str | None) -> dict[str, str]:
+    """The children's environment: the project (and the current directory, for plugins) importable."""
+    env = dict(os.environ)
+    paths = [str(PROJECT_ROOT), os.getcwd(), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys(paths) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    if cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    return env
+
+
+def measure_environment(settings: SweepSettings, dtypes: list[str]) -> dict:
+    """The device's description and matmul rate per dtype, measured in a child like a case."""
+    job = {"kind": "environment", "device": settings.device, "dtypes": dtypes, "timing": settings.timing.to_json()}
+    outcome = run_isolated(job, timeout_s=settings.timeout_s, max_memory_bytes=settings.max_memory_bytes,
+                           env=settings.child_env)
+    for message in outcome.messages:
+        if message.get("event") == "environment":
+            return message
+    status, reason = outcome.failure or ("error", "no result")
+    raise HarnessError(f"could not describe the device {settings.device!r} ({status}): {reason}")
+
+
+def _summary(job: Job, results: dict[str, dict], seconds: float) -> str:
+    parts = []
+    for mode, result in results.items():
+        label = {"forward": "fwd", "forward_backward": "fwd+bwd", "backward": "bwd"}.get(mode, mode)
+        if result["status"] == "ok":
+            metrics = result["metrics"]
+            text = f"{label} {metrics['time_median']:.3g} ms"
+            if "peak_memory" in metrics:
+                text += f", {metrics['peak_memory'] / 2**20:.4g} MiB"
+            parts.append(text)
+        else:
+            parts.append(f"{label} [bold]{result['status']}[/]")
+    reasons = {r.get("reason", "") for r in results.values() if r["status"] != "ok"} - {""}
+    line = escape(f"{job.implementation:>16}  {job.case.name} ({seconds:.0f} s): ") + "; ".join(parts)
+    if reasons:
+        line += escape(f"  ({sorted(reasons)[0]})")
+    return line
+
+
+def run_jobs(
+    jobs: list[Job],
+    settings: SweepSettings,
+    *,
+    run_dir: Path,
+    run_id: str,
+    device_name: str,
+    matmul_tflops: dict[str, float],
+    label: str = "sweep",
+    console: Console | None = None,
+) -> SweepCounts:
+    """Run ``jobs`` one after the other, appending each one's rows as soon as it finishes."""
+    console = console or Console(stderr=True)
+    writer = RowWriter(run_dir / "rows.csv")
+    counts = SweepCounts()
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed, {task.fields[unsupported]} unsupported"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(label, total=len(jobs), failed=0, unsupported=0)
+        for job in jobs:
+            progress.update(task, description=f"{label}: {job.implementation} {job.case.name}")
+            payload = {
+                "kind": "case",
+                "case": job.case.to_json(),
+                "implementation": job.reference,
+                "modes": list(settings.modes),
+                "device": settings.device,
+                "timing": settings.timing.to_json(),
+            }
+            outcome = run_isolated(
+                payload,
+                timeout_s=settings.timeout_s,
+                max_memory_bytes=settings.max_memory_bytes,
+                env=settings.child_env,
+            )
+            results = mode_results(outcome, list(settings.modes))
+            writer.append(job_rows(job, results, run_id=run_id, device=device_name, matmul_tflops=matmul_tflops))
+            counts.jobs += 1
+            counts.statuses.update(result["status"] for result in results.values())
+            progress.console.print(_summary(job, results, outcome.seconds), highlight=False)
+            progress.update(task, advance=1, failed=counts.failed, unsupported=counts.statuses["unsupported"])
+        progress.update(task, description=label)
+    return counts
