@@ -136,7 +136,9 @@ def _heatmap(frame, mode, device, out_dir, *, value, name, title, fmt, log_colou
     }
     rows = max(len(t.index) for t in tables.values())
     width = sum(2.5 + 0.9 * len(t.columns) for t in tables.values()) + 3
-    figure, axes = plt.subplots(1, len(dtypes), figsize=(width, 1.6 + 0.38 * rows), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(dtypes), figsize=(width, 2.6 + 0.38 * rows), squeeze=False, layout="constrained"
+    )
     for ax, (dtype, table) in zip(axes[0], tables.items()):
         colour = np.log10(table) if log_colour else table
         if centre is not None:  # diverging colours, symmetric around "as fast as the baseline"
@@ -151,11 +153,11 @@ def _heatmap(frame, mode, device, out_dir, *, value, name, title, fmt, log_colou
         ax.set_xlabel("implementation")
         ax.set_ylabel("case" if ax is axes[0][0] else "")
         ax.tick_params(axis="x", labelrotation=30)
+        ax.tick_params(axis="y", labelrotation=0)  # seaborn turns a lone row label sideways
         for tick in ax.get_xticklabels():
             tick.set_horizontalalignment("right")
     colour_note = " (colour: log scale)" if log_colour else ""
     figure.suptitle(f"{title} — {mode}{colour_note}\nmeasured on: {device}")
-    figure.tight_layout()
     return _save(figure, out_dir, name, title)
 
 
