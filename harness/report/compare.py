@@ -96,7 +96,9 @@ def compare_runs(base: Run, new: Run, threshold: float) -> Comparison:
         rows.append(row)
     changes = pd.DataFrame(rows, columns=[*KEY, "base_time", "new_time", "time_change", "base_memory",
                                           "new_memory", "memory_change", "verdicts", "note"])
-    changes["rank"] = changes["verdicts"].apply(lambda v: min(VERDICT_ORDER.index(x) for x in v))
+    changes["rank"] = changes["verdicts"].apply(
+        lambda verdicts: min(VERDICT_ORDER.index(v) if v in VERDICT_ORDER else len(VERDICT_ORDER) for v in verdicts)
+    )
     changes = changes.sort_values(["rank", *KEY]).drop(columns="rank").reset_index(drop=True)
     return Comparison(
         base=base, new=new, threshold=threshold, changes=changes,
