@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; must be chosen before pyplot is imported
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -100,6 +101,8 @@ def _sweep_plot(frame, mode, device, out_dir, *, vary, metric, name, title) -> P
     )
     grid.map_dataframe(_line_with_band, x=vary, band=metric == "time")
     grid.set(xscale="log", yscale="log")
+    for (sweep, _dtype), ax in grid.axes_dict.items():
+        _label_log_axes(ax, sorted(long.loc[long["sweep"] == sweep, vary].unique()))
     grid.set_axis_labels(
         "vocabulary size V" if vary == "vocab" else "tokens N",
         "time, median (ms)" if metric == "time" else "peak memory (MiB)",
@@ -119,6 +122,17 @@ def _line_with_band(*, data: pd.DataFrame, x: str, band: bool, color=None, label
     ax.plot(data[x], data["y"], marker="o", color=color, label=label)
     if band and data[["low", "high"]].notna().all(axis=None):
         ax.fill_between(data[x], data["low"], data["high"], color=color, alpha=0.2, linewidth=0)
+
+
+def _label_log_axes(ax, x_values: list[float]) -> None:
+    """Ticks a reader can read: the swept sizes themselves on x, 1-2-5 steps on y, no crowded minor labels."""
+    ax.xaxis.set_major_locator(ticker.FixedLocator(x_values))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _heatmap(frame, mode, device, out_dir, *, value, name, title, fmt, log_colour, centre=None) -> Plot:
