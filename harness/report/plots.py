@@ -164,14 +164,16 @@ def _heatmap(frame, mode, device, out_dir, *, value, name, title, fmt, log_colou
         sns.heatmap(colour, annot=table, fmt=fmt, cmap=cmap, cbar=False, linewidths=0.5, ax=ax,
                     annot_kws={"fontsize": 8}, **limits)
         ax.set_title(dtype)
+        ax.grid(False)
+        ax.set_facecolor("#e8e8e8")  # the cells left empty: not measured (see the failures section)
         ax.set_xlabel("implementation")
         ax.set_ylabel("case" if ax is axes[0][0] else "")
         ax.tick_params(axis="x", labelrotation=30)
         ax.tick_params(axis="y", labelrotation=0)  # seaborn turns a lone row label sideways
         for tick in ax.get_xticklabels():
             tick.set_horizontalalignment("right")
-    colour_note = " (colour: log scale)" if log_colour else ""
-    figure.suptitle(f"{title} — {mode}{colour_note}\nmeasured on: {device}")
+    colour_note = "; colour: log scale" if log_colour else ""
+    figure.suptitle(f"{title} — {mode} (grey: not measured{colour_note})\nmeasured on: {device}")
     return _save(figure, out_dir, name, title)
 
 
