@@ -15,6 +15,7 @@ one LM-head shape (or a family of shapes). Example::
     tied = true                      # head weight shared with the embedding (recorded; the
                                      # head's own cost does not depend on it)
     options = { softcap = 30.0 }     # LossSpec fields, plus bias = true / class_weight = true
+    # modes = ["forward_backward"]   # default: every mode the sweep measures
     note = "google/gemma-2-2b config.json"
 
 ``vocab``, ``hidden``, ``tokens`` and ``dtypes`` may each be one value or a list; an entry expands
@@ -43,8 +44,11 @@ from harness.spec import DTYPES, REDUCTIONS, LossSpec
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 CASES_DIR = PROJECT_ROOT / "cases"
 
+# What one timed call does; see harness.sweep.measure.
+MODES = ("forward", "forward_backward", "backward")
+
 FILE_KEYS = ("description", "tokens", "dtypes", "implementations", "case")
-ENTRY_KEYS = ("name", "vocab", "hidden", "tokens", "dtypes", "tied", "options", "implementations", "note")
+ENTRY_KEYS = ("name", "vocab", "hidden", "tokens", "dtypes", "tied", "options", "implementations", "modes", "note")
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class Case:
     tied: bool = False
     options: CaseOptions = CaseOptions()
     implementations: tuple[str, ...] | None = None  # None: every implementation the sweep runs
+    modes: tuple[str, ...] | None = None  # None: every mode the sweep measures
     source: str = ""  # the case file
 
     def to_json(self) -> dict:
@@ -112,8 +117,9 @@ class Case:
     def from_json(data: dict) -> Case:
         data = dict(data)
         data["options"] = CaseOptions(**data["options"])
-        if data["implementations"] is not None:
-            data["implementations"] = tuple(data["implementations"])
+        for key in ("implementations", "modes"):
+            if data[key] is not None:
+                data[key] = tuple(data[key])
         return Case(**data)
 
     @property
@@ -192,6 +198,14 @@ class _EntryReader:
             self.fail(f"'implementations' must be a non-empty list of names, got {value!r}")
         return tuple(value)
 
+    def modes(self) -> tuple[str, ...] | None:
+        value = self.table.get("modes")
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value or any(v not in MODES for v in value):
+            self.fail(f"'modes' must be a non-empty list among {', '.join(MODES)}, got {value!r}")
+        return tuple(m for m in MODES if m in value)
+
     def options(self) -> CaseOptions:
         value = self.table.get("options", {})
         if not isinstance(value, dict):
@@ -263,6 +277,7 @@ def load_case_file(path: Path) -> list[Case]:
             reader.fail("'note' must be a string")
         options = reader.options()
         implementations = reader.implementations(default_impls)
+        modes = reader.modes()
         for vocab, hidden, n, dtype in itertools.product(vocabs, hiddens, tokens, dtypes):
             parts = [name]
             if len(vocabs) > 1:
@@ -281,6 +296,7 @@ def load_case_file(path: Path) -> list[Case]:
                     tied=tied,
                     options=options,
                     implementations=implementations,
+                    modes=modes,
                     source=where,
                 )
             )

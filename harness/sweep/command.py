@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,8 +30,16 @@ from harness.sweep.distributed import Coordinator, Ranks, ranks_from_environment
 from harness.sweep.environment import host_environment, memory_bytes
 from harness.sweep.measure import MODES, TimingSettings
 from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
-from harness.sweep.runner import SweepSettings, child_environment, measure_environment, plan_jobs, recorded_jobs, \
-    run_jobs
+from harness.sweep.rows import Job
+from harness.sweep.runner import (
+    SweepSettings,
+    child_environment,
+    job_modes,
+    measure_environment,
+    plan_jobs,
+    recorded_jobs,
+    run_jobs,
+)
 
 EXPLICIT_CASES_TIMEOUT_S = 600  # per (case, implementation) when case files are given
 MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start
@@ -118,28 +128,32 @@ def new_run_dir(results_dir: Path) -> Path:
     raise HarnessError(f"cannot create a new run folder under {results_dir}")
 
 
-def run(args: argparse.Namespace) -> int:
-    ranks = ranks_from_environment()
-    resume_dir = resolve_resume(args.resume, args.results_dir) if args.resume else None
-    stored = read_meta(resume_dir)["arguments"] if resume_dir else {}
-    choice = merged_arguments(args, stored)
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything a sweep will do, decided before anything runs."""
 
+    jobs: list[Job]
+    settings: SweepSettings
+    dtypes: list[str]
+    preset: str | None  # the preset's name when no case files were given
+    arguments: dict  # stored in meta.json for --resume
+
+
+def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -> SweepPlan:
+    """Cases, implementations, modes, device and limits from the command line (and the resumed run)."""
+    choice = merged_arguments(args, read_meta(resume_dir)["arguments"] if resume_dir else {})
     kind, index = parse_device(choice["device"])
     if ranks.world_size > 1 and index is not None:
         raise HarnessError("under torchrun give --device cuda (each rank uses its local GPU), not cuda:N")
     preset = PRESETS[choice["preset"]] if choice["preset"] else choose_preset(DeviceDescription(kind=kind))
     is_preset_run = not choice["cases"]
-    case_arguments = choice["cases"] or [canonical_case_argument(name) for name in preset.case_files]
-    if not is_preset_run:
-        case_arguments = [canonical_case_argument(name) for name in case_arguments]
+    case_arguments = [canonical_case_argument(name) for name in (choice["cases"] or preset.case_files)]
     cases = load_cases(case_arguments)
+    for name in choice["dtype"] or []:
+        if name not in DTYPES:
+            raise HarnessError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
     if choice["dtype"]:
-        for name in choice["dtype"]:
-            if name not in DTYPES:
-                raise HarnessError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
         cases = with_dtypes(cases, choice["dtype"])
-    jobs = plan_jobs(cases, choice["impl"])
-    modes = tuple(m for m in MODES if m in (choice["mode"] or MODES))
 
     timing = TimingSettings(
         measure_time=choice["measure_time"] if choice["measure_time"] is not None else preset.timing.measure_time,
@@ -148,63 +162,90 @@ def run(args: argparse.Namespace) -> int:
     )
     if timing.measure_time <= 0 or timing.min_repeats < 1:
         raise HarnessError("--measure-time must be > 0 and --min-repeats >= 1")
-    timeout = choice["timeout"] or (preset.timeout_s if is_preset_run else EXPLICIT_CASES_TIMEOUT_S)
-    max_memory = default_memory_limit() if choice["max_memory"] is None else int(choice["max_memory"] * 2**30) or None
-
-    console = Console(stderr=True)
-    if args.dry_run:
-        for job in jobs:
-            print(f"{job.implementation}\t{job.case.name}\t{job.case.source}")
-        print(f"{len(jobs)} jobs x {len(modes)} modes")
-        return 0
-
+    if choice["timeout"] is not None and choice["timeout"] <= 0:
+        raise HarnessError("--timeout must be > 0 seconds")
+    if choice["max_memory"] is not None and choice["max_memory"] < 0:
+        raise HarnessError("--max-memory must be >= 0 GiB (0: no limit)")
     visible = None
     if kind == "cuda" and (ranks.world_size > 1 or index is not None):
         visible = visible_device_for(ranks.local_rank if ranks.world_size > 1 else index)
     settings = SweepSettings(
-        modes=modes, device=kind, timing=timing, timeout_s=timeout, max_memory_bytes=max_memory,
+        modes=tuple(m for m in MODES if m in (choice["mode"] or MODES)),
+        device=kind,
+        timing=timing,
+        timeout_s=choice["timeout"] or (preset.timeout_s if is_preset_run else EXPLICIT_CASES_TIMEOUT_S),
+        max_memory_bytes=default_memory_limit() if choice["max_memory"] is None
+        else int(choice["max_memory"] * 2**30) or None,
         child_env=child_environment(visible),
     )
-    arguments = {**choice, "cases": None if is_preset_run else case_arguments,
-                 "preset": preset.name if is_preset_run else choice["preset"]}
+    jobs = [job for job in plan_jobs(cases, choice["impl"]) if job_modes(job, settings)]
+    arguments = {
+        **choice,
+        "device": choice["device"] or kind,  # a resumed run stays on the same kind of device
+        "cases": None if is_preset_run else case_arguments,
+        "preset": preset.name if is_preset_run else choice["preset"],
+    }
+    return SweepPlan(
+        jobs=jobs,
+        settings=settings,
+        dtypes=sorted({job.case.dtype for job in jobs}),
+        preset=preset.name if is_preset_run else None,
+        arguments=arguments,
+    )
 
+
+def run(args: argparse.Namespace) -> int:
+    ranks = ranks_from_environment()
+    resume_dir = resolve_resume(args.resume, args.results_dir) if args.resume else None
+    plan = make_plan(args, ranks, resume_dir)
+    if args.dry_run:
+        for job in plan.jobs:
+            print(f"{job.implementation}\t{job.case.name}\t{','.join(job_modes(job, plan.settings))}\t{job.case.source}")
+        print(f"{len(plan.jobs)} jobs")
+        return 0
+
+    console = Console(stderr=True)
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # stop the running case's process too
     coordinator = Coordinator(ranks)
+    run_dir = None
     try:
-        shared = None
-        if ranks.is_leader:
-            shared = start_run(resume_dir, args.results_dir, settings, sorted({c.dtype for c in cases}),
-                               arguments, preset.name if is_preset_run else None, ranks, console)
+        shared = start_run(plan, resume_dir, args.results_dir, ranks, console) if ranks.is_leader else None
         shared = coordinator.share(shared)
         run_dir = Path(shared["run_dir"])
         done = recorded_jobs(run_dir)
         coordinator.wait_for_all()  # every rank has read what is done before any rank appends
-        todo = [job for job in jobs if job.key not in done]
-        mine = shard(todo, ranks)
+        todo = [job for job in plan.jobs if job.key not in done]
         if ranks.is_leader:
-            skipped = f", {len(jobs) - len(todo)} already recorded" if done else ""
-            console.print(f"run {run_dir} on {shared['device_name']}: {len(todo)} jobs{skipped}"
-                          + (f" over {ranks.world_size} processes" if ranks.world_size > 1 else ""),
+            skipped = f", {len(plan.jobs) - len(todo)} already recorded" if done else ""
+            spread = f" over {ranks.world_size} processes" if ranks.world_size > 1 else ""
+            console.print(f"run {run_dir} on {shared['device_name']}: {len(todo)} jobs{skipped}{spread}",
                           highlight=False)
         label = f"rank {ranks.rank}/{ranks.world_size}" if ranks.world_size > 1 else "sweep"
-        counts = run_jobs(mine, settings, run_dir=run_dir, run_id=run_dir.name, device_name=shared["device_name"],
-                          matmul_tflops=shared["matmul_tflops"], label=label, console=console)
-        console.print(f"{label}: {counts.jobs} jobs, statuses per mode: {dict(counts.statuses)}", highlight=False)
+        counts = run_jobs(shard(todo, ranks), plan.settings, run_dir=run_dir, run_id=run_dir.name,
+                          device_name=shared["device_name"], matmul_tflops=shared["matmul_tflops"], label=label,
+                          console=console)
+        console.print(f"{label}: {counts.jobs} jobs; results per mode: {dict(counts.statuses)}", highlight=False)
         coordinator.wait_for_all()
         if ranks.is_leader:
             finish_run(run_dir)
             print(f"results: {run_dir}")
-            if is_preset_run and not args.no_report:
+            if plan.preset and not args.no_report:
                 build_report(run_dir)
-            elif not is_preset_run:
+            elif not plan.preset:
                 print(f"report: python -m harness report {run_dir}")
     except KeyboardInterrupt:
-        if ranks.is_leader and "run_dir" in locals():
-            console.print(f"interrupted; what was measured is in {run_dir}. "
+        if ranks.is_leader and run_dir is not None:
+            console.print(f"interrupted; everything measured so far is in {run_dir}. "
                           f"Finish it with: python -m harness sweep --resume {run_dir}", highlight=False)
         raise
     finally:
         coordinator.close()
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def default_memory_limit() -> int | None:
@@ -215,25 +256,25 @@ def default_memory_limit() -> int | None:
     return int(available * MEMORY_LIMIT_FRACTION / max(1, local_processes))
 
 
-def start_run(resume_dir, results_dir, settings: SweepSettings, dtypes, arguments, preset_name, ranks: Ranks,
-              console: Console) -> dict:
-    """Leader only: create (or reopen) the run folder, measure the device, write meta.json."""
+def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks: Ranks, console: Console) -> dict:
+    """Leader only: create (or reopen) the run folder, describe the device, write meta.json."""
+    settings = plan.settings
     if resume_dir is not None:
         meta = read_meta(resume_dir)
         rates = dict(meta.get("matmul_tflops") or {})
-        missing = [d for d in dtypes if d not in rates]
+        missing = [d for d in plan.dtypes if d not in rates]
         if missing:
             rates.update(measure_environment(settings, missing)["matmul_tflops"])
         meta["matmul_tflops"] = rates
         meta.setdefault("resumed", []).append(
             {"time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-             "command": host_environment()["command"], "arguments": arguments}
+             "command": host_environment()["command"], "arguments": plan.arguments}
         )
         write_json_atomic(resume_dir / "meta.json", meta)
         return {"run_dir": str(resume_dir), "device_name": meta["device_name"], "matmul_tflops": rates}
 
-    console.print(f"measuring the device's matmul rate ({', '.join(dtypes)})...", highlight=False)
-    device = measure_environment(settings, dtypes)
+    console.print(f"measuring the device's matmul rate ({', '.join(plan.dtypes)})...", highlight=False)
+    device = measure_environment(settings, plan.dtypes)
     run_dir = new_run_dir(results_dir)
     environment = device["environment"]
     meta = {
@@ -244,13 +285,13 @@ def start_run(resume_dir, results_dir, settings: SweepSettings, dtypes, argument
         "device": environment["device_name"],
         "matmul_tflops": device["matmul_tflops"],
         "matmul_failures": device["matmul_failures"],
-        "preset": preset_name,
+        "preset": plan.preset,
         "modes": list(settings.modes),
         "timing": settings.timing.to_json(),
         "timeout_s": settings.timeout_s,
         "max_memory_bytes": settings.max_memory_bytes,
         "world_size": ranks.world_size,
-        "arguments": arguments,
+        "arguments": plan.arguments,
         "finished": None,
     }
     write_json_atomic(run_dir / "meta.json", meta)

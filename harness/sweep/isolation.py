@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POLL_SECONDS = 0.05
-LOG_TAIL_LINES = 40
+LOG_TAIL_LINES = 200
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,27 @@ def _read_messages(path: Path) -> list[dict]:
             except json.JSONDecodeError:  # a line cut short by the process dying mid-write
                 break
     return messages
+
+
+def _crash_location(log: str) -> str:
+    """Where a killed worker was, from the Python stack faulthandler printed: "file:line in function"."""
+    lines = log.splitlines()
+    headers = [i for i, line in enumerate(lines) if "most recent call first" in line]
+    current = [i for i in headers if lines[i].startswith("Current thread")]
+    for index in current or headers:
+        for frame in lines[index + 1:]:
+            match = re.match(r'\s*File "(.+)", line (\d+) in (\S+)', frame)
+            if match:
+                path, number, function = match.groups()
+                return f"{_short_path(path)}:{number} in {function}"
+    return ""
+
+
+def _short_path(path: str) -> str:
+    for root in (os.getcwd(), sys.prefix):
+        if path.startswith(root + os.sep):
+            return os.path.relpath(path, root)
+    return path
 
 
 def _last_meaningful_line(log: str) -> str:
@@ -158,7 +180,8 @@ def run_isolated(
             except ValueError:
                 name = f"signal {-returncode}"
             hint = " (the kernel's out-of-memory killer sends SIGKILL)" if name == "SIGKILL" else ""
-            failure = ("crash", f"killed by {name}{hint}" + (f": {last_line}" if last_line else ""))
+            where = _crash_location(log_tail)
+            failure = ("crash", f"killed by {name}{hint}" + (f" at {where}" if where else ""))
         elif returncode == 3 and messages:  # the worker stopped after a fatal CUDA error it reported
             failure = ("crash", "not measured: the process stopped after a fatal error in an earlier mode")
         else:

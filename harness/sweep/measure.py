@@ -21,6 +21,8 @@ Peak memory, in a call of its own after the first call: on a GPU the peak alloca
 allocator above what was allocated before the call; on a CPU the peak resident set size of this
 process above its resident size before the call (Linux: the high-water mark VmHWM, reset through
 ``/proc/self/clear_refs``, after returning freed heap pages to the system with ``malloc_trim``).
+"Before the call" holds the inputs (and, for ``backward``, the forward's graph and what it saved),
+so the figure is what the call itself adds: the logits, the gradients, any workspace.
 """
 
 from __future__ import annotations
@@ -37,9 +39,7 @@ import torch
 from harness.adapter import Implementation
 from harness.errors import UnsupportedCase
 from harness.spec import DTYPES, LossSpec
-from harness.sweep.cases import Case
-
-MODES = ("forward", "forward_backward", "backward")
+from harness.sweep.cases import MODES, Case
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 INPUT_SEED = 1234
 
@@ -201,12 +201,15 @@ class _ResidentMemory:
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"{field} missing from /proc/self/status")
 
-    def reset(self) -> int:
-        """Give freed heap pages back, reset the high-water mark; return the resident bytes now."""
+    def reset(self) -> int | None:
+        """Give freed heap pages back, reset the high-water mark; the resident bytes now (None: cannot reset)."""
         gc.collect()
         if self._libc is not None:
             self._libc.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:  # e.g. a sandbox that forbids it: no trustworthy peak, so none is reported
+            return None
         return self._status_bytes("VmRSS")
 
     def peak(self) -> int:
@@ -223,13 +226,14 @@ def peak_memory(fn, inputs: CaseInputs, device: str) -> tuple[int | None, float]
         torch.cuda.reset_peak_memory_stats()
         seconds = time_first_call(fn, device)
         peak = torch.cuda.max_memory_allocated() - baseline
-    elif _ResidentMemory.available():
-        resident = _ResidentMemory()
-        baseline = resident.reset()
-        seconds = time_first_call(fn, device)
-        peak = resident.peak() - baseline
     else:
-        return None, time_first_call(fn, device)
+        resident = _ResidentMemory() if _ResidentMemory.available() else None
+        baseline = resident.reset() if resident else None
+        seconds = time_first_call(fn, device)
+        if baseline is None:
+            inputs.reset_grads()
+            return None, seconds
+        peak = resident.peak() - baseline
     inputs.reset_grads()
     return max(0, int(peak)), seconds
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -25,6 +26,7 @@ from rich.progress import (
 from harness.errors import HarnessError
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
+from harness.spec import DTYPES
 from harness.sweep.cases import PROJECT_ROOT, Case
 from harness.sweep.isolation import run_isolated
 from harness.sweep.measure import TimingSettings
@@ -83,6 +85,25 @@ def plan_jobs(cases: list[Case], implementations: list[str] | None) -> list[Job]
                 seen.add((case.name, name))
                 jobs.append(Job(case=case, implementation=name, reference=reference))
     return jobs
+
+
+def job_modes(job: Job, settings: SweepSettings) -> list[str]:
+    """The sweep's modes, narrowed to those the case's entry names (if it names any)."""
+    return [mode for mode in settings.modes if job.case.modes is None or mode in job.case.modes]
+
+
+def declared_unsupported(job: Job, device: str) -> str | None:
+    """Why the implementation says it cannot run this case here (availability, dtype, options), or None.
+
+    Checked in the sweep process so that such a case costs no worker process; the worker checks
+    again, and an implementation that only finds out while running still reports unsupported.
+    """
+    case = job.case
+    # A stand-in class-weight tensor: only its presence matters for what is supported.
+    spec = case.options.spec(torch.ones(case.vocab) if case.options.class_weight else None)
+    return resolve(job.reference).unsupported_reason(
+        spec, dtype=DTYPES[case.dtype], device=device, has_bias=case.options.bias
+    )
 
 
 def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
@@ -161,25 +182,31 @@ def run_jobs(
         task = progress.add_task(label, total=len(jobs), failed=0, unsupported=0)
         for job in jobs:
             progress.update(task, description=f"{label}: {job.implementation} {job.case.name}")
+            modes = job_modes(job, settings)
             payload = {
                 "kind": "case",
                 "case": job.case.to_json(),
                 "implementation": job.reference,
-                "modes": list(settings.modes),
+                "modes": modes,
                 "device": settings.device,
                 "timing": settings.timing.to_json(),
             }
-            outcome = run_isolated(
-                payload,
-                timeout_s=settings.timeout_s,
-                max_memory_bytes=settings.max_memory_bytes,
-                env=settings.child_env,
-            )
-            results = mode_results(outcome, list(settings.modes))
+            reason = declared_unsupported(job, settings.device)
+            if reason is None:
+                outcome = run_isolated(
+                    payload,
+                    timeout_s=settings.timeout_s,
+                    max_memory_bytes=settings.max_memory_bytes,
+                    env=settings.child_env,
+                )
+                results, seconds = mode_results(outcome, modes), outcome.seconds
+            else:  # known without starting a process
+                results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}
+                seconds = 0.0
             writer.append(job_rows(job, results, run_id=run_id, device=device_name, matmul_tflops=matmul_tflops))
             counts.jobs += 1
             counts.statuses.update(result["status"] for result in results.values())
-            progress.console.print(_summary(job, results, outcome.seconds), highlight=False)
+            progress.console.print(_summary(job, results, seconds), highlight=False)
             progress.update(task, advance=1, failed=counts.failed, unsupported=counts.statuses["unsupported"])
         progress.update(task, description=label)
     return counts

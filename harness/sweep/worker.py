@@ -13,9 +13,12 @@ error -> oom, a CUDA error that poisons the context (illegal memory access, devi
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import gc
 import json
+import os
+import signal
 import sys
 
 import torch
@@ -127,7 +130,20 @@ def run_environment(job: dict, out: ResultFile) -> int:
     return 0
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this process if the sweep that started it dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    die_with_parent()
     faulthandler.enable()  # a crash leaves its Python stack in the log
     out = ResultFile(argv[1])
     job = json.load(sys.stdin)

@@ -1,0 +1,124 @@
+"""Implementations that misbehave on purpose, to show what the sweep makes of them.
+
+Loaded by the sweep as ``tests.sweep_plugins:NAME``, each in its own worker process. When the
+environment variable ``LMHEAD_TEST_CALL_LOG`` names a file, every call appends
+``<implementation> <tokens> <worker pid> <sweep pid>`` to it, so tests can count how many worker
+processes ran a case, and under which sweep process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from harness.adapter import Implementation
+from implementations.torch_native import eager_loss
+
+
+def _log_call(name: str, hidden: torch.Tensor) -> None:
+    path = os.environ.get("LMHEAD_TEST_CALL_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(f"{name} {hidden.shape[0]} {os.getpid()} {os.getppid()}\n")
+
+
+class Aborting(Implementation):
+    """Kills its own process with SIGABRT, as a failed assertion in a C++ extension does."""
+
+    name = "test-abort"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        os.abort()
+
+
+class Segfaulting(Implementation):
+    """Reads address 0: SIGSEGV, as a kernel with a bad pointer would."""
+
+    name = "test-segfault"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        ctypes.string_at(0)
+
+
+class Hanging(Implementation):
+    """Never returns, as a deadlocked kernel launch would."""
+
+    name = "test-hang"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        time.sleep(3600)
+
+
+class OutOfMemory(Implementation):
+    """Raises the error PyTorch raises when a GPU allocation fails."""
+
+    name = "test-oom"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (test plugin)")
+
+
+class IllegalMemoryAccess(Implementation):
+    """Raises the error a CUDA kernel's illegal memory access surfaces as (the context is then unusable)."""
+
+    name = "test-illegal-access"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (test plugin)")
+
+
+class HostMemoryHog(Implementation):
+    """Touches ever more host memory, 128 MiB at a time, up to 4 GiB; the sweep's memory guard should stop it."""
+
+    name = "test-memory-hog"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        held = []
+        for _ in range(32):
+            held.append(torch.ones(32 * 2**20))  # 128 MiB, written, so resident
+            time.sleep(0.05)
+        raise RuntimeError("the memory guard did not stop this process")
+
+
+class Counting(Implementation):
+    """The eager loss, logging every call; interrupts its sweep once, at one token count, if asked.
+
+    With ``LMHEAD_TEST_INTERRUPT_TOKENS=N`` and ``LMHEAD_TEST_INTERRUPT_MARKER=PATH``, the first
+    call on a case with N tokens creates PATH, sends SIGINT to the sweep process (as Ctrl-C in
+    its terminal would) and waits to be stopped. Later runs find PATH and compute normally.
+    """
+
+    name = "test-counting"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        interrupt_at = os.environ.get("LMHEAD_TEST_INTERRUPT_TOKENS")
+        marker = os.environ.get("LMHEAD_TEST_INTERRUPT_MARKER")
+        if interrupt_at and marker and hidden.shape[0] == int(interrupt_at) and not Path(marker).exists():
+            Path(marker).touch()
+            os.kill(os.getppid(), signal.SIGINT)
+            time.sleep(60)
+        return eager_loss(hidden, weight, labels, spec, bias)
+
+
+def not_implemented(hidden, weight, labels, **options):
+    """A plain loss function that supports nothing: every case is unsupported."""
+    raise NotImplementedError("this test function implements no loss")

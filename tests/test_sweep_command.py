@@ -1,0 +1,218 @@
+"""``python -m harness sweep``: isolation of misbehaving cases, resume, torchrun, one-line errors.
+
+These tests start real worker processes on tiny cases (V=256, D=16), so they take a few seconds
+each; the implementations that misbehave are in ``tests/sweep_plugins.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.registry import builtin_names
+from harness.results import list_runs, read_meta, read_rows
+from harness.sweep.cases import PROJECT_ROOT
+
+PLUGINS = "tests.sweep_plugins"
+QUICK = ["--measure-time", "0.01", "--min-repeats", "1"]
+
+
+def case_file(tmp_path: Path, tokens=(32,)) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        'dtypes = ["float32"]\n[[case]]\nname = "tiny"\nvocab = 256\nhidden = 16\n'
+        f"tokens = {list(tokens)}\n"
+    )
+    return path
+
+
+def only_run(results: Path) -> Path:
+    runs = list_runs(results)
+    assert len(runs) == 1
+    return runs[0]
+
+
+def statuses(rows) -> dict[tuple[str, str], str]:
+    """(implementation, mode) -> status (ok when it has metric rows)."""
+    return {(row.implementation, row.mode): row.status for row in rows.itertuples()}
+
+
+def test_crash_timeout_and_out_of_memory_become_rows_while_the_other_cases_are_recorded(tmp_path):
+    results = tmp_path / "results"
+    impls = ["torch-eager", f"{PLUGINS}:Aborting", f"{PLUGINS}:Segfaulting", f"{PLUGINS}:Hanging",
+             f"{PLUGINS}:OutOfMemory", f"{PLUGINS}:IllegalMemoryAccess", f"{PLUGINS}:not_implemented"]
+    argv = ["sweep", str(case_file(tmp_path)), "--results-dir", str(results), "--timeout", "30", *QUICK]
+    for impl in impls:
+        argv += ["--impl", impl]
+    assert main(argv) == 0
+
+    rows = read_rows(only_run(results))
+    got = statuses(rows)
+    modes = ("forward", "forward_backward", "backward")
+    assert all(got[("torch-eager", mode)] == "ok" for mode in modes)
+    assert {got[("test-abort", mode)] for mode in modes} == {"crash"}
+    assert {got[("test-segfault", mode)] for mode in modes} == {"crash"}
+    assert {got[("test-hang", mode)] for mode in modes} == {"timeout"}
+    assert {got[("test-oom", mode)] for mode in modes} == {"oom"}
+    assert {got[("test-illegal-access", mode)] for mode in modes} == {"crash"}
+    assert {got[(f"{PLUGINS}:not_implemented", mode)] for mode in modes} == {"unsupported"}
+
+    reasons = {(row.implementation, row.mode): row.reason for row in rows.itertuples() if row.metric == "status"}
+    assert "SIGABRT" in reasons[("test-abort", "forward")] and "during forward" in reasons[("test-abort", "forward")]
+    assert reasons[("test-abort", "backward")].startswith("not measured:")
+    assert "sweep_plugins.py:" in reasons[("test-abort", "forward")]  # where it died, from faulthandler
+    assert "SIGSEGV" in reasons[("test-segfault", "forward")]
+    assert "time limit of 30 s" in reasons[("test-hang", "forward")]
+    assert "OutOfMemoryError" in reasons[("test-oom", "forward")]
+    assert "illegal memory access" in reasons[("test-illegal-access", "forward")]
+    assert "implements no loss" in reasons[(f"{PLUGINS}:not_implemented", "forward")]
+
+    eager = rows[(rows["implementation"] == "torch-eager") & (rows["mode"] == "forward_backward")]
+    assert {"time_median", "time_p20", "time_p80", "first_call", "peak_memory", "tflops", "matmul_fraction",
+            "memory_over_lower_bound", "memory_over_logits"} <= set(eager.metric)
+    meta = read_meta(only_run(results))
+    assert meta["kind"] == "sweep" and meta["finished"] and meta["matmul_tflops"]["float32"] > 0
+
+
+def test_a_case_holding_more_host_memory_than_the_limit_is_stopped_and_recorded_as_oom(tmp_path):
+    results = tmp_path / "results"
+    argv = ["sweep", str(case_file(tmp_path)), "--results-dir", str(results), "--max-memory", "1.5",
+            "--impl", f"{PLUGINS}:HostMemoryHog", "--impl", "torch-eager", "--mode", "forward", *QUICK]
+    assert main(argv) == 0
+    rows = read_rows(only_run(results))
+    got = statuses(rows)
+    assert got[("test-memory-hog", "forward")] == "oom"
+    assert got[("torch-eager", "forward")] == "ok"
+    [reason] = rows[rows["implementation"] == "test-memory-hog"]["reason"]
+    assert "--max-memory" in reason
+
+
+def run_sweep_process(argv: list[str], env_extra: dict[str, str], *, torchrun: int = 0):
+    env = {**os.environ, **env_extra}
+    launcher = [sys.executable, "-m", "harness"]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}",
+                    "-m", "harness"]
+    return subprocess.run([*launcher, "sweep", *argv], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def worker_runs(log: Path) -> Counter:
+    """How many worker processes ran each token count, from the plugin's call log."""
+    seen = {tuple(line.split()[1:3]) for line in log.read_text().splitlines()}  # (tokens, worker pid)
+    return Counter(int(tokens) for tokens, _ in seen)
+
+
+def test_resume_completes_an_interrupted_run_without_repeating_finished_cases(tmp_path):
+    """Ctrl-C arrives while the third of six jobs runs; --resume RUN runs the rest, and nothing twice."""
+    results = tmp_path / "results"
+    log = tmp_path / "calls.log"
+    env = {
+        "LMHEAD_TEST_CALL_LOG": str(log),
+        "LMHEAD_TEST_INTERRUPT_TOKENS": "48",
+        "LMHEAD_TEST_INTERRUPT_MARKER": str(tmp_path / "interrupted"),
+    }
+    argv = [str(case_file(tmp_path, tokens=(32, 48, 64))), "--results-dir", str(results),
+            "--impl", "torch-eager", "--impl", f"{PLUGINS}:Counting", "--mode", "forward", *QUICK]
+    interrupted = run_sweep_process(argv, env)
+    assert interrupted.returncode == 130, interrupted.stderr
+    run_dir = only_run(results)
+    assert "--resume" in interrupted.stderr
+    before = read_rows(run_dir)
+    assert set(zip(before.case, before.implementation)) == {
+        ("tiny/N=32/float32", "torch-eager"), ("tiny/N=32/float32", "test-counting"), ("tiny/N=48/float32", "torch-eager"),
+    }
+
+    resumed = run_sweep_process(["--resume", run_dir.name, "--results-dir", str(results)], env)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_rows(run_dir)
+    assert len({(r.case, r.implementation) for r in rows.itertuples()}) == 6
+    assert not rows.duplicated(subset=["case", "implementation", "mode", "metric"]).any()
+    assert set(rows.status) == {"ok"}
+    # The interrupted job ran twice (stopped, then resumed); the finished ones once.
+    assert worker_runs(log) == Counter({32: 1, 48: 2, 64: 1})
+    assert len(read_meta(run_dir)["resumed"]) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_spreads_the_cases_over_two_processes_into_one_run(tmp_path):
+    results = tmp_path / "results"
+    log = tmp_path / "calls.log"
+    argv = [str(case_file(tmp_path, tokens=(16, 32, 48, 64))), "--results-dir", str(results), "--device", "cpu",
+            "--impl", f"{PLUGINS}:Counting", "--mode", "forward", *QUICK]
+    done = run_sweep_process(argv, {"LMHEAD_TEST_CALL_LOG": str(log), "OMP_NUM_THREADS": "1"}, torchrun=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = only_run(results)
+    rows = read_rows(run_dir)
+    assert sorted(set(rows.case)) == [f"tiny/N={n}/float32" for n in (16, 32, 48, 64)]
+    assert not rows.duplicated(subset=["case", "implementation", "mode", "metric"]).any()
+    sweep_processes = {}
+    for line in log.read_text().splitlines():
+        _, tokens, _, parent = line.split()
+        sweep_processes.setdefault(parent, set()).add(int(tokens))
+    # Round-robin: rank 0 took the 1st and 3rd case, rank 1 the 2nd and 4th.
+    assert sorted(sweep_processes.values(), key=min) == [{16, 48}, {32, 64}]
+    assert read_meta(run_dir)["world_size"] == 2
+
+
+def test_preset_plan_on_this_cpu_machine_includes_every_built_in_implementation(capsys):
+    assert main(["sweep", "--preset", "cpu", "--dry-run"]) == 0
+    planned = {line.split("\t")[0] for line in capsys.readouterr().out.splitlines() if "\t" in line}
+    assert set(builtin_names()) <= planned
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["models", "--impl", "no-such-impl"], "unknown implementation 'no-such-impl'"),
+        (["models", "--dtype", "float64"], "unknown dtype 'float64'"),
+        (["no-such-file"], "case file 'no-such-file' not found"),
+        (["models", "--device", "tpu"], "unknown device 'tpu'"),
+        (["--resume", "no-such-run"], "--resume no-such-run: no run folder"),
+    ],
+)
+def test_bad_input_is_one_line_error_and_exit_status_2(argv, message, capsys, tmp_path):
+    assert main(["sweep", *argv, "--results-dir", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err
+    assert "\n" not in err
+
+
+def test_a_case_file_naming_an_unknown_implementation_is_reported_with_file_and_entry(tmp_path, capsys):
+    path = tmp_path / "cases.toml"
+    path.write_text('dtypes = ["float32"]\n[[case]]\nname = "x"\nvocab = 8\nhidden = 4\ntokens = 2\n'
+                    'implementations = ["torch-eagre"]\n')
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "cases.toml: entry 'x': unknown implementation 'torch-eagre'" in err
+
+
+def test_cuda_device_without_a_gpu_is_refused(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["sweep", "models", "--device", "cuda", "--dry-run"]) == 2
+    assert "no CUDA GPU is available here" in capsys.readouterr().err
+
+
+def test_meta_records_the_arguments_that_resume_needs(tmp_path):
+    results = tmp_path / "results"
+    argv = ["sweep", str(case_file(tmp_path)), "--results-dir", str(results), "--impl", "torch-eager",
+            "--mode", "forward", *QUICK]
+    assert main(argv) == 0
+    meta = read_meta(only_run(results))
+    assert meta["arguments"]["impl"] == ["torch-eager"]
+    assert meta["arguments"]["cases"] == [str(case_file(tmp_path).resolve())]
+    for key in ("device_name", "packages", "git_commit", "host", "command", "created", "device_memory_bytes"):
+        assert key in meta, key
+    json.dumps(meta)  # plain data
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the sweep put the handler back

@@ -1,0 +1,133 @@
+"""What one measurement records (in-process, on tiny CPU cases), and how results become rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.errors import HarnessError, UnsupportedCase
+from harness.registry import resolve
+from harness.results import METRICS, ROW_COLUMNS
+from harness.sweep.cases import Case, CaseOptions
+from harness.sweep.distributed import Ranks, ranks_from_environment, shard, visible_device_for
+from harness.sweep.isolation import ChildOutcome
+from harness.sweep.measure import TimingSettings, make_inputs, measure_mode
+from harness.sweep.rows import Job, derived_metrics, job_rows, mode_results
+from harness.sweep.worker import classify
+
+QUICK = TimingSettings(measure_time=0.01, min_repeats=2)
+MEASURED = {"first_call", "time_median", "time_p20", "time_p80", "peak_memory"}
+
+
+def tiny_case(**changes) -> Case:
+    fields = dict(name="tiny/N=64/float32", shape="tiny", vocab=512, hidden=32, tokens=64, dtype="float32")
+    fields.update(changes)
+    return Case(**fields)
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward", "backward"])
+def test_each_mode_records_time_spread_first_call_and_peak_memory(mode):
+    inputs = make_inputs(tiny_case(), "cpu")
+    metrics = measure_mode(resolve("torch-eager"), inputs, mode, "cpu", QUICK)
+    assert set(metrics) == MEASURED
+    assert 0 < metrics["time_p20"] <= metrics["time_median"] <= metrics["time_p80"]
+    assert metrics["peak_memory"] >= 0
+    assert all(t.grad is None for t in inputs.leaves)  # nothing left behind for the next mode
+
+
+def test_peak_memory_sees_the_logits_torch_eager_materialises_and_chunked_avoids():
+    """torch-eager holds all 256 x 32768 float32 logits (32 MiB); chunked, 32 tokens at a time, an eighth."""
+    case = tiny_case(name="wide", vocab=32768, hidden=32, tokens=256)
+    inputs = make_inputs(case, "cpu")
+    eager = measure_mode(resolve("torch-eager"), inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
+    chunked_impl = resolve("chunked").with_chunk_size(32)
+    chunked = measure_mode(chunked_impl, inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
+    assert eager >= case.logits_bytes
+    assert chunked < eager / 2
+
+
+def test_backward_alone_is_unsupported_for_an_implementation_that_refuses_a_retained_graph():
+    inputs = make_inputs(tiny_case(), "cpu")
+    with pytest.raises(UnsupportedCase, match="retain_graph"):
+        measure_mode(resolve("torch-linear-ce"), inputs, "backward", "cpu", QUICK)
+
+
+def test_options_reach_the_loss_and_per_token_losses_get_a_per_token_gradient():
+    case = tiny_case(options=CaseOptions(reduction="none", softcap=20.0, bias=True, class_weight=True))
+    inputs = make_inputs(case, "cpu")
+    assert inputs.spec.softcap == 20.0 and inputs.bias is not None and inputs.spec.class_weight is not None
+    metrics = measure_mode(resolve("chunked"), inputs, "forward_backward", "cpu", QUICK)
+    assert set(metrics) == MEASURED
+
+
+@pytest.mark.parametrize(
+    "error, status, fatal",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom", False),
+        (MemoryError(), "oom", False),
+        (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes"), "oom", False),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "crash", True),
+        (UnsupportedCase("softcap: not here"), "unsupported", False),
+        (HarnessError("label 9 out of range"), "error", False),
+        (ValueError("something else\nsecond line"), "error", False),
+    ],
+)
+def test_worker_classifies_exceptions_into_statuses_with_one_line_reasons(error, status, fatal):
+    got_status, reason, got_fatal = classify(error)
+    assert (got_status, got_fatal) == (status, fatal)
+    assert "\n" not in reason
+
+
+def outcome(messages, failure=None):
+    return ChildOutcome(messages=messages, failure=failure, seconds=1.0, log_tail="")
+
+
+def test_a_process_that_dies_mid_mode_keeps_earlier_modes_and_marks_the_rest():
+    messages = [
+        {"event": "started", "mode": "forward"},
+        {"event": "result", "mode": "forward", "status": "ok", "metrics": {"time_median": 1.0}},
+        {"event": "started", "mode": "forward_backward"},
+    ]
+    results = mode_results(outcome(messages, ("crash", "killed by SIGABRT")), ["forward", "forward_backward", "backward"])
+    assert results["forward"]["status"] == "ok"
+    assert results["forward_backward"] == {"status": "crash", "reason": "killed by SIGABRT during forward_backward"}
+    assert results["backward"]["status"] == "crash"
+    assert results["backward"]["reason"].startswith("not measured:")
+
+
+def test_derived_figures_follow_their_definitions():
+    case = tiny_case(vocab=1000, hidden=10, tokens=100)
+    metrics = {"time_median": 2.0, "peak_memory": 800_000}
+    derived = derived_metrics(case, "forward_backward", metrics, {"float32": 0.5})
+    assert derived["tflops"] == pytest.approx(6 * 100 * 10 * 1000 / 2e-3 / 1e12)
+    assert derived["matmul_fraction"] == pytest.approx(derived["tflops"] / 0.5)
+    assert derived["memory_over_lower_bound"] == pytest.approx(800_000 / ((100 * 10 + 1000 * 10) * 4))
+    assert derived["memory_over_logits"] == pytest.approx(800_000 / (100 * 1000 * 4))
+
+
+def test_rows_are_tidy_one_per_metric_or_one_status_row():
+    job = Job(case=tiny_case(), implementation="torch-eager", reference="torch-eager")
+    results = {
+        "forward": {"status": "ok", "metrics": {m: 1.0 for m in MEASURED}},
+        "backward": {"status": "unsupported", "reason": "no retained graph"},
+    }
+    rows = job_rows(job, results, run_id="r", device="cpu", matmul_tflops={"float32": 1.0})
+    assert all(set(row) <= set(ROW_COLUMNS) for row in rows)
+    forward = [row for row in rows if row["mode"] == "forward"]
+    assert {row["metric"] for row in forward} == set(METRICS)
+    assert all(row["unit"] == METRICS[row["metric"]] for row in forward)
+    [status] = [row for row in rows if row["mode"] == "backward"]
+    assert (status["metric"], status["status"], status["reason"]) == ("status", "unsupported", "no retained graph")
+
+
+def test_ranks_come_from_torchrun_environment_and_share_jobs_round_robin():
+    assert ranks_from_environment({}) == Ranks()
+    ranks = ranks_from_environment({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert ranks == Ranks(rank=1, world_size=2, local_rank=1)
+    assert shard(list(range(5)), ranks) == [1, 3]
+    assert shard(list(range(5)), Ranks(rank=0, world_size=2)) == [0, 2, 4]
+
+
+def test_each_rank_sees_only_its_own_gpu():
+    assert visible_device_for(1, {}) == "1"
+    assert visible_device_for(1, {"CUDA_VISIBLE_DEVICES": "4,5"}) == "5"
