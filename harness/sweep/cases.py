@@ -38,6 +38,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
+import torch
+
 from harness.errors import HarnessError
 from harness.spec import DTYPES, REDUCTIONS, LossSpec
 
@@ -132,6 +134,14 @@ class Case:
         """The lower bound on memory (Cut Cross-Entropy paper): the gradients of hidden and weight."""
         elements = self.tokens * self.hidden + self.vocab * self.hidden + (self.vocab if self.options.bias else 0)
         return elements * DTYPES[self.dtype].itemsize
+
+    def unsupported_reason(self, impl, device: str) -> str | None:
+        """Why ``impl`` says it cannot run this case on ``device`` ("cpu" or "cuda"), or None."""
+        # A stand-in class-weight tensor: only its presence matters for what is supported.
+        class_weight = torch.ones(self.vocab) if self.options.class_weight else None
+        return impl.unsupported_reason(
+            self.options.spec(class_weight), dtype=DTYPES[self.dtype], device=device, has_bias=self.options.bias
+        )
 
     def matmul_flops(self, mode: str) -> int:
         """Matmul work: 2*N*D*V forward, 4*N*D*V backward, 6*N*D*V forward+backward."""

@@ -25,10 +25,10 @@ from rich.console import Console
 from harness.errors import HarnessError
 from harness.results import RESULTS_DIR, new_run_id, read_meta, write_json_atomic
 from harness.spec import DTYPES
-from harness.sweep.cases import canonical_case_argument, load_cases, with_dtypes
+from harness.sweep.cases import MODES, canonical_case_argument, load_cases, with_dtypes
 from harness.sweep.distributed import Coordinator, Ranks, ranks_from_environment, shard, visible_device_for
 from harness.sweep.environment import host_environment, memory_bytes
-from harness.sweep.measure import MODES, TimingSettings
+from harness.sweep.measure import TimingSettings
 from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
 from harness.sweep.rows import Job
 from harness.sweep.runner import (

@@ -39,7 +39,7 @@ import torch
 from harness.adapter import Implementation
 from harness.errors import UnsupportedCase
 from harness.spec import DTYPES, LossSpec
-from harness.sweep.cases import MODES, Case
+from harness.sweep.cases import Case
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 INPUT_SEED = 1234
 

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -26,7 +25,6 @@ from rich.progress import (
 from harness.errors import HarnessError
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
-from harness.spec import DTYPES
 from harness.sweep.cases import PROJECT_ROOT, Case
 from harness.sweep.isolation import run_isolated
 from harness.sweep.measure import TimingSettings
@@ -98,12 +96,7 @@ def declared_unsupported(job: Job, device: str) -> str | None:
     Checked in the sweep process so that such a case costs no worker process; the worker checks
     again, and an implementation that only finds out while running still reports unsupported.
     """
-    case = job.case
-    # A stand-in class-weight tensor: only its presence matters for what is supported.
-    spec = case.options.spec(torch.ones(case.vocab) if case.options.class_weight else None)
-    return resolve(job.reference).unsupported_reason(
-        spec, dtype=DTYPES[case.dtype], device=device, has_bias=case.options.bias
-    )
+    return job.case.unsupported_reason(resolve(job.reference), device)
 
 
 def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:

@@ -26,7 +26,6 @@ import torch
 import harness  # noqa: F401  (sets TRITON_INTERPRET before anything imports triton)
 from harness.errors import HarnessError, UnsupportedCase
 from harness.registry import resolve
-from harness.spec import DTYPES
 from harness.sweep.cases import Case
 from harness.sweep.environment import device_environment
 from harness.sweep.measure import TimingSettings, make_inputs, matmul_tflops, measure_mode
@@ -84,11 +83,7 @@ def run_case(job: dict, out: ResultFile) -> int:
         for mode in modes:
             out.emit(event="result", mode=mode, status=status, reason=reason)
 
-    # A stand-in class-weight tensor: only its presence matters for what the implementation supports.
-    spec = case.options.spec(torch.ones(case.vocab) if case.options.class_weight else None)
-    reason = impl.unsupported_reason(
-        spec, dtype=DTYPES[case.dtype], device=device.split(":")[0], has_bias=case.options.bias
-    )
+    reason = case.unsupported_reason(impl, device)
     if reason is not None:
         all_modes("unsupported", reason)
         return 0
