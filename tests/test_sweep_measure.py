@@ -105,6 +105,12 @@ def test_derived_figures_follow_their_definitions():
     assert derived["memory_over_logits"] == pytest.approx(800_000 / (100 * 1000 * 4))
 
 
+def test_backward_alone_gets_no_matmul_rate_because_fused_implementations_do_that_work_in_the_forward():
+    derived = derived_metrics(tiny_case(), "backward", {"time_median": 1.0, "peak_memory": 10}, {"float32": 1.0})
+    assert "tflops" not in derived and "matmul_fraction" not in derived
+    assert "memory_over_lower_bound" in derived
+
+
 def test_rows_are_tidy_one_per_metric_or_one_status_row():
     job = Job(case=tiny_case(), implementation="torch-eager", reference="torch-eager")
     results = {

@@ -167,10 +167,12 @@ def time_repeated(fn, reset, device: str, timing: TimingSettings, call_seconds: 
         for tensor in leaves:
             tensor.grad = None
 
-    # `setup` runs before each block of repetitions, outside the timed region; slow calls get a
-    # block of one, so every timed call starts from gradients set to None.
+    # Every repetition starts from gradients set to None, never accumulating into the previous
+    # ones (an implementation may have handed its own saved buffer over as .grad). `setup` does it
+    # outside the timed region before each block; slow calls get blocks of one repetition, and
+    # within the blocks of fast calls setting a few small gradients to None costs microseconds.
     timer = Timer(
-        stmt="fn()",
+        stmt="reset_grads(); fn()",
         setup="reset_grads()",
         globals={"fn": fn, "reset_grads": reset_grads},
         num_threads=torch.get_num_threads(),

@@ -3,8 +3,9 @@
 A mode that produced numbers gives one row per metric, the measured ones (time, first call,
 peak memory) and the derived ones:
 
-- ``tflops``: matmul work (2*N*D*V forward, 4*N*D*V backward, 6*N*D*V forward+backward) over the
-  median time;
+- ``tflops``: matmul work (2*N*D*V forward, 6*N*D*V forward+backward) over the median time. Not
+  for ``backward`` alone: fused implementations do that work in the forward, so a rate computed
+  from 4*N*D*V would be meaningless for them;
 - ``matmul_fraction``: that rate over the device's own matmul rate in the same dtype, measured
   once per run (``meta.json``: ``matmul_tflops``);
 - ``memory_over_lower_bound``: peak memory over the bytes of the gradients of hidden and weight
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from harness.results import METRICS
 from harness.sweep.cases import Case
 from harness.sweep.isolation import ChildOutcome
+
+
+RATED_MODES = ("forward", "forward_backward")  # modes whose matmul work is well defined
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def mode_results(outcome: ChildOutcome, modes: list[str]) -> dict[str, dict]:
 def derived_metrics(case: Case, mode: str, metrics: dict, matmul_tflops: dict[str, float]) -> dict:
     derived = {}
     median_ms = metrics.get("time_median")
-    if median_ms and median_ms > 0:
+    if mode in RATED_MODES and median_ms and median_ms > 0:
         derived["tflops"] = case.matmul_flops(mode) / (median_ms / 1000) / 1e12
         rate = matmul_tflops.get(case.dtype)
         if rate:
