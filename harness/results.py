@@ -112,10 +112,15 @@ def read_rows(run_dir: Path) -> pd.DataFrame:
     path = Path(run_dir) / "rows.csv"
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(ROW_COLUMNS))
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    for column in ("reason", "options", "status", "metric", "unit"):
-        frame[column] = frame[column].fillna("").astype(str)
-    return frame
+    text_columns = ("run_id", "case", "shape", "dtype", "options", "implementation", "mode", "metric", "unit",
+                    "status", "reason", "device")
+    # Text columns are read as text, empty as "": a column that is empty in every row stays a string.
+    return pd.read_csv(
+        path,
+        dtype={column: str for column in text_columns},
+        keep_default_na=False,
+        na_values={column: [""] for column in ROW_COLUMNS if column not in text_columns},
+    )
 
 
 def read_meta(run_dir: Path) -> dict:
