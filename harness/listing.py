@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=title, show_lines=True)
     rows = [describe(impl, device) for impl in impls]
     for column in rows[0]:
-        table.add_column(column, overflow="fold")
+        # A name is what users copy into --impl: never wrap it.
+        table.add_column(column, no_wrap=column == "name", overflow="fold")
     for row in rows:
         table.add_row(*row.values())
     Console(width=200).print(table)
