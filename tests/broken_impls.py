@@ -197,3 +197,22 @@ z_loss_without_gradient = ZLossWithoutGradient()
 ignores_upstream_gradient = IgnoresUpstreamGradient()
 scales_saved_gradient_in_place = ScalesSavedGradientInPlace()
 reuses_input_buffer = ReusesInputBuffer()
+
+
+def aborts_the_process(
+    hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+    label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None,
+):
+    """Kills its process, as an illegal memory access does, on a single token or an out-of-range
+    label; hangs on infinite hidden states. The gate records a crash (or a timeout) and goes on."""
+    import os
+    import time
+
+    _plain_options_only(label_smoothing, z_loss_multiplier, softcap, class_weight)
+    valid = labels != ignore_index
+    if labels.numel() == 1 or bool(((labels < 0) | (labels >= weight.shape[0]))[valid].any()):
+        os.abort()
+    if bool(hidden.isinf().any()):
+        time.sleep(60)
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)

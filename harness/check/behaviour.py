@@ -5,27 +5,21 @@ Each edge case runs with ``validate=False`` (the harness's own label check is of
 backward, and is described in a few words ("loss nan; grads nan", "error (IndexError)", "loss
 finite = reference; grads finite"), with the details beside it.
 
-Edge cases run in a child process per implementation (``python -m harness.check.behaviour``),
-one JSON line per edge case as it finishes: an out-of-range label can crash a process or, on a
-GPU, poison its CUDA context; a crash or a timeout is then recorded as such, and the remaining
-edge cases run in a fresh child.
+Edge cases run in a child process per implementation (``python -m harness.check.behaviour``,
+see ``harness.check.isolation``): an out-of-range label can crash a process or, on a GPU,
+poison its CUDA context; a crash or a timeout is then recorded as such, and the remaining edge
+cases run in a fresh child.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import queue
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from harness.check.isolation import ReportChannel, run_items
 from harness.errors import UnsupportedCase
 from harness.semantics import reference_loss
 from harness.spec import LossSpec
@@ -158,6 +152,8 @@ def probe(impl, edge: EdgeCase, device: str) -> tuple[str, str]:
     if loss_class == "finite" and reference is not None and bool(reference.isfinite().all()):
         close = torch.allclose(loss.detach().double().cpu(), reference, rtol=1e-2, atol=1e-3)
         loss_class = "finite = reference" if close else "finite, differs from reference"
+    if reference is None:  # the input has no defined loss, yet the implementation returned one
+        loss_class = f"{loss_class} (no error)"
     try:
         loss.sum().backward()
         grads = [t.grad for t in (hidden, weight)]
@@ -175,47 +171,14 @@ def probe(impl, edge: EdgeCase, device: str) -> tuple[str, str]:
 # --- running in a child process ---------------------------------------------------------------
 
 
-def _child_environment() -> dict[str, str]:
-    """The parent's import path, so a plugin importable here (``tests.broken_impls``) is there too."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).strip(os.pathsep)
-    return env
-
-
-def _forward_lines(stream, lines: queue.Queue) -> None:
-    """Move the child's output lines to a queue (None at the end), so the parent can wait with a timeout."""
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-
-
 def run_behaviour(given: str, device: str, *, timeout_s: float = EDGE_CASE_TIMEOUT_S) -> Iterator[BehaviourResult]:
     """Yield the behaviour of implementation ``given`` on every edge case, as each finishes."""
-    remaining = list(EDGE_CASE_IDS)
-    while remaining:
-        with tempfile.TemporaryFile(mode="w+") as stderr:
-            command = [sys.executable, "-m", "harness.check.behaviour", "--impl", given, "--device", device, *remaining]
-            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=_child_environment())
-            lines: queue.Queue = queue.Queue()
-            threading.Thread(target=_forward_lines, args=(child.stdout, lines), daemon=True).start()
-            while remaining:
-                try:
-                    line = lines.get(timeout=timeout_s)
-                except queue.Empty:
-                    child.kill()
-                    child.wait()
-                    yield BehaviourResult(given, remaining.pop(0), "timeout", f"no result within {timeout_s:.0f} s")
-                    break
-                if line is None:  # the child exited before finishing
-                    code = child.wait()
-                    stderr.seek(0)
-                    last = (stderr.read().strip().splitlines() or [""])[-1][:300]
-                    yield BehaviourResult(given, remaining.pop(0), "crash", f"process exited with status {code}: {last}")
-                    break
-                record = json.loads(line)
-                remaining.remove(record["edge_case"])
-                yield BehaviourResult(given, record["edge_case"], record["behaviour"], record["detail"])
-            child.wait()
+    args = ["--impl", given, "--device", device]
+    for outcome in run_items("harness.check.behaviour", args, list(EDGE_CASE_IDS), timeout_s=timeout_s):
+        if outcome.record is None:
+            yield BehaviourResult(given, outcome.item, outcome.failure, outcome.detail)
+        else:
+            yield BehaviourResult(given, outcome.item, outcome.record["behaviour"], outcome.record["detail"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,14 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("edge_cases", nargs="+", choices=EDGE_CASE_IDS)
     args = parser.parse_args(argv)
 
-    import harness  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton
     from harness.registry import resolve
 
+    channel = ReportChannel()
     impl = resolve(args.impl)
     by_id = {e.id: e for e in EDGE_CASES}
     for edge_id in args.edge_cases:
+        channel.send({"started": edge_id})
         behaviour, detail = probe(impl, by_id[edge_id], args.device)
-        print(json.dumps({"edge_case": edge_id, "behaviour": behaviour, "detail": detail}), flush=True)
+        channel.send({"item": edge_id, "behaviour": behaviour, "detail": detail})
     return 0
 
 

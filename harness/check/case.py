@@ -216,7 +216,8 @@ class Inputs:
     spec: LossSpec
     upstream: torch.Tensor | None  # gradient of per-token losses (reduction "none"), float64
     gradient_inputs: dict[str, torch.Tensor]
-    model: TinyLM | None = None
+    model: TinyLM | None = None  # tied cases: the model, and the tokens it embeds
+    token_ids: torch.Tensor | None = None
 
 
 def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
@@ -225,14 +226,13 @@ def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
         labels[labels == case.ignore_index] = (case.ignore_index + 1) % case.vocab
     if case.ignored == "all":
         ignored = torch.ones(case.tokens, dtype=torch.bool)
-    elif case.ignored == "some":
+    elif case.ignored == "some":  # at least one token ignored and one not (a single token is kept)
         ignored = torch.rand(case.tokens, generator=generator) < SOME_IGNORED_FRACTION
         flat = ignored.view(-1)
-        if case.num_tokens >= 2:
-            if not flat.any():
-                flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = True
-            if flat.all():
-                flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = False
+        if case.num_tokens >= 2 and not flat.any():
+            flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = True
+        if flat.all():
+            flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = False
     else:
         ignored = torch.zeros(case.tokens, dtype=torch.bool)
     return labels.masked_fill(ignored, case.ignore_index)
@@ -263,7 +263,9 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False) -> 
         gradient_inputs = {"hidden": hidden, "weight": model.head_weight}
         if model.head_bias is not None:
             gradient_inputs["bias"] = model.head_bias
-        return Inputs(hidden, model.head_weight, model.head_bias, labels, spec, upstream, gradient_inputs, model)
+        return Inputs(
+            hidden, model.head_weight, model.head_bias, labels, spec, upstream, gradient_inputs, model, token_ids
+        )
 
     work_dtype = torch.float64 if reference else dtype
     hidden = torch.randn(*case.tokens, case.dim, generator=generator, dtype=torch.float64)

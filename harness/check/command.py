@@ -2,7 +2,9 @@
 
 Runs every property of ``harness.check.properties`` with Hypothesis on the chosen
 implementations (default: every built-in one available here), then the behaviour matrix, and
-prints a pass/fail table, the matrix, and a one-line reproducer per failure. Results go to a run
+prints a pass/fail table, the matrix, and a one-line reproducer per failure. Each implementation
+runs in child processes of its own (``--jobs`` at a time), so a crashing kernel fails only the
+property it crashed in. Results go to a run
 folder ``results/<run-id>-check/`` (``properties.csv``, ``behaviour.csv``, ``meta.json``) as they
 are produced. Exit status 1 when a property fails (known failures excepted), 2 for bad input.
 
@@ -13,25 +15,46 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import queue
 import importlib.metadata
 import os
 import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from harness.check.behaviour import EDGE_CASES, BehaviourResult, run_behaviour
+from harness.check.behaviour import EDGE_CASES, BehaviourResult, probe, run_behaviour
 from harness.check.case import parse_case
-from harness.check.gate import FAIL, KNOWN_FAILURE, PASS, UNSUPPORTED, PropertyResult, Target, run_case, run_property
-from harness.check.profiles import CI_EXAMPLES, PROFILES, THOROUGH_EXAMPLES, default_profile, profile_settings
+from harness.check.gate import (
+    FAIL,
+    KNOWN_FAILURE,
+    PASS,
+    UNSUPPORTED,
+    PropertyResult,
+    Target,
+    reproducer,
+    run_case,
+    run_property,
+)
+from harness.check.isolation import run_items
+from harness.check.profiles import (
+    CI_EXAMPLES,
+    DEV_EXAMPLES,
+    PROFILES,
+    THOROUGH_EXAMPLES,
+    default_profile,
+    profile_settings,
+)
 from harness.check.properties import PROPERTIES, PROPERTY_IDS, find_property
-from harness.check.support import discover_support
 from harness.check import tolerance
+from harness.check.support import discover_support
 from harness.errors import HarnessError
 from harness.registry import builtin_names, resolve
 from harness.results import BEHAVIOUR_COLUMNS, PROPERTY_COLUMNS, RESULTS_DIR, RowWriter, new_run_id, write_json_atomic
@@ -52,16 +75,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--case", metavar="CASE", help="rerun one case, e.g. 'N=7,D=5,V=257,dtype=bfloat16,seed=1'")
     parser.add_argument(
         "--profile", choices=PROFILES, default=None,
-        help=f"Hypothesis profile: ci (derandomised, {CI_EXAMPLES} examples per property, default when CI is set), "
-        f"dev (the same budget, random; default otherwise), thorough ({THOROUGH_EXAMPLES} examples, random)",
+        help=f"Hypothesis profile: ci (derandomised, {CI_EXAMPLES} drawn examples per property besides the "
+        f"explicit ones; default when CI is set), dev ({DEV_EXAMPLES}, random; default otherwise), "
+        f"thorough ({THOROUGH_EXAMPLES}, random)",
     )
     parser.add_argument("--max-examples", type=int, metavar="N", help="override the profile's examples per property")
     parser.add_argument("--no-behaviour", action="store_true", help="skip the behaviour matrix")
+    parser.add_argument(
+        "--jobs", type=int, metavar="N",
+        help="implementations checked at the same time, each in its own process (default: 2, or 1 on a GPU)",
+    )
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="run everything in this process, one implementation after another: no crash isolation "
+        "(for a debugger, or a quick run of a plugin)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: results/)")
 
 
 def local_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_jobs() -> int:
+    """Two implementations at a time on a CPU (compiling and Triton's interpreter each keep about
+    one core busy); one on a GPU, so that no two implementations share its memory."""
+    return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
 
 
 def choose_targets(names: list[str] | None, console: Console) -> list[Target]:
@@ -181,10 +220,51 @@ def run_one_case(args: argparse.Namespace, console: Console) -> int:
     return 1 if any(r.status == FAIL for r in results) else 0
 
 
+def check_in_process(
+    target: Target, property_ids: list[str], *, profile: str, max_examples: int | None, device: str, behaviour: bool,
+) -> Iterator[PropertyResult | BehaviourResult]:
+    """``check_implementation`` without child processes (``--in-process``)."""
+    settings = profile_settings(profile)
+    if max_examples is not None:
+        settings = type(settings)(settings, max_examples=max_examples)
+    support = discover_support(target.impl, device)
+    for property_id in property_ids:
+        yield run_property(target, find_property(property_id), support, settings, device)
+    if behaviour:
+        for edge in EDGE_CASES:
+            yield BehaviourResult(target.given, edge.id, *probe(target.impl, edge, device))
+
+
+def check_implementation(
+    given: str, property_ids: list[str], *, profile: str, max_examples: int | None, device: str,
+    threads: int, behaviour: bool,
+) -> Iterator[PropertyResult | BehaviourResult]:
+    """One implementation's results as they are produced: its properties, then its behaviour matrix.
+
+    Both run in child processes (``harness.check.isolation``); a crash fails only the property
+    that was running, with the case it was running as the reproducer.
+    """
+    args = ["--impl", given, "--profile", profile, "--device", device]
+    if max_examples is not None:
+        args += ["--max-examples", str(max_examples)]
+    for outcome in run_items("harness.check.worker", args, property_ids, timeout_s=None, threads=threads):
+        if outcome.record is not None:
+            yield PropertyResult(**{k: v for k, v in outcome.record.items() if k != "item"})
+            continue
+        repro = ""
+        if outcome.last_case:
+            repro = reproducer(Target(given, None), find_property(outcome.item), parse_case(outcome.last_case))
+        yield PropertyResult(given, outcome.item, FAIL, 0, f"{outcome.failure}: {outcome.detail}", repro, 0.0)
+    if behaviour:
+        yield from run_behaviour(given, device)
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(width=200)
     if args.max_examples is not None and args.max_examples < 1:
         raise HarnessError("--max-examples must be at least 1")
+    if args.jobs is not None and args.jobs < 1:
+        raise HarnessError("--jobs must be at least 1")
     if args.case:
         return run_one_case(args, console)
     props = _selected_properties(args.properties)
@@ -192,17 +272,17 @@ def run(args: argparse.Namespace) -> int:
     if not targets:
         raise HarnessError("no implementation to check: none of the built-ins is available here")
     profile_name = args.profile or default_profile()
-    profile = profile_settings(profile_name)
-    if args.max_examples is not None:
-        profile = type(profile)(profile, max_examples=args.max_examples)
+    max_examples = args.max_examples or profile_settings(profile_name).max_examples
     device = local_device()
+    jobs = 1 if args.in_process else min(args.jobs or default_jobs(), len(targets))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
 
     run_dir = new_run_dir(args.out)
     meta = {
         "kind": "check",
         "run_id": run_dir.name,
         "profile": profile_name,
-        "max_examples": profile.max_examples,
+        "max_examples": max_examples,
         "implementations": [t.given for t in targets],
         "properties": [p.id for p in props],
         "tolerance": {
@@ -215,29 +295,50 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(run_dir / "meta.json", meta)
     property_rows = RowWriter(run_dir / "properties.csv", PROPERTY_COLUMNS)
     behaviour_rows = RowWriter(run_dir / "behaviour.csv", BEHAVIOUR_COLUMNS)
-    console.print(f"checking {', '.join(t.given for t in targets)} on {device}, profile {profile_name} -> {run_dir}")
+    console.print(
+        f"checking {', '.join(t.given for t in targets)} on {device}, profile {profile_name} "
+        f"({max_examples} examples per property), "
+        f"{'in this process' if args.in_process else f'{jobs} at a time'} -> {run_dir}"
+    )
 
     results: list[PropertyResult] = []
-    for target in targets:
-        support = discover_support(target.impl, device)
-        for prop in props:
-            with console.status(f"{target.given}: {prop.id}"):
-                result = run_property(target, prop, support, profile, device)
-            property_rows.append([result.row()])
-            results.append(result)
-            console.print(f"{target.given:<20} {prop.id:<28} {result.seconds:6.1f} s  {_status_cell(result)}")
-
     behaviour: list[BehaviourResult] = []
-    if not args.no_behaviour:
-        for target in targets:
-            if not target.impl.availability().available:
-                continue
-            with console.status(f"{target.given}: behaviour matrix"):
-                for row in run_behaviour(target.given, device):
-                    behaviour_rows.append([row.row()])
-                    behaviour.append(row)
+    produced: queue.Queue = queue.Queue()
+
+    def pipeline(target: Target) -> None:
+        behaviour = not args.no_behaviour and target.impl.availability().available
+        options = dict(profile=profile_name, max_examples=args.max_examples, device=device, behaviour=behaviour)
+        property_ids = [p.id for p in props]
+        try:
+            if args.in_process:
+                items = check_in_process(target, property_ids, **options)
+            else:
+                items = check_implementation(target.given, property_ids, threads=threads, **options)
+            for item in items:
+                produced.put(item)
+        finally:
+            produced.put(None)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(pipeline, target) for target in targets]
+        finished = 0
+        while finished < len(targets):
+            item = produced.get()
+            if item is None:
+                finished += 1
+            elif isinstance(item, PropertyResult):
+                property_rows.append([item.row()])
+                results.append(item)
+                console.print(f"{item.implementation:<20} {item.property:<28} {item.seconds:6.1f} s  {_status_cell(item)}")
+            else:
+                behaviour_rows.append([item.row()])
+                behaviour.append(item)
+        for future in futures:
+            future.result()  # a harness bug in a pipeline surfaces here instead of being lost
 
     names = [t.given for t in targets]
+    order = {p.id: i for i, p in enumerate(PROPERTIES)}
+    results.sort(key=lambda r: (names.index(r.implementation), order[r.property]))
     console.print()
     print_property_table(console, results, names)
     if behaviour:

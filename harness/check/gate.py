@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypothesis import Phase, Verbosity, example, given, reject, settings
 
 from harness.adapter import Implementation
 from harness.check.case import Case
-from harness.check.known import known_bugs, known_limitation
+from harness.check.known import known_failures, known_limitation
 from harness.check.outcome import CheckFailure
 from harness.check.properties import CaseRejected, CheckContext, Property, explicit_examples
 from harness.check.strategies import cases, fit_to
@@ -94,8 +95,19 @@ def _known_failure_detail(ctx: CheckContext) -> tuple[str, str]:
     return f"{'; '.join(reasons)}. Seen: {message}", case
 
 
-def run_property(target: Target, prop: Property, support: Support, profile: settings, device: str) -> PropertyResult:
-    """Check one property with Hypothesis; never raises for what the implementation does."""
+def run_property(
+    target: Target,
+    prop: Property,
+    support: Support,
+    profile: settings,
+    device: str,
+    on_case: Callable[[Case], None] | None = None,
+) -> PropertyResult:
+    """Check one property with Hypothesis; never raises for what the implementation does.
+
+    ``on_case`` is called with each case before it runs (the worker reports it, so that a crash
+    names its case).
+    """
     started = time.perf_counter()
 
     def result(status: str, examples: int, detail: str = "", repro: str = "") -> PropertyResult:
@@ -105,12 +117,14 @@ def run_property(target: Target, prop: Property, support: Support, profile: sett
     if refused is not None:
         return result(refused[0], 0, refused[1])
 
-    ctx = CheckContext(device=device, property_id=prop.id, known_bugs=known_bugs(target.impl.name))
+    ctx = CheckContext(device=device, property_id=prop.id, known_failures=known_failures(target.impl.name))
     limitation = known_limitation(target.impl.name, prop.id)
     passed, unsupported_reasons, last_case = [0], {}, [None]
 
     def body(case: Case) -> None:
         last_case[0] = case
+        if on_case is not None:
+            on_case(case)
         try:
             prop.check(target.impl, case, ctx)
         except UnsupportedCase as exc:
@@ -168,7 +182,7 @@ def run_case(target: Target, prop: Property, case: Case, device: str) -> Propert
     def result(status: str, examples: int, detail: str = "") -> PropertyResult:
         return PropertyResult(target.given, prop.id, status, examples, detail, repro, time.perf_counter() - started)
 
-    ctx = CheckContext(device=device, property_id=prop.id, known_bugs=known_bugs(target.impl.name))
+    ctx = CheckContext(device=device, property_id=prop.id, known_failures=known_failures(target.impl.name))
     limitation = known_limitation(target.impl.name, prop.id)
     try:
         prop.check(target.impl, case, ctx)

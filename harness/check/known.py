@@ -1,11 +1,12 @@
 """Known failures of built-in implementations, recorded in one place.
 
-- A **bug** is a genuine numerical or contract failure of a peer package. Mismatches it explains
+- A **failure** is a genuine numerical or contract failure of a peer package (a bug, or an
+  accuracy trade-off made by design, as the reason says). Mismatches it explains
   (its implementation, properties, compared tensors, dtypes and reductions) are recorded instead
   of failing the property, which then shows "known-failure (reason)" with a reproducer and does
   not fail ``check``'s exit status; anything else that differs still fails. Its ``example`` is a
   case that shows it: ``tests/test_check_known.py`` expects that case to fail (strictly), so a
-  fixed bug shows up as an unexpected pass and its entry is removed.
+  fixed failure shows up as an unexpected pass and its entry is removed.
 - A **limitation** is documented behaviour that refuses a case loudly (it raises an error)
   instead of computing something wrong: the property shows "unsupported" with the error, as a
   declared unsupported option would. Were it to return a wrong result instead of raising, the
@@ -22,19 +23,19 @@ from harness.check.case import Case
 @dataclass(frozen=True)
 class Known:
     implementation: str
-    kind: str  # "bug" or "limitation"
+    kind: str  # "failure" or "limitation"
     reason: str
     properties: tuple[str, ...] = ()  # property ids; empty: every property
-    tensors: tuple[str, ...] = ()  # bug: the compared tensors it explains (loss, z_loss, grad_hidden, ...)
-    dtypes: tuple[str, ...] = ()  # bug: the dtypes it shows in; empty: every dtype
-    reductions: tuple[str, ...] = ()  # bug: the reductions it shows in; empty: every reduction
-    frozen: tuple[str, ...] = ()  # bug: shows only when these inputs do not require grad
+    tensors: tuple[str, ...] = ()  # failure: the compared tensors it explains (loss, grad_hidden, ...)
+    dtypes: tuple[str, ...] = ()  # failure: the dtypes it shows in; empty: every dtype
+    reductions: tuple[str, ...] = ()  # failure: the reductions it shows in; empty: every reduction
+    frozen: tuple[str, ...] = ()  # failure: shows only when these inputs do not require grad
     example: str = ""  # a --case that shows it, with the property it fails: "property: case"
 
     def explains(self, property_id: str, case: Case, tensor: str) -> bool:
-        """Whether this bug accounts for a mismatch of ``tensor`` in this property and case."""
+        """Whether this known failure accounts for a mismatch of ``tensor`` in this property and case."""
         return (
-            self.kind == "bug"
+            self.kind == "failure"
             and (not self.properties or property_id in self.properties)
             and tensor in self.tensors
             and (not self.dtypes or case.dtype in self.dtypes)
@@ -45,18 +46,8 @@ class Known:
 
 KNOWN = (
     Known(
-        "torch-linear-ce",
-        "bug",
-        "F.linear_cross_entropy's chunked path returns a bfloat16/float16 loss accumulated in that "
-        "dtype across chunks: off by several roundings of the output (PyTorch 2.13)",
-        tensors=("loss",),
-        dtypes=("bfloat16", "float16"),
-        reductions=("mean", "sum"),
-        example="equivalence/bfloat16: B=4,T=13,D=3,V=129,dtype=bfloat16,reduction=mean,tied=1,ignored=some,seed=0",
-    ),
-    Known(
         "liger",
-        "bug",
+        "failure",
         "liger-kernel 0.8.5 computes the head's gradients only when the hidden states require grad: "
         "with a frozen backbone the weight and bias get no gradient at all, silently",
         properties=("autograd/grad-subsets",),
@@ -66,7 +57,7 @@ KNOWN = (
     ),
     Known(
         "liger",
-        "bug",
+        "failure",
         "liger-kernel 0.8.5 multiplies the gradients saved in the forward by the upstream gradient in "
         "place (element_mul_kernel): a second backward through a retained graph of a scaled loss "
         "adds c^2 instead of c times the gradient",
@@ -89,11 +80,18 @@ KNOWN = (
         "(retain_graph=True) raises and names the switch, torch._functorch.config.donated_buffer=False",
         properties=("autograd/retain-graph",),
     ),
+    Known(
+        "cce",
+        "limitation",
+        "on a CPU, cut-cross-entropy runs its torch.compile implementation, whose backward donates "
+        "its saved buffers: a second backward (retain_graph=True) raises (its Triton kernels on a GPU do not)",
+        properties=("autograd/retain-graph",),
+    ),
 )
 
 
-def known_bugs(implementation: str) -> tuple[Known, ...]:
-    return tuple(k for k in KNOWN if k.implementation == implementation and k.kind == "bug")
+def known_failures(implementation: str) -> tuple[Known, ...]:
+    return tuple(k for k in KNOWN if k.implementation == implementation and k.kind == "failure")
 
 
 def known_limitation(implementation: str, property_id: str) -> Known | None:

@@ -1,0 +1,49 @@
+"""The behaviour matrix records what an implementation does where implementations may differ.
+
+Nothing here is judged; the tests pin how behaviour is described, and that a crash or a hang on
+one edge case is recorded as such without losing the others (each implementation's edge cases
+run in a child process).
+"""
+
+from harness.check.behaviour import EDGE_CASE_IDS, EDGE_CASES, probe, run_behaviour
+from harness.cli import main
+from harness.registry import resolve
+
+EDGES = {e.id: e for e in EDGE_CASES}
+
+
+def test_torch_eager_gives_nan_for_0_over_0_and_refuses_out_of_range_labels():
+    eager = resolve("torch-eager")
+    assert probe(eager, EDGES["all-ignored-mean"], "cpu")[0] == "loss nan; grads 0"
+    assert probe(eager, EDGES["label-equals-vocab"], "cpu")[0] == "error (IndexError)"
+    assert probe(eager, EDGES["nan-in-hidden"], "cpu")[0] == "loss nan; grads nan"
+
+
+def test_float16_logits_beyond_its_range_are_described_against_the_float64_reference():
+    behaviour, detail = probe(resolve("torch-eager"), EDGES["float16-logit-overflow"], "cpu")
+    assert behaviour == "loss nan; grads nan"
+    assert "reference 18558.9" in detail  # the float64 reference is finite
+
+
+def test_an_empty_batch_is_described_even_when_it_differs_from_the_reference():
+    behaviour, detail = probe(resolve("chunked"), EDGES["empty-batch"], "cpu")
+    assert behaviour.startswith("loss ") and "reference nan" in detail
+
+
+def test_a_crash_or_a_hang_on_one_edge_case_is_recorded_and_the_others_still_run():
+    rows = {r.edge_case: r for r in run_behaviour("tests.broken_impls:aborts_the_process", "cpu", timeout_s=20)}
+    assert set(rows) == set(EDGE_CASE_IDS)
+    assert rows["label-equals-vocab"].behaviour == "crash"
+    assert rows["label-negative"].behaviour == "crash"
+    assert rows["inf-in-hidden"].behaviour == "timeout"
+    assert rows["nan-in-hidden"].behaviour == "loss nan; grads nan"
+
+
+def test_a_kernel_that_kills_its_process_fails_the_property_it_crashed_in_with_a_reproducer(capsys, tmp_path):
+    status = main(["check", "--profile", "ci", "--impl", "tests.broken_impls:aborts_the_process",
+                   "--property", "equivalence/float32", "--property", "equivalence/bfloat16",
+                   "--no-behaviour", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert out.count("crash: the process exited") == 2, "both properties crash, each in its own process"
+    assert "--case 'N=1,D=1,V=2,dtype=float32" in out

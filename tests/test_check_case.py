@@ -1,0 +1,103 @@
+"""A check case is one line that determines every input tensor: what failures print and --case reads."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from harness.check.case import Case, format_case, make_inputs, parse_case
+from harness.check.strategies import cases
+from harness.check.support import Support
+from harness.errors import HarnessError
+from harness.spec import OPTIONS
+
+EVERYTHING = Support(True, ("float32", "bfloat16", "float16"), ("mean", "sum", "none"), frozenset(OPTIONS))
+
+
+@settings(deadline=None)
+@given(case=cases(EVERYTHING, dtypes=("float32", "bfloat16", "float16"), grad_subsets=True, chunked=True))
+def test_every_drawn_case_survives_its_one_line_form(case):
+    assert parse_case(format_case(case)) == case
+
+
+def test_the_one_line_form_names_only_what_differs_from_the_defaults():
+    case = Case(tokens=(7,), dim=5, vocab=65537, dtype="bfloat16", label_smoothing=0.1, bias=True, seed=123)
+    assert str(case) == "N=7,D=5,V=65537,dtype=bfloat16,reduction=mean,label_smoothing=0.1,bias=1,seed=123"
+
+
+def test_three_d_inputs_are_written_as_batch_and_time():
+    case = parse_case("B=2,T=3,D=4,V=9,seed=0")
+    assert case.tokens == (2, 3)
+    assert make_inputs(case).hidden.shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        ("N=7,D=5", "needs V"),
+        ("D=5,V=9", "needs the token shape"),
+        ("N=7,B=2,T=3,D=5,V=9", "N and B/T"),
+        ("N=7,D=5,V=9,colour=red", "unknown --case key 'colour'"),
+        ("N=7,D=5,V=9,bias=yes please", "bad value for --case key 'bias'"),
+        ("N=seven,D=5,V=9", "bad value for --case key 'N'"),
+        ("N=7,D=5,V=9,dtype=float64", "unknown dtype"),
+        ("N=7,D=5,V=9,reduction=max", "unknown reduction"),
+        ("N=7,D=5,V=1", "V must be >= 2"),
+        ("N=7,D=5,V=9,label_smoothing=2", "label_smoothing must be in [0, 1]"),
+        ("N=7,D=5,V=9,ignored=most", "ignored must be one of"),
+        ("N=7,D=5,V=9,tied=1,grads=hidden", "tied=1"),
+        ("N=7,D,V=9", "expected key=value"),
+    ],
+)
+def test_a_malformed_case_is_one_clear_line(text, complaint):
+    with pytest.raises(HarnessError) as error:
+        parse_case(text)
+    message = str(error.value)
+    assert complaint in message and "\n" not in message
+
+
+def test_the_seed_determines_every_tensor():
+    case = parse_case("N=9,D=4,V=33,dtype=bfloat16,bias=1,class_weight=1,ignored=some,reduction=none,seed=5")
+    first, second = make_inputs(case), make_inputs(case)
+    for name in ("hidden", "weight", "bias", "labels", "upstream"):
+        assert torch.equal(getattr(first, name), getattr(second, name))
+    assert torch.equal(first.spec.class_weight, second.spec.class_weight)
+    other = make_inputs(case.replace(seed=6))
+    assert not torch.equal(first.hidden, other.hidden)
+
+
+def test_the_reference_sees_exactly_the_candidates_inputs_in_float64():
+    case = parse_case("N=5,D=3,V=17,dtype=bfloat16,bias=1,seed=1")
+    candidate, reference = make_inputs(case), make_inputs(case, reference=True)
+    assert reference.hidden.dtype == torch.float64
+    assert torch.equal(reference.hidden, candidate.hidden.double())
+    assert torch.equal(reference.bias, candidate.bias.double())
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0])
+def test_ignore_patterns_mark_none_some_or_all_tokens(ignore_index):
+    base = Case(tokens=(40,), dim=3, vocab=5, ignore_index=ignore_index, seed=3)
+    none = make_inputs(base.replace(ignored="none")).labels
+    some = make_inputs(base.replace(ignored="some")).labels
+    every = make_inputs(base.replace(ignored="all")).labels
+    assert not (none == ignore_index).any(), "an in-range ignore_index is never drawn as a real label"
+    assert 0 < int((some == ignore_index).sum()) < 40
+    assert (every == ignore_index).all()
+
+
+def test_gradients_are_requested_only_for_the_chosen_inputs():
+    inputs = make_inputs(parse_case("N=3,D=2,V=5,bias=1,grads=weight+bias,seed=0"))
+    assert not inputs.hidden.requires_grad
+    assert inputs.weight.requires_grad and inputs.bias.requires_grad
+
+
+def test_a_tied_case_takes_its_hidden_states_from_a_model_whose_head_is_its_embedding():
+    inputs = make_inputs(parse_case("N=4,D=3,V=11,tied=1,seed=0"))
+    assert inputs.weight is inputs.model.embedding.weight
+    assert inputs.hidden.grad_fn is not None  # computed from the embedding: two gradient paths
+
+
+def test_some_ignored_never_ignores_every_token():
+    """Every token ignored with reduction=mean is 0/0: the behaviour matrix's business, not equivalence's."""
+    for seed in range(50):
+        labels = make_inputs(Case(tokens=(1,), dim=2, vocab=5, ignored="some", seed=seed)).labels
+        assert (labels != -100).any()

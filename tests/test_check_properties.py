@@ -1,0 +1,181 @@
+"""Each property of the gate, shown on correct implementations (they pass) and on a plugin with
+the one bug the property exists to catch (it fails, naming what differs).
+
+Cases are given in the one-line form a failure prints, and run through ``gate.run_case``, the
+same path as ``python -m harness check --case``.
+"""
+
+import pytest
+from hypothesis import settings
+
+from harness.check.case import parse_case
+from harness.check.gate import FAIL, PASS, UNSUPPORTED, Target, run_case, run_property
+from harness.check.profiles import profile_settings
+from harness.check.properties import find_property
+from harness.check.support import discover_support
+from harness.registry import resolve
+
+
+def check(impl_name: str, property_id: str, case: str):
+    return run_case(Target(impl_name, resolve(impl_name)), find_property(property_id), parse_case(case), "cpu")
+
+
+def assert_passes(impl_name, property_id, case):
+    result = check(impl_name, property_id, case)
+    assert result.status == PASS, result.detail
+
+
+def assert_fails(impl_name, property_id, case, *fragments):
+    result = check(impl_name, property_id, case)
+    assert result.status == FAIL, f"expected a failure, got {result.status}"
+    for fragment in fragments:
+        assert fragment in result.detail, result.detail
+    assert result.reproducer.startswith(f"python -m harness check --impl {impl_name} --property {property_id}")
+    return result
+
+
+BROKEN = "tests.broken_impls:"
+
+# --- equivalence -------------------------------------------------------------------------------
+
+EQUIVALENCE_CASES = [
+    "N=1,D=1,V=2,dtype={dtype},reduction=mean,seed=0",
+    "B=2,T=5,D=7,V=129,dtype={dtype},reduction=none,bias=1,seed=1",
+    "N=13,D=5,V=257,dtype={dtype},reduction=sum,ignore_index=-1,label_smoothing=0.1,z_loss=0.01,ignored=all,seed=2",
+    "N=31,D=33,V=509,dtype={dtype},ignore_index=0,class_weight=1,softcap=5.0,loss_div_factor=3.0,ignored=some,seed=3",
+    "N=7,D=16,V=31,dtype={dtype},tied=1,bias=1,z_loss=0.01,seed=4",
+    "N=3,D=5,V=65537,dtype={dtype},reduction=mean,scale=16,seed=5",
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("impl_name", ["torch-eager", "chunked"])
+def test_correct_implementations_match_the_reference_in_every_dtype(impl_name, dtype):
+    for case in EQUIVALENCE_CASES:
+        assert_passes(impl_name, f"equivalence/{dtype}", case.format(dtype=dtype))
+
+
+def test_a_wrong_mean_denominator_shows_only_when_some_tokens_are_ignored():
+    assert_passes(BROKEN + "wrong_mean_denominator", "equivalence/float32", "N=8,D=4,V=17,seed=0")
+    assert_fails(BROKEN + "wrong_mean_denominator", "equivalence/float32", "N=8,D=4,V=17,ignored=some,seed=0",
+                 "loss: Expected")
+
+
+def test_a_dropped_vocabulary_tail_shows_when_v_is_not_a_multiple_of_the_block():
+    assert_passes(BROKEN + "dropped_vocabulary_tail", "equivalence/float32", "N=4,D=3,V=32,seed=0")
+    assert_fails(BROKEN + "dropped_vocabulary_tail", "equivalence/float32", "N=4,D=3,V=33,seed=0", "loss")
+
+
+def test_label_smoothing_on_ignored_tokens_shows_when_tokens_are_ignored():
+    case = "N=6,D=3,V=17,reduction=sum,label_smoothing=0.1,ignored={},seed=0"
+    assert_passes(BROKEN + "smoothing_on_ignored_tokens", "equivalence/float32", case.format("none"))
+    assert_fails(BROKEN + "smoothing_on_ignored_tokens", "equivalence/float32", case.format("all"),
+                 "loss: Expected 0.0")
+
+
+def test_a_missing_bias_gradient_is_named():
+    assert_fails(BROKEN + "missing_bias_gradient", "equivalence/bfloat16", "N=5,D=3,V=17,dtype=bfloat16,bias=1,seed=0",
+                 "grad_bias: no gradient arrived")
+
+
+def test_a_z_loss_without_its_gradient_has_the_right_value_but_wrong_gradients():
+    result = assert_fails(BROKEN + "z_loss_without_gradient", "equivalence/float32", "N=5,D=3,V=17,z_loss=0.01,seed=0")
+    assert result.detail.startswith("grad_"), "the loss and the reported z-loss are right; only gradients differ"
+
+
+def test_a_small_drift_in_bfloat16_is_caught_by_the_norm_check():
+    """No single element of the bias gradient is out of bounds, but together they drift."""
+    assert_fails(BROKEN + "z_loss_without_gradient", "equivalence/bfloat16",
+                 "N=7,D=16,V=31,dtype=bfloat16,z_loss=0.01,bias=1,tied=1,seed=0", "norm of the error")
+
+
+# --- the autograd contract -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grads", ["hidden", "weight", "bias", "weight+bias", "hidden+bias"])
+def test_gradients_reach_exactly_the_inputs_that_require_grad(grads):
+    """A frozen backbone (hidden does not require grad), a frozen head, a trainable bias only..."""
+    assert_passes("chunked", "autograd/grad-subsets", f"N=9,D=5,V=33,bias=1,ignored=some,grads={grads},seed=1")
+
+
+def test_a_scaled_loss_scales_every_gradient():
+    assert_passes("chunked", "autograd/scaled-loss", "N=6,D=5,V=33,bias=1,ignored=some,seed=2")
+    assert_fails(BROKEN + "ignores_upstream_gradient", "autograd/scaled-loss", "N=6,D=5,V=33,reduction=sum,seed=2",
+                 "backward of 0.375 x loss vs 0.375 x gradients", "grad_hidden")
+
+
+def test_a_second_backward_through_a_retained_graph_accumulates_twice_the_gradient():
+    assert_passes("chunked", "autograd/retain-graph", "N=6,D=5,V=33,bias=1,seed=3")
+    assert_passes(BROKEN + "scales_saved_gradient_in_place", "equivalence/float32", "N=6,D=5,V=33,reduction=sum,seed=3")
+    assert_fails(BROKEN + "scales_saved_gradient_in_place", "autograd/retain-graph",
+                 "N=6,D=5,V=33,reduction=sum,seed=3", "two backwards")
+
+
+def test_a_forward_under_no_grad_returns_the_same_loss():
+    assert_passes("chunked", "autograd/no-grad", "N=6,D=5,V=33,reduction=none,z_loss=0.01,seed=4")
+
+
+def test_inputs_are_left_unchanged():
+    assert_passes("chunked", "autograd/inputs-unchanged", "N=6,D=5,V=33,bias=1,class_weight=1,seed=5")
+    assert_fails(BROKEN + "reuses_input_buffer", "autograd/inputs-unchanged", "N=6,D=5,V=33,reduction=sum,seed=5",
+                 "hidden was modified in place")
+
+
+def test_a_tied_head_weight_gets_the_sum_of_both_paths_gradients():
+    assert_passes("chunked", "autograd/tied-weights", "N=5,D=7,V=33,tied=1,bias=1,seed=6")
+
+
+# --- invariances ---------------------------------------------------------------------------------
+
+
+def test_the_sum_over_a_split_of_the_tokens_is_the_loss_of_the_whole_batch():
+    assert_passes("chunked", "invariance/sum-split", "N=13,D=5,V=33,reduction=sum,ignored=some,seed=7")
+    assert_fails(BROKEN + "dropped_last_chunk", "invariance/sum-split", "N=13,D=5,V=33,reduction=sum,seed=7")
+
+
+def test_permuting_tokens_permutes_per_token_losses():
+    assert_passes("chunked", "invariance/permutation", "B=3,T=4,D=5,V=33,reduction=none,ignored=some,seed=8")
+
+
+def test_the_result_does_not_depend_on_the_chunk_size():
+    for chunk in (1, 4, 13, 20):
+        assert_passes("chunked", "invariance/chunk-size", f"N=13,D=5,V=129,chunk={chunk},seed=9")
+    assert_passes(BROKEN + "dropped_last_chunk", "invariance/chunk-size", "N=12,D=5,V=129,chunk=4,seed=9")
+    assert_fails(BROKEN + "dropped_last_chunk", "invariance/chunk-size", "N=13,D=5,V=129,chunk=4,seed=9", "loss")
+
+
+# --- support and Hypothesis ------------------------------------------------------------------------
+
+
+def test_a_plain_function_plugin_finds_out_what_it_supports_by_running():
+    support = discover_support(resolve("tests.plugin_examples:plain_eager"), "cpu")
+    assert {"bias", "label_smoothing", "class_weight"} <= support.options
+    assert "z_loss" not in support.options and "z-loss is not implemented" in support.why_not["z_loss"]
+
+
+def test_a_case_an_implementation_cannot_run_is_unsupported_not_failed():
+    result = check("tests.plugin_examples:plain_eager", "equivalence/float32", "N=4,D=3,V=9,z_loss=0.01,seed=0")
+    assert result.status == UNSUPPORTED and "z-loss" in result.detail
+
+
+def ci_with(examples: int):
+    return settings(profile_settings("ci"), max_examples=examples)
+
+
+def test_hypothesis_finds_and_shrinks_a_failure_to_a_case_that_reproduces_it():
+    """None of the property's explicit examples ignores a token: Hypothesis has to find one."""
+    target = Target(BROKEN + "wrong_mean_denominator", resolve(BROKEN + "wrong_mean_denominator"))
+    prop = find_property("autograd/grad-subsets")
+    result = run_property(target, prop, discover_support(target.impl, "cpu"), ci_with(50), "cpu")
+    assert result.status == FAIL
+    case = result.reproducer.split("--case ")[1].strip("'")
+    assert "ignored=some" in case
+    assert run_case(target, prop, parse_case(case), "cpu").status == FAIL
+
+
+def test_a_correct_implementation_passes_every_drawn_case():
+    target = Target("chunked", resolve("chunked"))
+    support = discover_support(target.impl, "cpu")
+    for property_id in ("equivalence/bfloat16", "invariance/chunk-size"):
+        result = run_property(target, find_property(property_id), support, ci_with(20), "cpu")
+        assert result.status == PASS and result.examples >= 10, result.detail
