@@ -82,7 +82,8 @@ def test_the_run_folder_holds_meta_properties_and_behaviour(capsys, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["kind"] == "check" and meta["profile"] == "ci"
-    assert {"torch", "triton", "liger-kernel", "cut-cross-entropy"} <= set(meta["versions"])
+    assert {"torch", "triton", "liger-kernel", "cut-cross-entropy", "hypothesis"} <= set(meta["packages"])
+    assert meta["device_kind"] in ("cpu", "cuda") and "git_commit" in meta
     assert meta["implementations"] == ["torch-eager", "tests.broken_impls:missing_bias_gradient"]
     with open(run_dir / "properties.csv") as handle:
         rows = list(csv.DictReader(handle))

@@ -14,14 +14,9 @@ are produced. Exit status 1 when a property fails (known failures excepted), 2 f
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import queue
 import importlib.metadata
 import os
-import platform
-import shlex
-import subprocess
-import sys
+import queue
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +30,7 @@ from harness.check.case import parse_case
 from harness.check.gate import (
     FAIL,
     KNOWN_FAILURE,
+    NOT_APPLICABLE,
     PASS,
     UNSUPPORTED,
     PropertyResult,
@@ -44,6 +40,7 @@ from harness.check.gate import (
     run_property,
 )
 from harness.check.isolation import run_items
+from harness.check import tolerance
 from harness.check.profiles import (
     CI_EXAMPLES,
     DEV_EXAMPLES,
@@ -53,14 +50,14 @@ from harness.check.profiles import (
     profile_settings,
 )
 from harness.check.properties import PROPERTIES, PROPERTY_IDS, find_property
-from harness.check import tolerance
 from harness.check.support import discover_support
 from harness.errors import HarnessError
+from harness.listing import local_device
 from harness.registry import builtin_names, resolve
 from harness.results import BEHAVIOUR_COLUMNS, PROPERTY_COLUMNS, RESULTS_DIR, RowWriter, new_run_id, write_json_atomic
+from harness.sweep.environment import device_environment, host_environment
 
-STATUS_STYLE = {PASS: "green", FAIL: "bold red", KNOWN_FAILURE: "yellow", UNSUPPORTED: "dim", "n/a": "dim"}
-PACKAGES = ("torch", "triton", "liger-kernel", "cut-cross-entropy", "hypothesis")
+STATUS_STYLE = {PASS: "green", FAIL: "bold red", KNOWN_FAILURE: "yellow", UNSUPPORTED: "dim", NOT_APPLICABLE: "dim"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,10 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: results/)")
 
 
-def local_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def default_jobs() -> int:
     """Two implementations at a time on a CPU (compiling and Triton's interpreter each keep about
     one core busy); one on a GPU, so that no two implementations share its memory."""
@@ -118,34 +111,11 @@ def choose_targets(names: list[str] | None, console: Console) -> list[Target]:
     return targets
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
-        return commit + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def environment(device: str) -> dict:
-    return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "device_type": device,
-        "cpu_count": os.cpu_count(),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "versions": {package: _version(package) for package in PACKAGES},
-        "time": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": "python -m harness " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "git_commit": _git_commit(),
-    }
+    """Host, packages, git commit and device, as a sweep's meta.json records them, plus Hypothesis."""
+    env = {**host_environment(), **device_environment(device)}
+    env["packages"]["hypothesis"] = importlib.metadata.version("hypothesis")
+    return env
 
 
 def new_run_dir(out: Path) -> Path:
@@ -253,7 +223,7 @@ def check_implementation(
             continue
         repro = ""
         if outcome.last_case:
-            repro = reproducer(Target(given, None), find_property(outcome.item), parse_case(outcome.last_case))
+            repro = reproducer(given, outcome.item, parse_case(outcome.last_case))
         yield PropertyResult(given, outcome.item, FAIL, 0, f"{outcome.failure}: {outcome.detail}", repro, 0.0)
     if behaviour:
         yield from run_behaviour(given, device)

@@ -25,7 +25,6 @@ from harness.errors import HarnessError, UnsupportedCase
 
 # Statuses of a property result (the "status" column of properties.csv).
 PASS, FAIL, KNOWN_FAILURE, UNSUPPORTED, NOT_APPLICABLE = "pass", "fail", "known-failure", "unsupported", "n/a"
-STATUSES = (PASS, FAIL, KNOWN_FAILURE, UNSUPPORTED, NOT_APPLICABLE)
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,9 @@ class PropertyResult:
         }
 
 
-def reproducer(target: Target, prop: Property, case: Case) -> str:
-    return f"python -m harness check --impl {shlex.quote(target.given)} --property {prop.id} --case '{case}'"
+def reproducer(given: str, property_id: str, case: Case) -> str:
+    """The command that reruns one case of one property on the implementation named ``given``."""
+    return f"python -m harness check --impl {shlex.quote(given)} --property {property_id} --case '{case}'"
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -89,8 +89,8 @@ def cannot_run(target: Target, prop: Property, support: Support) -> tuple[str, s
 
 
 def _known_failure_detail(ctx: CheckContext) -> tuple[str, str]:
-    """(detail, case) for the known bugs a passing run observed (the first case, as reproducer)."""
-    known, case, message = ctx.observed[0]
+    """(detail, case) for the known failures a run observed (its first case is the reproducer)."""
+    _, case, message = ctx.observed[0]
     reasons = list(dict.fromkeys(k.reason for k, _, _ in ctx.observed))
     return f"{'; '.join(reasons)}. Seen: {message}", case
 
@@ -144,7 +144,7 @@ def run_property(
         test()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its reproducer
         case = last_case[0]
-        repro = reproducer(target, prop, case) if case is not None else ""
+        repro = reproducer(target.given, prop.id, case) if case is not None else ""
         detail = describe_failure(exc)
         if limitation is not None and not isinstance(exc, CheckFailure):
             return result(UNSUPPORTED, passed[0], f"{limitation.reason}: {detail}", repro)
@@ -154,7 +154,7 @@ def run_property(
         return result(UNSUPPORTED, 0, "; ".join(unsupported_reasons))
     if ctx.observed:
         detail, case = _known_failure_detail(ctx)
-        return result(KNOWN_FAILURE, passed[0], detail, reproducer(target, prop, case))
+        return result(KNOWN_FAILURE, passed[0], detail, reproducer(target.given, prop.id, case))
     detail = f"{skipped} drawn cases unsupported ({'; '.join(unsupported_reasons)})" if skipped else ""
     return result(PASS, passed[0], detail)
 
@@ -177,7 +177,7 @@ def run_case(target: Target, prop: Property, case: Case, device: str) -> Propert
     """Check one property on one given case (the reproducer's ``--case``), without Hypothesis."""
     started = time.perf_counter()
     check_case_fits(target, prop, case)
-    repro = reproducer(target, prop, case)
+    repro = reproducer(target.given, prop.id, case)
 
     def result(status: str, examples: int, detail: str = "") -> PropertyResult:
         return PropertyResult(target.given, prop.id, status, examples, detail, repro, time.perf_counter() - started)

@@ -10,8 +10,11 @@
   tokens permutes ``none`` losses (and the hidden-state gradients); the result does not depend
   on the chunk size.
 
-Self-consistency properties hold torch-eager to the same identity, and allow the candidate
-``MULTIPLE`` times torch-eager's discrepancy plus the floor (see the tolerance module).
+Identities (the autograd contract and the invariances) compare two results of the candidate;
+each may be off the float64 reference by the equivalence tolerance, so the two sides may differ
+by the sum of both allowances (see ``harness.check.tolerance``). Each property is a function
+``check(implementation, case, context)``; ``PROPERTIES`` lists them with the cases Hypothesis
+draws for each, and ``explicit_examples`` the cases every run checks first.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class CheckContext:
     observed: list[tuple[Known, Case, str]] = field(default_factory=list)
 
     def fail_if(self, case: Case, problems: list[tuple[str, str]], context: str = "") -> None:
-        """Raise for the problems no known bug explains: the first in full, the others by name."""
+        """Raise for the problems no known failure explains: the first in full, the others by name."""
         unexplained = []
         for tensor, message in problems:
             known = next((k for k in self.known_failures if k.explains(self.property_id, case, tensor)), None)
