@@ -15,6 +15,7 @@ import torch
 
 from harness.adapter import Availability, Capabilities, Implementation
 from harness.spec import LossOutput
+from implementations.torch_native import RECOMPILE_LIMIT
 
 PACKAGE_HINT = "pip install 'lmhead-bench[cce]'"
 
@@ -61,13 +62,17 @@ class CutCrossEntropy(Implementation):
             kwargs = {"impl": "cce", "filter_eps": None} if self.exact else {"impl": "cce"}
         else:
             kwargs = {"impl": "torch_compile"}
-        loss = linear_cross_entropy(
-            hidden,
-            weight,
-            labels.long(),
-            ignore_index=spec.ignore_index,
-            softcap=spec.softcap,
-            reduction=spec.reduction,
-            **kwargs,
-        )
+        # Its CPU impl is torch.compile(fullgraph=True): every dtype, softcap value and reduction is
+        # a guard of its own, and past dynamo's default limit of 8 recompiles a process fails hard
+        # (FailOnRecompileLimitHit), as `check` found after a few dozen cases.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            loss = linear_cross_entropy(
+                hidden,
+                weight,
+                labels.long(),
+                ignore_index=spec.ignore_index,
+                softcap=spec.softcap,
+                reduction=spec.reduction,
+                **kwargs,
+            )
         return LossOutput(loss, None)
