@@ -40,7 +40,12 @@ class SumOnlyAdapter(Implementation):
     summary = "example plugin adapter supporting only reduction=sum"
 
     def capabilities(self, device):
-        return Capabilities(dtypes=(torch.float32,), reductions=("sum",))
+        ignored = "this example passes only bias and ignore_index to F.cross_entropy"
+        return Capabilities(
+            dtypes=(torch.float32,),
+            reductions=("sum",),
+            unsupported_options={o: ignored for o in ("label_smoothing", "z_loss", "softcap", "class_weight")},
+        )
 
     def compute(self, hidden, weight, labels, spec, bias):
         logits = F.linear(hidden, weight, bias).float()
