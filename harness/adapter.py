@@ -57,6 +57,7 @@ class Implementation:
     family: str = "native"
     summary: str = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
+    has_logits_path: bool = True  # ``logits()`` is the implementation's own head (checked by the gate)
 
     def availability(self) -> Availability:
         return Availability(True)

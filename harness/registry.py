@@ -26,6 +26,7 @@ class FunctionImplementation(Implementation):
     """
 
     family = "plugin"
+    has_logits_path = False  # a loss function has no logits path of its own
 
     def __init__(self, name: str, function) -> None:
         self.name = name
@@ -113,4 +114,8 @@ def load_plugin(spec: str) -> Implementation:
         )
     if not impl.name:
         raise HarnessError(f"plugin {spec!r} is an Implementation without a name")
+    if impl.name in builtin_names():
+        raise HarnessError(
+            f"plugin {spec!r} is named {impl.name!r}, the name of a built-in implementation; give it a name of its own"
+        )
     return impl

@@ -10,7 +10,10 @@ A run folder holds:
   an OOM, a timeout or Ctrl-C loses nothing already measured. A case that did not produce
   numbers has one row with ``metric = "status"``, its ``status`` and its ``reason``.
 A check run (``python -m harness check``, kind ``"check"``) holds ``properties.csv``
-(``PROPERTY_COLUMNS``) and ``behaviour.csv`` (``BEHAVIOUR_COLUMNS``) beside its ``meta.json``.
+(``PROPERTY_COLUMNS``: with the cases each property refused at run time), ``precision.csv``
+(``PRECISION_COLUMNS``), ``not_checked.csv`` (``NOT_CHECKED_COLUMNS``: the dtypes, reductions and
+options each implementation does not support here) and ``behaviour.csv`` (``BEHAVIOUR_COLUMNS``)
+beside its ``meta.json``.
 """
 
 from __future__ import annotations
@@ -62,8 +65,12 @@ METRICS = {
 
 STATUSES = ("ok", "unsupported", "oom", "timeout", "crash", "error")
 
-PROPERTY_COLUMNS = ("implementation", "property", "status", "examples", "detail", "reproducer")
+PROPERTY_COLUMNS = ("implementation", "property", "status", "examples", "refused", "seconds", "detail", "reproducer")
 BEHAVIOUR_COLUMNS = ("implementation", "edge_case", "behaviour", "detail")
+# Per implementation x property x dtype x tensor: its worst error as a multiple of torch-eager's.
+PRECISION_COLUMNS = ("implementation", "property", "dtype", "tensor", "ratio", "error", "eager_error", "case")
+# What was not checked: per implementation, each dtype, reduction or option it does not support here.
+NOT_CHECKED_COLUMNS = ("implementation", "what", "reason")
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:

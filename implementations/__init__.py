@@ -4,6 +4,8 @@ The harness takes them from ``builtin_implementations()``; third-party ones plug
 ``package.module:attr`` (see ``harness.registry``) without being listed here.
 """
 
+import torch
+
 from harness.adapter import Implementation
 from implementations.cce import CutCrossEntropy
 from implementations.chunked import Chunked
@@ -20,6 +22,7 @@ def builtin_implementations() -> tuple[Implementation, ...]:
         TorchLinearCrossEntropy(),
         Chunked(),
         Liger(),
+        Liger("liger-fp32-accum", accum_dtype=torch.float32),
         CutCrossEntropy("cce"),
         CutCrossEntropy("cce-exact", exact=True),
     )

@@ -62,17 +62,18 @@ class CutCrossEntropy(Implementation):
             kwargs = {"impl": "cce", "filter_eps": None} if self.exact else {"impl": "cce"}
         else:
             kwargs = {"impl": "torch_compile"}
-        # Its CPU impl is torch.compile(fullgraph=True): every dtype, softcap value and reduction is
-        # a guard of its own, and past dynamo's default limit of 8 recompiles a process fails hard
-        # (FailOnRecompileLimitHit), as `check` found after a few dozen cases.
+        def call():
+            return linear_cross_entropy(hidden, weight, labels.long(), ignore_index=spec.ignore_index,
+                                        softcap=spec.softcap, reduction=spec.reduction, **kwargs)
+
+        # Its CPU impl is torch.compile(fullgraph=True): every dtype, layout, softcap value and
+        # reduction is a guard of its own, and past dynamo's default limit of 8 recompiles a process
+        # fails hard (FailOnRecompileLimitHit), as `check` found after a few dozen cases. Allow
+        # more, and at the limit start again from an empty cache.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            loss = linear_cross_entropy(
-                hidden,
-                weight,
-                labels.long(),
-                ignore_index=spec.ignore_index,
-                softcap=spec.softcap,
-                reduction=spec.reduction,
-                **kwargs,
-            )
+            try:
+                loss = call()
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                torch._dynamo.reset()
+                loss = call()
         return LossOutput(loss, None)

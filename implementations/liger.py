@@ -36,9 +36,21 @@ def _interpreter_on() -> bool:
 
 
 class Liger(Implementation):
-    name = "liger"
+    """``liger``: the function with its defaults, which accumulate the weight and bias gradients
+    across token chunks in the input dtype; ``liger-fp32-accum``: ``accum_dtype=torch.float32``,
+    the configuration OLMo-core's fused_linear head passes (and the fix for the precision the gate
+    finds in bfloat16 and float16)."""
+
     family = "triton"
-    summary = "Liger-Kernel LigerFusedLinearCrossEntropyFunction (chunked, gradients in the forward)"
+
+    def __init__(self, name: str = "liger", *, accum_dtype: torch.dtype | None = None) -> None:
+        self.name = name
+        self.accum_dtype = accum_dtype
+        self.summary = (
+            "Liger-Kernel LigerFusedLinearCrossEntropyFunction (chunked, gradients in the forward)"
+            if accum_dtype is None
+            else "the same with accum_dtype=torch.float32 (weight/bias gradients accumulated in float32)"
+        )
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("liger_kernel") is None:
@@ -77,5 +89,6 @@ class Liger(Implementation):
             spec.reduction,
             spec.softcap,
             True,  # return_z_loss: reported separately for logging
+            self.accum_dtype,
         )
         return LossOutput(loss, z_loss)

@@ -56,7 +56,12 @@ class TorchCompile(Implementation):
     def compute(self, hidden, weight, labels, spec, bias):
         if self._compiled is None:
             self._compiled = torch.compile(eager_loss, dynamic=None)
-        # Each spec and bias/no-bias pair is a guard of its own; past dynamo's default limit of 8
-        # it would silently run eager and be measured as "compiled". Allow more, and fail loudly.
+        # Each spec, dtype, layout and bias/no-bias pair is a guard of its own; past dynamo's
+        # default limit of 8 it would silently run eager and be measured as "compiled". Allow more,
+        # fail loudly at the limit, and then start from an empty cache: compiled, never eager.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-            return self._compiled(hidden, weight, labels, spec, bias)
+            try:
+                return self._compiled(hidden, weight, labels, spec, bias)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                torch._dynamo.reset()
+                return self._compiled(hidden, weight, labels, spec, bias)

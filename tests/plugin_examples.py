@@ -54,3 +54,17 @@ class SumOnlyAdapter(Implementation):
 
 sum_only = SumOnlyAdapter()
 not_callable = 42
+
+
+class ImpersonatesLiger(Implementation):
+    """A plugin that takes a built-in's name (and would inherit its known failures): refused."""
+
+    name = "liger"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        logits = F.linear(hidden, weight, bias).float()
+        return LossOutput(F.cross_entropy(logits, labels, ignore_index=spec.ignore_index, reduction=spec.reduction))
+
+
+impersonates_liger = ImpersonatesLiger()

@@ -45,6 +45,7 @@ def test_three_d_inputs_are_written_as_batch_and_time():
         ("N=7,D=5,V=9,label_smoothing=2", "label_smoothing must be in [0, 1]"),
         ("N=7,D=5,V=9,ignored=most", "ignored must be one of"),
         ("N=7,D=5,V=9,tied=1,grads=hidden", "tied=1"),
+        ("N=7,D=5,V=9,tied=1,strided=1", "strided=1 needs tied=0"),
         ("N=7,D,V=9", "expected key=value"),
     ],
 )
@@ -82,6 +83,21 @@ def test_ignore_patterns_mark_none_some_or_all_tokens(ignore_index):
     assert not (none == ignore_index).any(), "an in-range ignore_index is never drawn as a real label"
     assert 0 < int((some == ignore_index).sum()) < 40
     assert (every == ignore_index).all()
+
+
+def test_a_strided_case_gives_non_contiguous_views_of_the_same_values():
+    case = parse_case("B=2,T=5,D=3,V=17,bias=1,strided=1,seed=1")
+    strided, plain = make_inputs(case), make_inputs(case.replace(strided=False))
+    for name in ("hidden", "weight", "bias", "labels"):
+        tensor = getattr(strided, name)
+        assert not tensor.is_contiguous(), name
+        assert torch.equal(tensor, getattr(plain, name)), name
+    assert strided.hidden.is_leaf and strided.hidden.requires_grad  # its .grad is the gradient
+
+
+def test_the_labels_include_the_first_and_the_last_class():
+    labels = make_inputs(parse_case("N=50,D=3,V=1000,ignored=some,seed=4")).labels
+    assert (labels == 0).any() and (labels == 999).any()
 
 
 def test_gradients_are_requested_only_for_the_chosen_inputs():

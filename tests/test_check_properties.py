@@ -6,12 +6,10 @@ same path as ``python -m harness check --case``.
 """
 
 import pytest
-from hypothesis import settings
-
 from harness.check.case import parse_case
 from harness.check.gate import FAIL, PASS, UNSUPPORTED, Target, run_case, run_property
-from harness.check.profiles import profile_settings
-from harness.check.properties import find_property
+from harness.check.profiles import get_profile
+from harness.check.properties import Property, check_equivalence, find_property
 from harness.check.support import discover_support
 from harness.registry import resolve
 
@@ -58,7 +56,7 @@ def test_correct_implementations_match_the_reference_in_every_dtype(impl_name, d
 def test_a_wrong_mean_denominator_shows_only_when_some_tokens_are_ignored():
     assert_passes(BROKEN + "wrong_mean_denominator", "equivalence/float32", "N=8,D=4,V=17,seed=0")
     assert_fails(BROKEN + "wrong_mean_denominator", "equivalence/float32", "N=8,D=4,V=17,ignored=some,seed=0",
-                 "loss: Expected")
+                 "loss: 1 of 1 elements")
 
 
 def test_a_dropped_vocabulary_tail_shows_when_v_is_not_a_multiple_of_the_block():
@@ -70,7 +68,7 @@ def test_label_smoothing_on_ignored_tokens_shows_when_tokens_are_ignored():
     case = "N=6,D=3,V=17,reduction=sum,label_smoothing=0.1,ignored={},seed=0"
     assert_passes(BROKEN + "smoothing_on_ignored_tokens", "equivalence/float32", case.format("none"))
     assert_fails(BROKEN + "smoothing_on_ignored_tokens", "equivalence/float32", case.format("all"),
-                 "loss: Expected 0.0")
+                 "loss: 1 of 1 elements", "vs reference 0 ")
 
 
 def test_a_missing_bias_gradient_is_named():
@@ -83,10 +81,12 @@ def test_a_z_loss_without_its_gradient_has_the_right_value_but_wrong_gradients()
     assert result.detail.startswith("grad_"), "the loss and the reported z-loss are right; only gradients differ"
 
 
-def test_a_small_drift_in_bfloat16_is_caught_by_the_norm_check():
-    """No single element of the bias gradient is out of bounds, but together they drift."""
+def test_a_small_gradient_error_in_bfloat16_is_caught_element_by_element():
+    """The z-loss's share of the gradient is small next to bfloat16's roundoff of the whole tensor,
+    but not next to each element's own terms."""
     assert_fails(BROKEN + "z_loss_without_gradient", "equivalence/bfloat16",
-                 "N=7,D=16,V=31,dtype=bfloat16,z_loss=0.01,bias=1,tied=1,seed=0", "norm of the error")
+                 "N=7,D=16,V=31,dtype=bfloat16,z_loss=0.01,bias=1,tied=1,seed=0",
+                 "grad_hidden: 1 of 112 elements beyond the allowed error")
 
 
 # --- the autograd contract -----------------------------------------------------------------------
@@ -159,13 +159,13 @@ def test_a_case_an_implementation_cannot_run_is_unsupported_not_failed():
 
 
 def ci_with(examples: int):
-    return settings(profile_settings("ci"), max_examples=examples)
+    return get_profile("ci", examples)
 
 
 def test_hypothesis_finds_and_shrinks_a_failure_to_a_case_that_reproduces_it():
-    """None of the property's explicit examples ignores a token: Hypothesis has to find one."""
+    """A property without explicit examples: Hypothesis has to find a case with ignored tokens."""
     target = Target(BROKEN + "wrong_mean_denominator", resolve(BROKEN + "wrong_mean_denominator"))
-    prop = find_property("autograd/grad-subsets")
+    prop = Property("test/drawn-only", check_equivalence, "equivalence on drawn cases only", {"dtypes": ("float32",)})
     result = run_property(target, prop, discover_support(target.impl, "cpu"), ci_with(50), "cpu")
     assert result.status == FAIL
     case = result.reproducer.split("--case ")[1].strip("'")
@@ -178,4 +178,4 @@ def test_a_correct_implementation_passes_every_drawn_case():
     support = discover_support(target.impl, "cpu")
     for property_id in ("equivalence/bfloat16", "invariance/chunk-size"):
         result = run_property(target, find_property(property_id), support, ci_with(20), "cpu")
-        assert result.status == PASS and result.examples >= 10, result.detail
+        assert result.status == PASS and result.examples >= 20, result.detail

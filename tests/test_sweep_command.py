@@ -95,14 +95,21 @@ def test_a_case_holding_more_host_memory_than_the_limit_is_stopped_and_recorded_
     assert "--max-memory" in reason
 
 
-def run_sweep_process(argv: list[str], env_extra: dict[str, str], *, torchrun: int = 0):
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_sweep_process(argv: list[str], env_extra: dict[str, str], *, torchrun: int = 0,
+                      sigint_ignored: bool = False):
+    """The sweep in a process of its own; ``sigint_ignored`` starts it as a shell's background job
+    (``nohup ... &``) would, with SIGINT ignored."""
     env = {**os.environ, **env_extra}
     launcher = [sys.executable, "-m", "harness"]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}",
                     "-m", "harness"]
     return subprocess.run([*launcher, "sweep", *argv], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, preexec_fn=_ignore_interrupts if sigint_ignored else None)
 
 
 def worker_runs(log: Path) -> Counter:
@@ -111,8 +118,13 @@ def worker_runs(log: Path) -> Counter:
     return Counter(int(tokens) for tokens, _ in seen)
 
 
-def test_resume_completes_an_interrupted_run_without_repeating_finished_cases(tmp_path):
-    """Ctrl-C arrives while the third of six jobs runs; --resume RUN runs the rest, and nothing twice."""
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["interactive", "background-job"])
+def test_resume_completes_an_interrupted_run_without_repeating_finished_cases(tmp_path, sigint_ignored):
+    """Ctrl-C arrives while the third of six jobs runs; --resume RUN runs the rest, and nothing twice.
+
+    The sweep handles Ctrl-C itself, so this holds whether it inherits SIGINT's default handling or,
+    as a shell's background job does, SIGINT ignored.
+    """
     results = tmp_path / "results"
     log = tmp_path / "calls.log"
     env = {
@@ -122,7 +134,7 @@ def test_resume_completes_an_interrupted_run_without_repeating_finished_cases(tm
     }
     argv = [str(case_file(tmp_path, tokens=(32, 48, 64))), "--results-dir", str(results),
             "--impl", "torch-eager", "--impl", f"{PLUGINS}:Counting", "--mode", "forward", *QUICK]
-    interrupted = run_sweep_process(argv, env)
+    interrupted = run_sweep_process(argv, env, sigint_ignored=sigint_ignored)
     assert interrupted.returncode == 130, interrupted.stderr
     run_dir = only_run(results)
     assert "--resume" in interrupted.stderr

@@ -8,7 +8,7 @@ a reproducer is one line:
 ``make_inputs(case)`` builds the tensors: hidden states, head weight, optional bias, labels (with
 the requested ignore pattern), class weights and the upstream gradient of per-token losses. With
 ``tied=1`` the hidden states come from a ``TinyLM`` whose head weight is its embedding, so the
-weight gradient is the sum of both paths.
+weight gradient is the sum of both paths. With ``strided=1`` every input is a non-contiguous view.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class Case:
     scale: float = 1.0  # standard deviation of the logits (untied heads)
     grads: tuple[str, ...] = GRADIENT_INPUTS  # inputs that require grad
     chunk: int | None = None  # the implementation's chunk size (None: its default)
+    keep: int = 0  # logits_to_keep of the logits path (0: every position)
+    strided: bool = False  # inputs are non-contiguous views (see make_inputs)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,10 +68,14 @@ class Case:
         unknown = [g for g in self.grads if g not in GRADIENT_INPUTS]
         if unknown or not self.grads:
             raise HarnessError(f"case grads must be a '+'-joined subset of {'+'.join(GRADIENT_INPUTS)}, got {self.grads}")
+        if self.tied and self.strided:
+            raise HarnessError("a tied case takes its hidden states from a model: strided=1 needs tied=0")
         if self.tied and set(self.grads) != set(GRADIENT_INPUTS):
             raise HarnessError("a tied case trains the whole model: grads cannot be restricted with tied=1")
         if self.chunk is not None and self.chunk < 1:
             raise HarnessError(f"case chunk must be >= 1, got {self.chunk}")
+        if not 0 <= self.keep <= self.tokens[-1]:
+            raise HarnessError(f"case keep (logits_to_keep) must be in [0, {self.tokens[-1]}], got {self.keep}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise HarnessError(f"case scale must be a positive number, got {self.scale}")
         self.spec()  # the loss options raise their own one-line errors
@@ -125,6 +131,8 @@ _KEYS = {
     "scale": ("scale", float),
     "grads": ("grads", lambda v: tuple(v.split("+"))),
     "chunk": ("chunk", lambda v: None if v.lower() == "none" else int(v)),
+    "keep": ("keep", int),
+    "strided": ("strided", lambda v: _parse_flag(v)),
     "seed": ("seed", int),
 }
 CASE_KEYS = ("N", "B", "T", *_KEYS)
@@ -221,9 +229,13 @@ class Inputs:
 
 
 def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
+    """Random labels with the case's ignore pattern; the first and last class (0 and V - 1) are
+    always among the labels of the tokens not ignored, when there are two such tokens.
+
+    Kernels get the edges of the vocabulary wrong (a mask off by one, a last partial block): a
+    label at each edge puts the one-hot part of the gradient there.
+    """
     labels = torch.randint(0, case.vocab, case.tokens, generator=generator)
-    if 0 <= case.ignore_index < case.vocab:  # an in-range ignore_index must only mark ignored tokens
-        labels[labels == case.ignore_index] = (case.ignore_index + 1) % case.vocab
     if case.ignored == "all":
         ignored = torch.ones(case.tokens, dtype=torch.bool)
     elif case.ignored == "some":  # at least one token ignored and one not (a single token is kept)
@@ -235,6 +247,12 @@ def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
             flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = False
     else:
         ignored = torch.zeros(case.tokens, dtype=torch.bool)
+    kept = (~ignored).view(-1).nonzero().flatten()
+    if len(kept) >= 2:
+        first, last = kept[torch.randperm(len(kept), generator=generator)[:2]]
+        labels.view(-1)[first], labels.view(-1)[last] = 0, case.vocab - 1
+    if 0 <= case.ignore_index < case.vocab:  # an in-range ignore_index must only mark ignored tokens
+        labels[labels == case.ignore_index] = (case.ignore_index + 1) % case.vocab
     return labels.masked_fill(ignored, case.ignore_index)
 
 
@@ -274,6 +292,8 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False) -> 
     # Round to the case's dtype first, so the reference sees exactly the candidate's inputs.
     hidden, weight = (t.to(dtype).to(device, work_dtype) for t in (hidden, weight))
     bias = None if bias is None else bias.to(dtype).to(device, work_dtype)
+    if case.strided and not reference:
+        hidden, weight, bias, labels = (None if t is None else strided_copy(t) for t in (hidden, weight, bias, labels))
     tensors = {"hidden": hidden, "weight": weight, "bias": bias}
     gradient_inputs = {}
     for name, tensor in tensors.items():
@@ -281,3 +301,13 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False) -> 
             tensor.requires_grad_()
             gradient_inputs[name] = tensor
     return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs)
+
+
+def strided_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view into a larger buffer: every other element of the
+    last axis. That is the layout of labels shifted by one (``labels[:, 1:]``), of hidden states
+    sliced from a wider activation, of a weight packed with others; a kernel that reads its inputs
+    through the data pointer as if they were contiguous reads the gaps instead."""
+    buffer = tensor.new_zeros(*tensor.shape[:-1], 2 * tensor.shape[-1])
+    buffer[..., ::2] = tensor
+    return buffer[..., ::2]

@@ -1,12 +1,16 @@
 """``python -m harness check``: the correctness gate.
 
-Runs every property of ``harness.check.properties`` with Hypothesis on the chosen
-implementations (default: every built-in one available here), then the behaviour matrix, and
-prints a pass/fail table, the matrix, and a one-line reproducer per failure. Each implementation
-runs in child processes of its own (``--jobs`` at a time), so a crashing kernel fails only the
-property it crashed in. Results go to a run
-folder ``results/<run-id>-check/`` (``properties.csv``, ``behaviour.csv``, ``meta.json``) as they
-are produced. Exit status 1 when a property fails (known failures excepted), 2 for bad input.
+Runs every property of ``harness.check.properties`` on the chosen implementations (default: every
+built-in one available here): its explicit examples, then cases drawn by Hypothesis within the
+profile's time budget. Then the behaviour matrix. Prints a pass/fail table, what was not checked
+(unsupported dtypes, reductions and options; cases refused at run time), each implementation's
+error as a multiple of torch-eager's, the matrix, and a one-line reproducer per failure. Each
+implementation runs in child processes of its own (``--jobs`` at a time), so a crashing kernel
+fails only the property it crashed in. Results go to a run folder ``results/<run-id>-check/``
+(``properties.csv``, ``precision.csv``, ``not_checked.csv``, ``behaviour.csv``, ``meta.json``) as
+they are produced; ``--junit-xml PATH`` also writes one JUnit test case per implementation x
+property for CI systems. Exit status 1 when a property fails (known failures excepted), 2 for
+bad input.
 
 ``--case`` reruns one case of a reproducer, without Hypothesis and without writing results.
 """
@@ -19,6 +23,7 @@ import os
 import queue
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,20 +46,24 @@ from harness.check.gate import (
 )
 from harness.check.isolation import run_items
 from harness.check import tolerance
-from harness.check.profiles import (
-    CI_EXAMPLES,
-    DEV_EXAMPLES,
-    PROFILES,
-    THOROUGH_EXAMPLES,
-    default_profile,
-    profile_settings,
-)
+from harness.check.junit import write_junit
+from harness.check.profiles import PROFILES, default_profile, get_profile
 from harness.check.properties import PROPERTIES, PROPERTY_IDS, find_property
-from harness.check.support import discover_support
+from harness.check.support import Support, discover_support
+from harness.check.worker import SUPPORT_ITEM
 from harness.errors import HarnessError
 from harness.listing import local_device
 from harness.registry import builtin_names, resolve
-from harness.results import BEHAVIOUR_COLUMNS, PROPERTY_COLUMNS, RESULTS_DIR, RowWriter, new_run_id, write_json_atomic
+from harness.results import (
+    BEHAVIOUR_COLUMNS,
+    NOT_CHECKED_COLUMNS,
+    PRECISION_COLUMNS,
+    PROPERTY_COLUMNS,
+    RESULTS_DIR,
+    RowWriter,
+    new_run_id,
+    write_json_atomic,
+)
 from harness.sweep.environment import device_environment, host_environment
 
 STATUS_STYLE = {PASS: "green", FAIL: "bold red", KNOWN_FAILURE: "yellow", UNSUPPORTED: "dim", NOT_APPLICABLE: "dim"}
@@ -72,11 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--case", metavar="CASE", help="rerun one case, e.g. 'N=7,D=5,V=257,dtype=bfloat16,seed=1'")
     parser.add_argument(
         "--profile", choices=PROFILES, default=None,
-        help=f"Hypothesis profile: ci (derandomised, {CI_EXAMPLES} drawn examples per property besides the "
-        f"explicit ones; default when CI is set), dev ({DEV_EXAMPLES}, random; default otherwise), "
-        f"thorough ({THOROUGH_EXAMPLES}, random)",
+        help="how many cases to draw besides every property's explicit examples: ci (30 s of drawn cases "
+        "per implementation, the same on every run; default when CI is set), dev (300 s, random; default "
+        "otherwise), thorough (1800 s, random)",
     )
-    parser.add_argument("--max-examples", type=int, metavar="N", help="override the profile's examples per property")
+    parser.add_argument("--max-examples", type=int, metavar="N",
+                        help="draw exactly N cases per property instead of the profile's time budget "
+                        "(0: the explicit examples only)")
+    parser.add_argument("--junit-xml", type=Path, metavar="PATH",
+                        help="also write the results as JUnit XML (one test case per implementation x property)")
     parser.add_argument("--no-behaviour", action="store_true", help="skip the behaviour matrix")
     parser.add_argument(
         "--jobs", type=int, metavar="N",
@@ -131,11 +144,13 @@ def new_run_dir(out: Path) -> Path:
 def _status_cell(result: PropertyResult) -> str:
     style = STATUS_STYLE.get(result.status, "")
     text = f"{result.status} ({result.examples})" if result.status in (PASS, KNOWN_FAILURE) else result.status
+    if result.refused:
+        text += f" [{result.refused} refused]"
     return f"[{style}]{text}[/{style}]" if style else text
 
 
 def print_property_table(console: Console, results: list[PropertyResult], names: list[str]) -> None:
-    table = Table(title="Properties (examples that ran)", show_lines=False)
+    table = Table(title="Properties (cases that ran; [cases refused at run time])", show_lines=False)
     table.add_column("property")
     for name in names:
         table.add_column(name, overflow="fold")
@@ -190,16 +205,27 @@ def run_one_case(args: argparse.Namespace, console: Console) -> int:
     return 1 if any(r.status == FAIL for r in results) else 0
 
 
+@dataclass(frozen=True)
+class SupportResult:
+    """What one implementation supports here, as its worker found it."""
+
+    implementation: str
+    support: Support
+
+    def not_checked_rows(self) -> list[dict]:
+        return [{"implementation": self.implementation, "what": what, "reason": reason}
+                for what, reason in self.support.why_not.items()]
+
+
 def check_in_process(
     target: Target, property_ids: list[str], *, profile: str, max_examples: int | None, device: str, behaviour: bool,
-) -> Iterator[PropertyResult | BehaviourResult]:
+) -> Iterator[PropertyResult | BehaviourResult | SupportResult]:
     """``check_implementation`` without child processes (``--in-process``)."""
-    settings = profile_settings(profile)
-    if max_examples is not None:
-        settings = type(settings)(settings, max_examples=max_examples)
+    chosen = get_profile(profile, max_examples)
     support = discover_support(target.impl, device)
+    yield SupportResult(target.given, support)
     for property_id in property_ids:
-        yield run_property(target, find_property(property_id), support, settings, device)
+        yield run_property(target, find_property(property_id), support, chosen, device)
     if behaviour:
         for edge in EDGE_CASES:
             yield BehaviourResult(target.given, edge.id, *probe(target.impl, edge, device))
@@ -208,8 +234,9 @@ def check_in_process(
 def check_implementation(
     given: str, property_ids: list[str], *, profile: str, max_examples: int | None, device: str,
     threads: int, behaviour: bool,
-) -> Iterator[PropertyResult | BehaviourResult]:
-    """One implementation's results as they are produced: its properties, then its behaviour matrix.
+) -> Iterator[PropertyResult | BehaviourResult | SupportResult]:
+    """One implementation's results as they are produced: what it supports, its properties, then
+    its behaviour matrix.
 
     Both run in child processes (``harness.check.isolation``); a crash fails only the property
     that was running, with the case it was running as the reproducer.
@@ -217,7 +244,12 @@ def check_implementation(
     args = ["--impl", given, "--profile", profile, "--device", device]
     if max_examples is not None:
         args += ["--max-examples", str(max_examples)]
-    for outcome in run_items("harness.check.worker", args, property_ids, timeout_s=None, threads=threads):
+    items = [SUPPORT_ITEM, *property_ids]
+    for outcome in run_items("harness.check.worker", args, items, timeout_s=None, threads=threads):
+        if outcome.item == SUPPORT_ITEM:
+            if outcome.record is not None:
+                yield SupportResult(given, Support.from_json(outcome.record["support"]))
+            continue
         if outcome.record is not None:
             yield PropertyResult(**{k: v for k, v in outcome.record.items() if k != "item"})
             continue
@@ -229,10 +261,51 @@ def check_implementation(
         yield from run_behaviour(given, device)
 
 
+def print_not_checked(console: Console, results: list[PropertyResult], supports: list[SupportResult]) -> None:
+    """Per implementation: what it does not support here, and the cases it refused at run time."""
+    lines = []
+    for entry in supports:
+        if not entry.support.available:
+            continue
+        declared = [f"{what} ({reason})" for what, reason in entry.support.why_not.items()]
+        refused = [f"{r.property}: {r.refused}" for r in results if r.implementation == entry.implementation
+                   and r.refused]
+        if declared or refused:
+            text = f"- {entry.implementation}: unsupported here: {'; '.join(declared) or 'nothing'}"
+            text += f"; cases refused at run time: {', '.join(refused) or 'none'}"
+            lines.append(text)
+    if lines:
+        console.print("\n[bold]Not checked[/bold]")
+        for line in lines:
+            console.print(line, soft_wrap=True, markup=False)
+
+
+def print_precision(console: Console, results: list[PropertyResult], names: list[str]) -> None:
+    """Each implementation's worst error as a multiple of torch-eager's, per dtype and tensor, over the
+    equivalence and precision properties."""
+    worst: dict[tuple[str, str, str], float] = {}
+    for r in results:
+        for p in r.precision:
+            key = (r.implementation, p["dtype"], p["tensor"])
+            worst[key] = max(worst.get(key, 0.0), float(p["ratio"]))
+    if not worst:
+        return
+    columns = sorted({(dtype, tensor) for _, dtype, tensor in worst})
+    table = Table(title="Error as a multiple of torch-eager's on the same inputs (worst case, norm)")
+    table.add_column("implementation")
+    for dtype, tensor in columns:
+        table.add_column(f"{dtype}\n{tensor}", justify="right")
+    for name in names:
+        cells = [f"{worst[(name, d, t)]:.2f}" if (name, d, t) in worst else "" for d, t in columns]
+        if any(cells):
+            table.add_row(name, *cells)
+    console.print(table)
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(width=200)
-    if args.max_examples is not None and args.max_examples < 1:
-        raise HarnessError("--max-examples must be at least 1")
+    if args.max_examples is not None and args.max_examples < 0:
+        raise HarnessError("--max-examples must be 0 or more")
     if args.jobs is not None and args.jobs < 1:
         raise HarnessError("--jobs must be at least 1")
     if args.case:
@@ -242,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     if not targets:
         raise HarnessError("no implementation to check: none of the built-ins is available here")
     profile_name = args.profile or default_profile()
-    max_examples = args.max_examples or profile_settings(profile_name).max_examples
+    profile = get_profile(profile_name, args.max_examples)
     device = local_device()
     jobs = 1 if args.in_process else min(args.jobs or default_jobs(), len(targets))
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -252,27 +325,34 @@ def run(args: argparse.Namespace) -> int:
         "kind": "check",
         "run_id": run_dir.name,
         "profile": profile_name,
-        "max_examples": max_examples,
+        "budget_s": profile.budget_s,
+        "max_examples": args.max_examples,
         "implementations": [t.given for t in targets],
         "properties": [p.id for p in props],
         "tolerance": {
             "multiple": tolerance.MULTIPLE,
-            "floor_ulps": tolerance.FLOOR_ULPS,
-            "yardstick_floors": tolerance.YARDSTICK_FLOORS,
+            "norm_multiple": tolerance.NORM_MULTIPLE,
+            "cap": tolerance.CAP,
+            "yardstick": tolerance.YARDSTICK,
+            "sum_order": tolerance.SUM_ORDER,
         },
         **environment(device),
     }
     write_json_atomic(run_dir / "meta.json", meta)
     property_rows = RowWriter(run_dir / "properties.csv", PROPERTY_COLUMNS)
+    precision_rows = RowWriter(run_dir / "precision.csv", PRECISION_COLUMNS)
+    not_checked_rows = RowWriter(run_dir / "not_checked.csv", NOT_CHECKED_COLUMNS)
     behaviour_rows = RowWriter(run_dir / "behaviour.csv", BEHAVIOUR_COLUMNS)
+    budget = f"{profile.budget_s:g} s of drawn cases" if args.max_examples is None else f"{args.max_examples} drawn cases"
     console.print(
         f"checking {', '.join(t.given for t in targets)} on {device}, profile {profile_name} "
-        f"({max_examples} examples per property), "
+        f"(explicit examples + {budget} per implementation), "
         f"{'in this process' if args.in_process else f'{jobs} at a time'} -> {run_dir}"
     )
 
     results: list[PropertyResult] = []
     behaviour: list[BehaviourResult] = []
+    supports: list[SupportResult] = []
     produced: queue.Queue = queue.Queue()
 
     def pipeline(target: Target) -> None:
@@ -289,32 +369,45 @@ def run(args: argparse.Namespace) -> int:
         finally:
             produced.put(None)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(pipeline, target) for target in targets]
-        finished = 0
-        while finished < len(targets):
-            item = produced.get()
-            if item is None:
-                finished += 1
-            elif isinstance(item, PropertyResult):
-                property_rows.append([item.row()])
-                results.append(item)
-                console.print(f"{item.implementation:<20} {item.property:<28} {item.seconds:6.1f} s  {_status_cell(item)}")
-            else:
-                behaviour_rows.append([item.row()])
-                behaviour.append(item)
-        for future in futures:
-            future.result()  # a harness bug in a pipeline surfaces here instead of being lost
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(pipeline, target) for target in targets]
+            finished = 0
+            while finished < len(targets):
+                item = produced.get()
+                if item is None:
+                    finished += 1
+                elif isinstance(item, PropertyResult):
+                    property_rows.append([item.row()])
+                    precision_rows.append(item.precision_rows())
+                    results.append(item)
+                    console.print(f"{item.implementation:<20} {item.property:<28} {item.seconds:6.1f} s  "
+                                  f"{_status_cell(item)}")
+                elif isinstance(item, SupportResult):
+                    not_checked_rows.append(item.not_checked_rows())
+                    supports.append(item)
+                else:
+                    behaviour_rows.append([item.row()])
+                    behaviour.append(item)
+            for future in futures:
+                future.result()  # a harness bug in a pipeline surfaces here instead of being lost
+    finally:
+        if args.junit_xml is not None:
+            write_junit(args.junit_xml, results, suite=f"lmhead-bench check ({profile_name}, {device})")
 
     names = [t.given for t in targets]
     order = {p.id: i for i, p in enumerate(PROPERTIES)}
     results.sort(key=lambda r: (names.index(r.implementation), order[r.property]))
     console.print()
     print_property_table(console, results, names)
+    print_precision(console, results, names)
     if behaviour:
         print_behaviour_table(console, behaviour, names)
+    print_not_checked(console, results, supports)
     print_details(console, results)
     failed = [r for r in results if r.status == FAIL]
     console.print(f"\nresults: {run_dir}")
+    if args.junit_xml is not None:
+        console.print(f"JUnit XML: {args.junit_xml}")
     console.print(f"[bold red]{len(failed)} properties failed[/bold red]" if failed else "[green]all properties hold[/green]")
     return 1 if failed else 0

@@ -1,30 +1,41 @@
-"""Run one property on one implementation with Hypothesis, and turn what happened into a result.
+"""Run one property on one implementation and turn what happened into a result.
 
-Hypothesis draws cases (after the property's explicit examples), shrinks a failure to a minimal
-case, and replays it last, so the last case run before the failure surfaces is the one printed
-as the reproducer.
+A property runs its explicit examples first (timed), then as many cases drawn by Hypothesis as
+the profile's time budget allows at that speed (``harness.check.profiles``). Hypothesis shrinks a
+failure to a minimal case and replays it last, so the last case run before the failure surfaces
+is the one printed as the reproducer.
+
+A case the implementation refuses at run time (``UnsupportedCase``, or an error matching one of
+its known limitations exactly) is counted as *refused*, never as a pass: the result says how
+many were, and why.
 """
 
 from __future__ import annotations
 
+import collections
 import shlex
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from hypothesis import Phase, Verbosity, example, given, reject, settings
+from hypothesis import given, reject, seed
 
 from harness.adapter import Implementation
 from harness.check.case import Case
-from harness.check.known import known_failures, known_limitation
+from harness.check.examples import fitted_examples
+from harness.check.known import known_failures, known_limitations
 from harness.check.outcome import CheckFailure
-from harness.check.properties import CaseRejected, CheckContext, Property, explicit_examples
+from harness.check.profiles import Profile
+from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
 from harness.check.strategies import cases, fit_to
 from harness.check.support import Support
 from harness.errors import HarnessError, UnsupportedCase
 
 # Statuses of a property result (the "status" column of properties.csv).
 PASS, FAIL, KNOWN_FAILURE, UNSUPPORTED, NOT_APPLICABLE = "pass", "fail", "known-failure", "unsupported", "n/a"
+
+TOTAL_SHARE = sum(p.share for p in PROPERTIES)
 
 
 @dataclass(frozen=True)
@@ -40,10 +51,13 @@ class PropertyResult:
     implementation: str
     property: str
     status: str
-    examples: int  # cases that ran to completion (unsupported ones not counted)
+    examples: int  # cases that ran to completion (refused ones not counted)
     detail: str
     reproducer: str
     seconds: float
+    refused: int = 0  # cases the implementation refused at run time
+    # Per (dtype, tensor): the candidate's worst error as a multiple of torch-eager's (norms).
+    precision: list[dict] = field(default_factory=list)
 
     def row(self) -> dict:
         return {
@@ -51,9 +65,14 @@ class PropertyResult:
             "property": self.property,
             "status": self.status,
             "examples": self.examples,
+            "refused": self.refused,
+            "seconds": f"{self.seconds:.1f}",
             "detail": self.detail,
             "reproducer": self.reproducer,
         }
+
+    def precision_rows(self) -> list[dict]:
+        return [{"implementation": self.implementation, "property": self.property, **p} for p in self.precision]
 
 
 def reproducer(given: str, property_id: str, case: Case) -> str:
@@ -69,18 +88,14 @@ def describe_failure(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _settings_for(prop: Property, profile: settings, *, shrink: bool) -> settings:
-    phases = [p for p in profile.phases if shrink or p not in (Phase.shrink, Phase.explain)]
-    examples = max(1, round(profile.max_examples * prop.share))
-    return settings(profile, max_examples=examples, phases=phases, verbosity=Verbosity.quiet)
-
-
 def cannot_run(target: Target, prop: Property, support: Support) -> tuple[str, str] | None:
     """(status, reason) when the property cannot run on this implementation here, else None."""
     if not support.available:
         return UNSUPPORTED, support.why_not.get("implementation", "not available")
     if prop.needs_chunk_size and target.impl.with_chunk_size(1) is None:
         return NOT_APPLICABLE, f"{target.impl.name} has no chunk size"
+    if prop.needs_logits and not target.impl.has_logits_path:
+        return NOT_APPLICABLE, f"{target.impl.name} has no logits path (a plain loss function)"
     for key, supported in (("dtypes", support.dtypes), ("reductions", support.reductions)):
         wanted = prop.draw.get(key)
         if wanted and not any(w in supported for w in wanted):
@@ -88,75 +103,149 @@ def cannot_run(target: Target, prop: Property, support: Support) -> tuple[str, s
     return None
 
 
-def _known_failure_detail(ctx: CheckContext) -> tuple[str, str]:
-    """(detail, case) for the known failures a run observed (its first case is the reproducer)."""
-    _, case, message = ctx.observed[0]
-    reasons = list(dict.fromkeys(k.reason for k, _, _ in ctx.observed))
-    return f"{'; '.join(reasons)}. Seen: {message}", case
+def _precision_summary(errors: list[ErrorRecord]) -> list[dict]:
+    """The worst ratio per (dtype, tensor), with the case it came from."""
+    worst: dict[tuple[str, str], ErrorRecord] = {}
+    for record in errors:
+        key = (record.dtype, record.tensor)
+        if key not in worst or record.ratio > worst[key].ratio:
+            worst[key] = record
+    return [
+        {"dtype": dtype, "tensor": tensor, "ratio": record.ratio, "error": record.error,
+         "eager_error": record.eager_error, "case": str(record.case)}
+        for (dtype, tensor), record in sorted(worst.items())
+    ]
+
+
+class _Run:
+    """The bookkeeping of one property on one implementation: what ran, what was refused, and why."""
+
+    def __init__(self, target: Target, prop: Property, device: str, on_case: Callable[[Case], None] | None):
+        self.target, self.prop, self.on_case = target, prop, on_case
+        self.ctx = CheckContext(device=device, property_id=prop.id,
+                                known_failures=known_failures(target.impl.name, device))
+        self.limitations = known_limitations(target.impl.name, device)
+        self.passed = 0
+        self.refused: collections.Counter = collections.Counter()
+        self.last_case: Case | None = None
+
+    def check(self, case: Case) -> None:
+        """Run one case; raises ``CheckFailure`` (or the implementation's error) when it fails."""
+        self.last_case = case
+        if self.on_case is not None:
+            self.on_case(case)
+        try:
+            self.prop.check(self.target.impl, case, self.ctx)
+        except UnsupportedCase as exc:
+            self.refused[str(exc)] += 1
+            return
+        except (CheckFailure, CaseRejected, HarnessError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - an error is a failure unless a known limitation says so
+            limitation = next((k for k in self.limitations if k.matches(self.prop.id, exc)), None)
+            if limitation is None:
+                raise
+            self.refused[f"{limitation.reason} ({type(exc).__name__})"] += 1
+            return
+        self.passed += 1
+
+    def refusals(self) -> str:
+        return "; ".join(f"{count} x {reason}" for reason, count in self.refused.most_common())
 
 
 def run_property(
     target: Target,
     prop: Property,
     support: Support,
-    profile: settings,
+    profile: Profile,
     device: str,
     on_case: Callable[[Case], None] | None = None,
 ) -> PropertyResult:
-    """Check one property with Hypothesis; never raises for what the implementation does.
-
-    ``on_case`` is called with each case before it runs (the worker reports it, so that a crash
-    names its case).
-    """
+    """Check one property: its explicit examples, then drawn cases; never raises for what the
+    implementation does. ``on_case`` is called with each case before it runs (the worker reports
+    it, so that a crash names its case)."""
     started = time.perf_counter()
+    run = _Run(target, prop, device, on_case)
 
-    def result(status: str, examples: int, detail: str = "", repro: str = "") -> PropertyResult:
-        return PropertyResult(target.given, prop.id, status, examples, detail, repro, time.perf_counter() - started)
+    def result(status: str, detail: str = "", repro: str = "") -> PropertyResult:
+        refused = sum(run.refused.values())
+        if status == PASS and refused:
+            detail = f"{refused} cases refused at run time ({run.refusals()})"
+        return PropertyResult(target.given, prop.id, status, run.passed, detail, repro,
+                              time.perf_counter() - started, refused, _precision_summary(run.ctx.errors))
 
     refused = cannot_run(target, prop, support)
     if refused is not None:
-        return result(refused[0], 0, refused[1])
+        return result(*refused)
 
-    ctx = CheckContext(device=device, property_id=prop.id, known_failures=known_failures(target.impl.name))
-    limitation = known_limitation(target.impl.name, prop.id)
-    passed, unsupported_reasons, last_case = [0], {}, [None]
+    def fit(case: Case) -> Case | None:
+        return fit_to(case, support)
+
+    seconds = []
+    for case in fitted_examples(prop.id, prop.draw.get("dtypes", ()), fit):
+        case_started = time.perf_counter()
+        try:
+            run.check(case)
+        except CaseRejected:
+            continue
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its reproducer
+            return result(FAIL, describe_failure(exc), reproducer(target.given, prop.id, case))
+        seconds.append(time.perf_counter() - case_started)
+
+    fraction = prop.share / TOTAL_SHARE
+    drawn = profile.drawn_examples(fraction, statistics.fmean(seconds) if seconds else None)
+    if run.refused and not run.passed:
+        drawn = 0  # every explicit example was refused: drawn cases would only repeat the refusal
+
+    # The speed of the explicit examples is an estimate: an implementation that compiles for every
+    # new guard (torch.compile) ran them from its cache, and pays a compile per drawn case. So the
+    # budget is also a deadline: past it, the remaining drawn cases are skipped (the first
+    # ``min_drawn`` always run; once a case has failed, shrinking it runs to the end).
+    # ``--max-examples`` asks for an exact count and has no deadline.
+    deadline = time.perf_counter() + profile.budget_s * fraction
+    drawn_run = {"cases": 0, "failed": False}
+
+    def past_deadline() -> bool:
+        return (profile.max_examples is None and not drawn_run["failed"]
+                and drawn_run["cases"] >= profile.min_drawn and time.perf_counter() > deadline)
 
     def body(case: Case) -> None:
-        last_case[0] = case
-        if on_case is not None:
-            on_case(case)
-        try:
-            prop.check(target.impl, case, ctx)
-        except UnsupportedCase as exc:
-            unsupported_reasons[str(exc)] = unsupported_reasons.get(str(exc), 0) + 1
+        if past_deadline():
             return
+        drawn_run["cases"] += 1
+        try:
+            run.check(case)
         except CaseRejected:
             reject()
-        passed[0] += 1
+        except BaseException:
+            drawn_run["failed"] = True
+            raise
 
-    test = given(case=cases(support, **prop.draw))(body)
-    for explicit in reversed(explicit_examples(prop)):
-        fitted = fit_to(explicit, support)
-        if fitted is not None:
-            test = example(case=fitted)(test)
-    test = _settings_for(prop, profile, shrink=limitation is None)(test)
-    try:
-        test()
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its reproducer
-        case = last_case[0]
-        repro = reproducer(target.given, prop.id, case) if case is not None else ""
-        detail = describe_failure(exc)
-        if limitation is not None and not isinstance(exc, CheckFailure):
-            return result(UNSUPPORTED, passed[0], f"{limitation.reason}: {detail}", repro)
-        return result(FAIL, passed[0], detail, repro)
-    skipped = sum(unsupported_reasons.values())
-    if passed[0] == 0 and skipped:
-        return result(UNSUPPORTED, 0, "; ".join(unsupported_reasons))
-    if ctx.observed:
-        detail, case = _known_failure_detail(ctx)
-        return result(KNOWN_FAILURE, passed[0], detail, reproducer(target.given, prop.id, case))
-    detail = f"{skipped} drawn cases unsupported ({'; '.join(unsupported_reasons)})" if skipped else ""
-    return result(PASS, passed[0], detail)
+    if drawn:
+        test = given(case=cases(support, **prop.draw))(body)
+        test = profile.hypothesis_settings(drawn)(test)
+        property_seed = profile.seed_for(prop.id)
+        if property_seed is not None:
+            test = seed(property_seed)(test)
+        try:
+            test()
+        except Exception as exc:  # noqa: BLE001
+            case = run.last_case
+            repro = reproducer(target.given, prop.id, case) if case is not None else ""
+            return result(FAIL, describe_failure(exc), repro)
+    if run.passed == 0 and run.refused:
+        return result(UNSUPPORTED, f"every case was refused at run time: {run.refusals()}")
+    if run.ctx.observed:
+        detail, case = _known_failure_detail(run.ctx)
+        return result(KNOWN_FAILURE, detail, reproducer(target.given, prop.id, case))
+    return result(PASS)
+
+
+def _known_failure_detail(ctx: CheckContext) -> tuple[str, Case]:
+    """(detail, case) for the known failures a run observed (its first case is the reproducer)."""
+    _, first = ctx.observed[0]
+    reasons = list(dict.fromkeys(k.reason for k, _ in ctx.observed))
+    return f"{'; '.join(reasons)}. Seen: {first.message}", first.case
 
 
 def check_case_fits(target: Target, prop: Property, case: Case) -> None:
@@ -171,6 +260,8 @@ def check_case_fits(target: Target, prop: Property, case: Case) -> None:
         raise HarnessError(f"property {prop.id} needs at least {prop.draw['min_tokens']} tokens in --case")
     if prop.draw.get("tied") is False and case.tied:
         raise HarnessError(f"property {prop.id} needs an untied case (tied=0)")
+    if prop.needs_logits and not target.impl.has_logits_path:
+        raise HarnessError(f"{target.impl.name} has no logits path for property {prop.id}")
 
 
 def run_case(target: Target, prop: Property, case: Case, device: str) -> PropertyResult:
@@ -178,23 +269,24 @@ def run_case(target: Target, prop: Property, case: Case, device: str) -> Propert
     started = time.perf_counter()
     check_case_fits(target, prop, case)
     repro = reproducer(target.given, prop.id, case)
+    run = _Run(target, prop, device, None)
 
-    def result(status: str, examples: int, detail: str = "") -> PropertyResult:
-        return PropertyResult(target.given, prop.id, status, examples, detail, repro, time.perf_counter() - started)
+    def result(status: str, detail: str = "") -> PropertyResult:
+        return PropertyResult(target.given, prop.id, status, run.passed, detail, repro,
+                              time.perf_counter() - started, sum(run.refused.values()),
+                              _precision_summary(run.ctx.errors))
 
-    ctx = CheckContext(device=device, property_id=prop.id, known_failures=known_failures(target.impl.name))
-    limitation = known_limitation(target.impl.name, prop.id)
     try:
-        prop.check(target.impl, case, ctx)
-    except UnsupportedCase as exc:
-        return result(UNSUPPORTED, 0, str(exc))
+        run.check(case)
     except CaseRejected as exc:
         raise HarnessError(f"this case cannot judge {target.impl.name}: {exc}") from None
+    except HarnessError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        detail = describe_failure(exc)
-        if limitation is not None and not isinstance(exc, CheckFailure):
-            return result(UNSUPPORTED, 0, f"{limitation.reason}: {detail}")
-        return result(FAIL, 0, detail)
-    if ctx.observed:
-        return result(KNOWN_FAILURE, 1, _known_failure_detail(ctx)[0])
-    return result(PASS, 1)
+        return result(FAIL, describe_failure(exc))
+    if run.refused:
+        return result(UNSUPPORTED, run.refusals())
+    if run.ctx.observed:
+        return result(KNOWN_FAILURE, _known_failure_detail(run.ctx)[0])
+    return result(PASS)
+

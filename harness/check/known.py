@@ -1,101 +1,299 @@
-"""Known failures of built-in implementations, recorded in one place.
+"""Known failures and limitations of built-in implementations, each matched by its signature.
 
-- A **failure** is a genuine numerical or contract failure of a peer package (a bug, or an
-  accuracy trade-off made by design, as the reason says). Mismatches it explains
-  (its implementation, properties, compared tensors, dtypes and reductions) are recorded instead
-  of failing the property, which then shows "known-failure (reason)" with a reproducer and does
-  not fail ``check``'s exit status; anything else that differs still fails. Its ``example`` is a
-  case that shows it: ``tests/test_check_known.py`` expects that case to fail (strictly), so a
-  fixed failure shows up as an unexpected pass and its entry is removed.
-- A **limitation** is documented behaviour that refuses a case loudly (it raises an error)
-  instead of computing something wrong: the property shows "unsupported" with the error, as a
-  declared unsupported option would. Were it to return a wrong result instead of raising, the
-  property would fail.
+- A **known failure** is a genuine numerical or contract failure of a peer package. It excuses a
+  mismatch only when the mismatch looks exactly like the failure described: the property, the
+  compared tensor, the dtype and the *shape of the error* (for Liger-Kernel's retained-graph bug,
+  the second backward accumulating ``(c + c^2) g`` instead of ``2 c g``). Anything else that
+  differs, on the same property and tensor, still fails. The property then shows "known-failure"
+  with a reproducer and does not fail ``check``'s exit status. Its ``example`` is a case that
+  shows it: ``tests/test_check_known.py`` expects exactly the status "known-failure" there, so a
+  fix (a pass) or a new bug (a fail) shows up, and the entry is updated.
+- A **known limitation** is documented behaviour that refuses a case loudly: it raises an error
+  of a given type whose message contains a given text. Only that error makes the case
+  "unsupported" (counted as refused at run time); any other error fails the property.
+
+Entries apply to the built-in implementation of that name only: a plugin cannot take a built-in's
+name (``harness.registry``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from harness.check.case import Case
+from harness.check.tolerance import Allowance, mismatch, unit_roundoff
 
 
 @dataclass(frozen=True)
-class Known:
-    implementation: str
-    kind: str  # "failure" or "limitation"
-    reason: str
-    properties: tuple[str, ...] = ()  # property ids; empty: every property
-    tensors: tuple[str, ...] = ()  # failure: the compared tensors it explains (loss, grad_hidden, ...)
-    dtypes: tuple[str, ...] = ()  # failure: the dtypes it shows in; empty: every dtype
-    reductions: tuple[str, ...] = ()  # failure: the reductions it shows in; empty: every reduction
-    frozen: tuple[str, ...] = ()  # failure: shows only when these inputs do not require grad
-    example: str = ""  # a --case that shows it, with the property it fails: "property: case"
+class Mismatch:
+    """One compared tensor out of bounds, with the evidence a signature reads.
 
-    def explains(self, property_id: str, case: Case, tensor: str) -> bool:
-        """Whether this known failure accounts for a mismatch of ``tensor`` in this property and case."""
+    ``expected`` is what the tensor should have been: the reference, or the other side of an
+    identity. ``actual`` is None when no gradient arrived.
+    """
+
+    property_id: str
+    case: Case
+    tensor: str
+    message: str
+    actual: torch.Tensor | None = None
+    expected: torch.Tensor | None = None
+    allowed: Allowance | None = None
+    terms: torch.Tensor | None = None
+    loss_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """A known failure, by its signature: either the exact shape of the mismatch (``matches``), or,
+    for a known loss of precision, how much more error it causes per element (``extra``): a
+    mismatch within its allowance plus the ``extra`` of every known failure that applies to it is
+    explained by them, and one beyond it is a failure."""
+
+    implementations: tuple[str, ...]
+    reason: str
+    signature: str  # what a matching mismatch looks like, in one line
+    example: str  # "property: case" that shows it
+    matches: Callable[[Mismatch], bool] | None = None
+    extra: Callable[[Mismatch], torch.Tensor | None] | None = None
+    devices: tuple[str, ...] = ()  # where it shows; empty: everywhere
+
+
+def explain(mismatch_: Mismatch, known: tuple[KnownFailure, ...]) -> tuple[KnownFailure, ...]:
+    """The known failures that together explain a mismatch (empty: none do, it is a failure)."""
+    for entry in known:
+        if entry.matches is not None and entry.matches(mismatch_):
+            return (entry,)
+    if mismatch_.actual is None or mismatch_.allowed is None or mismatch_.expected is None:
+        return ()
+    extras = [(entry, entry.extra(mismatch_)) for entry in known if entry.extra is not None]
+    extras = [(entry, extra) for entry, extra in extras if extra is not None]
+    if not extras:
+        return ()
+    total = sum(extra.double().reshape(mismatch_.expected.shape) for _, extra in extras)
+    widened = dataclasses.replace(mismatch_.allowed, bound=mismatch_.allowed.bound + total,
+                                  norm=mismatch_.allowed.norm + float(total.norm()))
+    if mismatch(mismatch_.tensor, mismatch_.actual, mismatch_.expected, widened) is None:
+        return tuple(entry for entry, _ in extras)
+    return ()
+
+
+@dataclass(frozen=True)
+class KnownLimitation:
+    implementations: tuple[str, ...]
+    reason: str
+    properties: tuple[str, ...]
+    error_type: str  # the exception's class name
+    message: str  # a text the exception's message contains
+    devices: tuple[str, ...] = ()
+
+    def matches(self, property_id: str, exc: BaseException) -> bool:
         return (
-            self.kind == "failure"
-            and (not self.properties or property_id in self.properties)
-            and tensor in self.tensors
-            and (not self.dtypes or case.dtype in self.dtypes)
-            and (not self.reductions or case.reduction in self.reductions)
-            and not any(name in case.grads for name in self.frozen)
+            property_id in self.properties
+            and type(exc).__name__ == self.error_type
+            and self.message in str(exc)
         )
 
 
-KNOWN = (
-    Known(
-        "liger",
-        "failure",
+# --- signatures -------------------------------------------------------------------------------
+
+
+def _no_head_gradient_with_a_frozen_backbone(m: Mismatch) -> bool:
+    return (
+        m.property_id == "autograd/grad-subsets"
+        and m.tensor in ("grad_weight", "grad_bias")
+        and m.actual is None
+        and "hidden" not in m.case.grads
+    )
+
+
+def _second_backward_scales_the_saved_gradient_again(m: Mismatch) -> bool:
+    """Two backwards of ``c * loss`` gave ``(c + c^2) g`` (the weight and bias) or ``2 c^2 g`` (the
+    hidden states, whose ``.grad`` is the saved buffer itself) where ``2 c g`` (the other side) was due."""
+    if m.property_id != "autograd/retain-graph" or m.case.reduction not in ("mean", "sum"):
+        return False
+    if m.actual is None or m.expected is None or m.allowed is None or not m.tensor.startswith("grad_"):
+        return False
+    c = m.loss_scale
+    factor = c if m.tensor == "grad_hidden" else (1 + c) / 2
+    return mismatch(m.tensor, m.actual, m.expected * factor, m.allowed) is None
+
+
+def aspect_ratio_chunk_count(case: Case) -> int:
+    """How many token chunks liger-kernel 0.8.5 and F.linear_cross_entropy (torch 2.13) cut a case
+    into: both size a chunk so that its logits match the hidden states in memory,
+    ``next_pow2(ceil(N / ceil(V / D)))`` tokens, unless the case sets the chunk size."""
+    tokens, dim, vocab = case.num_tokens, case.dim, case.vocab
+    if case.chunk is not None:
+        return -(-tokens // case.chunk)
+    inc_factor = -(-vocab // dim)
+    chunk = min(1 << max(0, (-(-tokens // inc_factor) - 1).bit_length()), tokens)
+    return -(-tokens // chunk)
+
+
+def _sides(m: Mismatch, tensors: tuple[str, ...], dtypes: tuple[str, ...]) -> int:
+    """How many results a mismatch of one of ``tensors`` in one of ``dtypes`` compares with exact
+    values: 1 against the reference, 2 for the two sides of an identity (0: not such a mismatch)."""
+    if m.tensor not in tensors or m.case.dtype not in dtypes or m.actual is None or m.terms is None:
+        return 0
+    return 1 if m.property_id.startswith(("equivalence/", "precision/", "autograd/grad-subsets")) else 2
+
+
+def _weight_gradient_summed_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
+    """Each chunk's weight/bias gradient added into an accumulator of the input dtype: up to one
+    rounding of the input dtype per chunk, of the size of the terms."""
+    sides = _sides(m, ("grad_weight", "grad_bias"), ("bfloat16", "float16"))
+    if not sides:
+        return None
+    return sides * aspect_ratio_chunk_count(m.case) * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+
+
+def _stores_truncated_to_bfloat16(m: Mismatch) -> torch.Tensor | None:
+    """Every bfloat16 value the kernels store is rounded toward zero: up to one unit in the last
+    place (2 u) of each stored value, all in the same direction, so up to 2 u of the terms of any
+    result computed from them and of the result itself."""
+    tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
+    sides = _sides(m, tensors, ("bfloat16",))
+    if not sides:
+        return None
+    return sides * 2 * unit_roundoff(torch.bfloat16) * (m.terms.double().abs().reshape(m.expected.shape)
+                                                        + m.expected.double().abs())
+
+
+def _chunks_summed_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
+    """The loss accumulator is bfloat16 for bfloat16 inputs and takes two roundings per chunk (the
+    target logits added, the logsumexps subtracted); the weight and bias gradients take up to one
+    rounding of the input dtype per chunk, in bfloat16 and float16."""
+    if m.tensor == "loss":
+        sides = _sides(m, ("loss",), ("bfloat16",))
+    else:
+        sides = _sides(m, ("grad_weight", "grad_bias"), ("bfloat16", "float16"))
+    if not sides:
+        return None
+    chunks = aspect_ratio_chunk_count(m.case)
+    if m.tensor == "loss":  # per token (none), the target logit is rounded before the logsumexp is subtracted
+        roundings = 1 if m.case.reduction == "none" else 2 * chunks + 1
+    else:
+        roundings = chunks
+    return sides * roundings * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+
+
+def _softcap_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
+    """x / cap, its tanh and the product by cap each rounded to the input dtype: up to three
+    roundings of every capped logit, so of the terms of every result."""
+    tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
+    sides = _sides(m, tensors, ("bfloat16", "float16"))
+    if not sides or m.case.softcap is None:
+        return None
+    return sides * 3 * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+
+
+# Liger-Kernel's function, with its default accumulation and with accum_dtype=torch.float32.
+LIGER = ("liger", "liger-fp32-accum")
+
+KNOWN_FAILURES = (
+    KnownFailure(
+        LIGER,
         "liger-kernel 0.8.5 computes the head's gradients only when the hidden states require grad: "
         "with a frozen backbone the weight and bias get no gradient at all, silently",
-        properties=("autograd/grad-subsets",),
-        tensors=("grad_weight", "grad_bias"),
-        frozen=("hidden",),
-        example="autograd/grad-subsets: N=5,D=3,V=17,dtype=float32,reduction=mean,bias=1,grads=weight+bias,seed=5",
+        "grad-subsets, hidden frozen: no gradient arrives at the weight or the bias",
+        "autograd/grad-subsets: N=5,D=3,V=17,dtype=float32,reduction=mean,bias=1,grads=weight+bias,seed=5",
+        matches=_no_head_gradient_with_a_frozen_backbone,
     ),
-    Known(
-        "liger",
-        "failure",
+    KnownFailure(
+        LIGER,
         "liger-kernel 0.8.5 multiplies the gradients saved in the forward by the upstream gradient in "
-        "place (element_mul_kernel): a second backward through a retained graph of a scaled loss "
-        "adds c^2 instead of c times the gradient",
-        properties=("autograd/retain-graph",),
-        tensors=("grad_hidden", "grad_weight", "grad_bias"),
-        reductions=("mean", "sum"),
-        example="autograd/retain-graph: N=6,D=5,V=33,dtype=float32,reduction=mean,bias=1,ignored=some,seed=10",
+        "place (element_mul_kernel): a second backward through a retained graph of c x loss scales them "
+        "by c again",
+        "retain-graph, mean or sum: the two backwards accumulate (c + c^2) g at the weight and bias and "
+        "2 c^2 g at the hidden states, instead of 2 c g",
+        "autograd/retain-graph: N=6,D=5,V=33,dtype=float32,reduction=mean,bias=1,ignored=some,seed=10",
+        matches=_second_backward_scales_the_saved_gradient_again,
     ),
-    Known(
-        "torch-linear-ce",
-        "limitation",
+    KnownFailure(
+        ("liger",),
+        "liger-kernel 0.8.5 accumulates the weight and bias gradients across its token chunks in the "
+        "input dtype unless accum_dtype=torch.float32 is passed (its default is None); "
+        "`liger-fp32-accum` is that configuration, the one OLMo-core uses",
+        "bfloat16/float16: grad_weight/grad_bias off by up to one input-dtype rounding of the terms per chunk",
+        "precision/at-scale: N=2048,D=64,V=2048,dtype=bfloat16,reduction=sum,bias=1,seed=21",
+        extra=_weight_gradient_summed_in_the_input_dtype,
+    ),
+    KnownFailure(
+        LIGER,
+        "Triton 3.9's interpreter casts float32 to bfloat16 by truncation (runtime/interpreter.py: "
+        "cast_impl passes no rounding mode to _convert_float), where a GPU rounds to nearest even: on a "
+        "CPU every bfloat16 value a Triton kernel stores is rounded toward zero",
+        "CPU, bfloat16: results off by up to one bfloat16 unit in the last place of their terms, all one way",
+        "equivalence/bfloat16: N=257,D=300,V=511,dtype=bfloat16,reduction=mean,bias=1,ignored=some,scale=100.0,"
+        "strided=1,seed=2016",
+        extra=_stores_truncated_to_bfloat16,
+        devices=("cpu",),
+    ),
+    KnownFailure(
+        ("torch-linear-ce",),
+        "F.linear_cross_entropy's chunked path (torch 2.13) keeps the loss of bfloat16 inputs in a "
+        "bfloat16 accumulator (linear_cross_entropy.py: output_dtype is the input dtype for bfloat16, "
+        "float32 only for float16) and adds every chunk's target logits and logsumexps into it; its "
+        "weight and bias gradients lose up to one input-dtype rounding per chunk in bfloat16 and "
+        "float16. No option changes it: acc_dtype and acc_policy govern the intermediates only",
+        "bfloat16: the loss off by up to two roundings of its terms per chunk (one per token with "
+        "reduction none); bfloat16/float16: grad_weight/grad_bias by up to one per chunk",
+        "precision/at-scale: N=2048,D=64,V=2048,dtype=bfloat16,reduction=sum,bias=1,seed=21",
+        extra=_chunks_summed_in_the_input_dtype,
+    ),
+    KnownFailure(
+        ("cce",),
+        "cut-cross-entropy 25.1.1's torch_compile impl (what `cce` runs on a CPU) soft-caps the logits "
+        "in the input dtype and upcasts after (torch_compile.py: softcapping(logits, softcap), then "
+        "logits.float()), where its CUDA kernels and torch-eager cap in float32",
+        "CPU, bfloat16/float16 with a softcap: results off by up to three input-dtype roundings of their terms",
+        "equivalence/bfloat16: N=1,D=7,V=2,dtype=bfloat16,reduction=mean,softcap=5.0,seed=0",
+        extra=_softcap_in_the_input_dtype,
+        devices=("cpu",),
+    ),
+)
+
+KNOWN_LIMITATIONS = (
+    KnownLimitation(
+        ("torch-linear-ce",),
         "F.linear_cross_entropy frees its saved gradients after one backward unless "
         "LinearCrossEntropyOptions(allow_retain_graph=True) (documented; the default is False)",
-        properties=("autograd/retain-graph",),
+        ("autograd/retain-graph",),
+        "RuntimeError",
+        "linear_cross_entropy chunked backward called twice",
     ),
-    Known(
-        "torch-compile",
-        "limitation",
+    KnownLimitation(
+        ("torch-compile",),
         "torch.compile donates the saved buffers of its backward by default: a second backward "
         "(retain_graph=True) raises and names the switch, torch._functorch.config.donated_buffer=False",
-        properties=("autograd/retain-graph",),
+        ("autograd/retain-graph",),
+        "RuntimeError",
+        "compiled with non-empty donated buffers",
     ),
-    Known(
-        "cce",
-        "limitation",
+    KnownLimitation(
+        ("cce",),
         "on a CPU, cut-cross-entropy runs its torch.compile implementation, whose backward donates "
-        "its saved buffers: a second backward (retain_graph=True) raises (its Triton kernels on a GPU do not)",
-        properties=("autograd/retain-graph",),
+        "its saved buffers: a second backward (retain_graph=True) raises",
+        ("autograd/retain-graph",),
+        "RuntimeError",
+        "compiled with non-empty donated buffers",
+        devices=("cpu",),
     ),
 )
 
 
-def known_failures(implementation: str) -> tuple[Known, ...]:
-    return tuple(k for k in KNOWN if k.implementation == implementation and k.kind == "failure")
+def _applies(entry: KnownFailure | KnownLimitation, implementation: str, device: str) -> bool:
+    return implementation in entry.implementations and (not entry.devices or device in entry.devices)
 
 
-def known_limitation(implementation: str, property_id: str) -> Known | None:
-    for known in KNOWN:
-        if known.implementation == implementation and known.kind == "limitation" and property_id in known.properties:
-            return known
-    return None
+def known_failures(implementation: str, device: str) -> tuple[KnownFailure, ...]:
+    return tuple(k for k in KNOWN_FAILURES if _applies(k, implementation, device))
+
+
+def known_limitations(implementation: str, device: str) -> tuple[KnownLimitation, ...]:
+    return tuple(k for k in KNOWN_LIMITATIONS if _applies(k, implementation, device))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from harness.adapter import Implementation
 from harness.check.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
+from harness.check.tolerance import underflow, unit_roundoff
 from harness.errors import HarnessError
 from harness.semantics import apply_softcap, reference_loss
 from harness.spec import LossOutput
@@ -30,6 +31,8 @@ class Outcome:
     z_loss: torch.Tensor | None  # None when the implementation does not report it
     grads: dict[str, torch.Tensor | None]  # "hidden", "weight", "bias" -> gradient (None: none arrived)
     loss_dtype: torch.dtype
+    # The dtype each result was returned in, by tensor name ("loss", "grad_weight", ...).
+    dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
     # Reference only: the size of the terms each result is computed from (see
     # ``term_magnitudes``); rounding errors scale with these, not with the result.
     magnitudes: dict[str, torch.Tensor] | None = None
@@ -83,8 +86,17 @@ def evaluate(
         upstream = upstream_for(inputs, loss)
         for call in range(backward_calls):
             (loss * loss_scale).backward(upstream, retain_graph=call + 1 < backward_calls)
-    grads = {name: _detached(getattr(inputs, name).grad) for name in GRADIENT_INPUTS if getattr(inputs, name) is not None}
-    return Outcome(_detached(loss), _detached(out.z_loss), grads, loss.dtype)
+    grads, dtypes = {}, {"loss": loss.dtype}
+    if out.z_loss is not None:
+        dtypes["z_loss"] = out.z_loss.dtype
+    for name in GRADIENT_INPUTS:
+        tensor = getattr(inputs, name)
+        if tensor is None:
+            continue
+        grads[name] = _detached(tensor.grad)
+        if tensor.grad is not None:
+            dtypes[f"grad_{name}"] = tensor.grad.dtype
+    return Outcome(_detached(loss), _detached(out.z_loss), grads, loss.dtype, dtypes)
 
 
 def run_implementation(impl: Implementation, case: Case, *, device: str = "cpu", **kwargs) -> Outcome:
@@ -97,39 +109,98 @@ def run_implementation(impl: Implementation, case: Case, *, device: str = "cpu",
     return evaluate(implementation_loss(impl), make_inputs(case, device=device), **kwargs)
 
 
-def term_magnitudes(inputs: Inputs, *, loss_scale: float = 1.0, backward_calls: int = 1) -> dict[str, torch.Tensor]:
-    """The size of the terms each result is computed from, in float64 (the tolerance's scale).
+def _logits_with_terms(hidden, weight, bias, softcap, dtype, hidden_terms=None):
+    """(logits, the size of their terms, softcap slope or None, the size of the slope's terms or None).
 
-    Rounding errors scale with the terms of a sum, not with its value. A token's cross-entropy
-    ``logsumexp(z) - z_label`` is a small difference of terms as large as ``|logsumexp(z)| +
-    max|z|``; its z-loss ``m logsumexp(z)^2`` moves by ``2 m |logsumexp(z)|`` per unit of error in
-    ``logsumexp(z)``. The logit gradient ``s (c p - c' y - e w / V) + 2 m s' logsumexp(z) p`` is
-    a difference too (``p`` close to the one-hot ``y`` for a confident token), of terms as large
-    as the same expression with every minus made a plus; the gradients of hidden, weight and bias
-    sum it against ``|W|``, ``|H|`` and ones. The softcap's factor (at most 1) is left out.
+    ``hidden_terms``: the size of the terms of the hidden states when they are computed (a tied
+    model's trunk), not given; by default ``|hidden|``. With a softcap, ``x / cap`` computed in
+    ``dtype`` may underflow: up to ``underflow(dtype)`` lost, ``cap`` times that in the logit.
+    """
+    raw = F.linear(hidden, weight, bias)
+    hidden_terms = hidden.abs() if hidden_terms is None else hidden_terms
+    size = F.linear(hidden_terms, weight.abs(), None if bias is None else bias.abs())
+    if softcap is None:
+        return raw, size, None, None
+    tanh = torch.tanh(raw / softcap)
+    slope = 1 - tanh.square()
+    logits = softcap * tanh
+    lost_to_underflow = softcap * underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
+    return logits, size * slope + logits.abs() + lost_to_underflow, slope, slope + 2 * tanh.square()
+
+
+def logit_terms(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 logits of ``hidden`` (any shape ``(..., D)``) and the size of their terms when
+    computed in ``dtype`` (see ``term_magnitudes``)."""
+    with torch.no_grad():
+        bias = None if bias is None else bias.detach().double()
+        logits, size, _, _ = _logits_with_terms(hidden.detach().double(), weight.detach().double(), bias, softcap,
+                                                dtype)
+    return logits, size
+
+
+def term_magnitudes(
+    inputs: Inputs, dtype: torch.dtype, *, loss_scale: float = 1.0, backward_calls: int = 1
+) -> dict[str, torch.Tensor]:
+    """The size of the terms each result is computed from, per element, in float64 (the tolerance's scale).
+
+    A rounding error is a fraction of the terms a result is computed from, not of the result. The
+    model, element by element (``x`` the raw logits, ``z`` the soft-capped ones, ``p = softmax(z)``):
+
+    - a logit: ``L = |h| . |w| + |b|`` (the terms of its dot product), times the softcap's slope,
+      plus ``|z|`` for the tanh's own rounding; for a tied model's computed hidden states ``h =
+      tanh(layer(e))``, ``|h|`` is replaced by the terms of ``h``: ``(1 - h^2) (|W_layer| . |e| +
+      |b_layer|) + |h|``;
+    - ``logsumexp(z)``: ``E = sum_j p_j L_j + |logsumexp(z)|``;
+    - a token's cross-entropy ``lse - z_y`` (smoothed: ``(1 - eps) w_y (lse - z_y) + eps / V sum_j
+      w_j (lse - z_j)``): the same expression with ``E`` and ``L`` in place of ``lse`` and ``z``;
+      its z-loss ``m lse^2``: ``2 m |lse| E``;
+    - a logit gradient ``s (p_j c - c' [j = y] - eps w_j / V) + 2 m s' lse p_j``: every term taken
+      positive, with ``p_j`` counted as ``p_j (1 + L_j + E)`` (an error in a logit or in the
+      logsumexp is a relative error of every probability), and through the softcap its slope plus
+      ``2 tanh^2`` (the slope ``1 - tanh^2`` evaluated near saturation is off by roundoffs of 1);
+    - a logit gradient rounded to the case's ``dtype`` may also lose up to ``underflow(dtype)``
+      outright, whatever its size: that is ``underflow / u`` in units of the terms;
+    - the gradients of hidden, weight and bias sum the logit gradients' terms against ``|W|``,
+      ``|H|`` and ones; a tied weight adds the embedding path's.
+
+    Reductions sum the per-token terms with the reduction's weights, and the upstream gradients
+    (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results.
     """
     spec = inputs.spec
     with torch.no_grad():
         hidden = inputs.hidden.detach().double().reshape(-1, inputs.hidden.shape[-1])
         weight = inputs.weight.detach().double()
         bias = None if inputs.bias is None else inputs.bias.detach().double()
-        logits = apply_softcap(F.linear(hidden, weight, bias), spec.softcap)
+        hidden_terms = hidden.abs()
+        if inputs.model is not None:  # tied: the hidden states are computed by the trunk, tanh(layer(embedding))
+            layer = inputs.model.layer
+            embedded = inputs.model.embedding.weight.detach().double()[inputs.token_ids.reshape(-1)]
+            pre_activation = F.linear(embedded.abs(), layer.weight.detach().double().abs(),
+                                      layer.bias.detach().double().abs())
+            hidden_terms = (1 - hidden.square()) * pre_activation + hidden.abs()
+        logits, logit_size, slope, slope_terms = _logits_with_terms(hidden, weight, bias, spec.softcap, dtype,
+                                                                       hidden_terms)
         probs, lse = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)
+        lse_terms = (probs * logit_size).sum(-1) + lse.abs()
         vocab = logits.shape[-1]
         labels = inputs.labels.reshape(-1)
         valid = (labels != spec.ignore_index).double()
         safe = torch.where(valid.bool(), labels, 0)
         class_weight = torch.ones(vocab, dtype=torch.float64) if spec.class_weight is None else spec.class_weight.double()
         weight_y = class_weight[safe] * valid
+        eps, z_mult = spec.label_smoothing, spec.z_loss_multiplier
         # d(reduced loss) / d(per-token cross-entropy and z-loss), before loss_div_factor
         if spec.reduction == "mean":
             ce_scale, z_scale = valid / weight_y.sum(), valid / valid.sum()
         else:
             ce_scale = z_scale = valid
 
-        eps, z_mult = spec.label_smoothing, spec.z_loss_multiplier
-        size = lse.abs() + logits.abs().amax(dim=-1)
-        per_token_ce, per_token_z = size * weight_y, 2 * z_mult * lse.abs() * size * valid
+        label_terms = logit_size.gather(1, safe[:, None]).squeeze(1)
+        smooth_terms = (logit_size * class_weight).sum(-1) / vocab + lse_terms * class_weight.sum() / vocab
+        per_token_ce = ((1 - eps) * weight_y * (lse_terms + label_terms) + eps * smooth_terms * valid)
+        per_token_z = 2 * z_mult * lse.abs() * lse_terms * valid
         if spec.reduction == "none":
             ce, z = per_token_ce.reshape(inputs.labels.shape), per_token_z.reshape(inputs.labels.shape)
         else:
@@ -144,14 +215,18 @@ def term_magnitudes(inputs: Inputs, *, loss_scale: float = 1.0, backward_calls: 
         ce_scale, z_scale = ce_scale * factor, z_scale * factor
         one_hot = F.one_hot(safe, vocab).double()
         mix = (1 - eps) * weight_y + eps / vocab * class_weight.sum() * valid
+        prob_terms = probs * (1 + logit_size + lse_terms[:, None])
         logit_grad = (
-            ce_scale[:, None] * (probs * mix[:, None] + one_hot * ((1 - eps) * weight_y)[:, None]
+            ce_scale[:, None] * (prob_terms * mix[:, None] + one_hot * ((1 - eps) * weight_y)[:, None]
                                  + eps / vocab * class_weight[None, :] * valid[:, None])
-            + (z_scale * 2 * z_mult * lse.abs())[:, None] * probs
+            + (z_scale * 2 * z_mult)[:, None] * (lse.abs()[:, None] * prob_terms + probs * lse_terms[:, None])
         )
+        if slope is not None:
+            logit_grad = logit_grad * slope_terms
+        logit_grad = logit_grad + underflow(dtype) / unit_roundoff(dtype)
         grad_hidden = logit_grad @ weight.abs()
         terms["grad_hidden"] = grad_hidden.reshape(inputs.hidden.shape)
-        terms["grad_weight"] = logit_grad.t() @ hidden.abs()
+        terms["grad_weight"] = logit_grad.t() @ hidden_terms
         terms["grad_bias"] = logit_grad.sum(dim=0)
         if inputs.model is not None:  # tied: the embedding path adds to the weight's gradient
             layer = inputs.model.layer.weight.detach().double().abs()
@@ -165,4 +240,4 @@ def run_reference(case: Case, **kwargs) -> Outcome:
     inputs = make_inputs(case, reference=True)
     outcome = evaluate(reference_loss_function, inputs, **kwargs)
     sizes = {k: v for k, v in kwargs.items() if k in ("loss_scale", "backward_calls")}
-    return dataclasses.replace(outcome, magnitudes=term_magnitudes(inputs, **sizes))
+    return dataclasses.replace(outcome, magnitudes=term_magnitudes(inputs, case.torch_dtype, **sizes))

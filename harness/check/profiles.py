@@ -1,46 +1,97 @@
-"""Hypothesis profiles of the gate, registered by one function.
+"""Profiles of the gate: how many cases each property checks, and how they are drawn.
 
-- ``ci``: derandomised (the same examples on every run, so no flaky failures), bounded, no
-  database. The default when the ``CI`` environment variable is set. Few drawn examples on top
-  of each property's explicit ones (``harness.check.properties.explicit_examples``, which cover
-  the shapes and options the gate exists for): torch.compile and Cut Cross-Entropy's CPU path
-  recompile for nearly every drawn case, several seconds each on a 2-core CPU.
-- ``dev``: more examples, fresh and random on every run; the default otherwise, so repeated
-  local runs keep exploring.
-- ``thorough``: many more random examples, for a kernel author before a release.
+Every property first runs its explicit examples (``harness.check.examples``: every option pair in
+every dtype, block edges, ...), whatever the profile. The profile then sets the **time budget**
+for cases Hypothesis draws on top, per implementation, shared among the properties by their
+``share``: a property gets as many drawn cases as fit in its part of the budget at the mean
+speed its explicit examples ran (compiles included: an implementation that compiles for every new
+option set pays that on drawn cases too), rounded down to a power of two (so that small changes in speed do not
+change what is checked), between ``min_drawn`` and ``max_drawn``. A cheap plugin gets hundreds
+of cases in the time a Triton-interpreter run gets a few.
 
-No profile has a deadline: Triton compiles (and the Triton interpreter runs) a kernel the first
-time it sees a shape, which takes seconds.
+- ``ci``: a 30 s budget; each property draws from a seed of its own (a hash of its id, so the
+  float32, bfloat16 and float16 properties see different cases), the same on every run: CI
+  never flakes on a case it did not see before. The default when the ``CI`` variable is set.
+- ``dev``: 300 s, fresh random cases on every run; the default otherwise.
+- ``thorough``: 1800 s, for a kernel author before a release.
+
+``--max-examples N`` replaces the budget by exactly N drawn cases per property. No profile has a
+Hypothesis deadline: Triton compiles (and its interpreter runs) a kernel the first time it sees a
+shape, which takes seconds.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
+from dataclasses import dataclass
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, Verbosity, settings
 
 PROFILES = ("ci", "dev", "thorough")
 
-# Drawn examples per property before its share (see harness.check.properties.Property.share).
-CI_EXAMPLES = 4
-DEV_EXAMPLES = 12
-THOROUGH_EXAMPLES = 200
 
-_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    budget_s: float  # seconds of drawn cases per implementation, all properties together
+    min_drawn: int  # drawn cases per property, however slow the implementation
+    max_drawn: int
+    seeded: bool  # the same cases on every run (a seed per property)
+    max_examples: int | None = None  # --max-examples: exactly this many drawn cases per property
+
+    def drawn_examples(self, fraction: float, seconds_per_case: float | None) -> int:
+        """How many cases Hypothesis draws for a property given ``fraction`` of the budget."""
+        if self.max_examples is not None:
+            return self.max_examples
+        if not seconds_per_case:
+            return self.min_drawn
+        fits = int(self.budget_s * fraction / seconds_per_case)
+        power = 1 << max(0, fits.bit_length() - 1) if fits else 0
+        return max(self.min_drawn, min(self.max_drawn, power))
+
+    def hypothesis_settings(self, examples: int, *, shrink: bool = True) -> settings:
+        phases = [Phase.generate, Phase.target] + ([Phase.shrink] if shrink else [])
+        return settings(
+            max_examples=max(1, examples),
+            deadline=None,
+            database=None,
+            derandomize=False,
+            phases=phases,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+            report_multiple_bugs=False,
+            print_blob=False,
+            verbosity=Verbosity.quiet,
+        )
+
+    def seed_for(self, property_id: str) -> int | None:
+        """The property's own seed in a seeded profile (stable across runs and machines)."""
+        return zlib.crc32(property_id.encode()) if self.seeded else None
 
 
-def register_profiles() -> None:
-    """Register ``ci``, ``dev`` and ``thorough`` with Hypothesis (idempotent)."""
-    common = dict(deadline=None, suppress_health_check=_SLOW_IS_FINE, report_multiple_bugs=False, print_blob=False)
-    settings.register_profile("ci", derandomize=True, database=None, max_examples=CI_EXAMPLES, **common)
-    settings.register_profile("dev", database=None, max_examples=DEV_EXAMPLES, **common)
-    settings.register_profile("thorough", database=None, max_examples=THOROUGH_EXAMPLES, **common)
+_PROFILES = {
+    "ci": Profile("ci", budget_s=30.0, min_drawn=2, max_drawn=256, seeded=True),
+    "dev": Profile("dev", budget_s=300.0, min_drawn=4, max_drawn=1024, seeded=False),
+    "thorough": Profile("thorough", budget_s=1800.0, min_drawn=16, max_drawn=8192, seeded=False),
+}
+
+
+def get_profile(name: str, max_examples: int | None = None) -> Profile:
+    profile = _PROFILES[name]
+    if max_examples is not None:
+        profile = Profile(profile.name, profile.budget_s, profile.min_drawn, profile.max_drawn, profile.seeded,
+                          max_examples)
+    return profile
 
 
 def default_profile() -> str:
     return "ci" if os.environ.get("CI") else "dev"
 
 
-def profile_settings(name: str) -> settings:
-    register_profiles()
-    return settings.get_profile(name)
+def register_profiles() -> None:
+    """Hypothesis profiles of the same names for the test suite (``tests/conftest.py``)."""
+    common = dict(deadline=None, database=None, print_blob=False,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    settings.register_profile("ci", derandomize=True, max_examples=10, **common)
+    settings.register_profile("dev", max_examples=25, **common)
+    settings.register_profile("thorough", max_examples=200, **common)

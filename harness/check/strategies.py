@@ -1,9 +1,10 @@
 """Hypothesis strategies that draw ``Case``s aimed at what breaks LM-head kernels.
 
-Shapes mix "special" values (N = 1, primes, powers of two and their neighbours, V just past a
-block size) with plain integers, so Hypothesis both hits the known-bad shapes and shrinks a
-failure to the smallest one. Options are drawn only from what the implementation supports, each
-independently, so they appear alone and in every combination.
+Shapes mix "special" values (N = 1, primes, the neighbours of power-of-two block edges in N, D
+and V) with plain integers, so Hypothesis both hits the known-bad shapes and shrinks a failure
+to the smallest one. Options are drawn only from what the implementation supports, each
+independently, so they appear alone and in every combination. The explicit examples every run
+checks first (``harness.check.examples``) cover every pair of options in every dtype.
 """
 
 from __future__ import annotations
@@ -14,41 +15,64 @@ from harness.check.case import GRADIENT_INPUTS, IGNORE_PATTERNS, Case
 from harness.check.support import Support
 from harness.spec import OPTIONS
 
-# N = 1, primes, and powers of two with their neighbours (no block size divides a prime).
-SPECIAL_TOKENS = (1, 2, 3, 7, 13, 31, 32, 33, 61, 64)
-# Vocabularies just below, at and past typical block sizes (16 ... 1024), and primes.
-SPECIAL_VOCABS = (2, 3, 17, 31, 127, 128, 129, 257, 509, 1024, 1031)
-# Small and odd hidden sizes.
-SPECIAL_DIMS = (1, 3, 5, 7, 16, 33)
-# At least 2^16: one past it and primes, with few tokens and a small D to stay cheap.
-LARGE_VOCABS = (65536, 65537, 65539, 100003)
+# Sizes just below, at and past power-of-two block edges (16 ... 4096), and primes: a kernel's
+# tail handling (the last partial block of tokens, of the vocabulary, of the hidden dimension) is
+# where its bugs live, and no block size divides a prime.
+SPECIAL_TOKENS = (1, 2, 3, 7, 13, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 257, 300)
+SPECIAL_DIMS = (1, 3, 5, 7, 16, 33, 63, 64, 65, 127, 129, 255, 257, 300)
+SPECIAL_VOCABS = (2, 3, 17, 31, 63, 64, 65, 127, 128, 129, 255, 256, 257, 509, 511, 513, 1023, 1025, 2047, 2049,
+                  4095, 4097)
+MAX_TOKENS = 300
+MAX_DIM = 300
+MAX_VOCAB = 4100
 
-MAX_TOKENS = 64
-MAX_DIM = 40
-MAX_VOCAB = 1100
+# At least 2^16, one past it and primes, with N and D at least 64 (real tiles, not toy ones).
+LARGE_VOCABS = (65536, 65537, 65539, 100003)
+LARGE_VOCAB_TOKENS = (64, 65, 96)
+LARGE_VOCAB_DIMS = (64, 65, 96, 128)
+
+# Precision at scale: thousands of tokens, so that a kernel summing per-chunk or per-block partial
+# results in the input dtype adds up dozens of roundings of it.
+AT_SCALE_TOKENS = (2048, 2500, 3001)
+AT_SCALE_DIMS = (64, 80, 96)
+AT_SCALE_VOCABS = (1024, 1031, 2048, 2053)
 
 OPTION_VALUES = {
     "ignore_index": (-1, 0),  # negative, and a real class id
     "label_smoothing": (0.1, 0.5),
-    "z_loss": (1e-4, 1e-2),
+    "z_loss": (1e-3, 1e-2),
     "softcap": (5.0, 30.0),
     "loss_div_factor": (3.0, 0.5),
 }
-LOGIT_SCALES = (1.0, 16.0)  # ordinary logits, and peaked softmaxes with logits in the tens
+# Ordinary logits; peaked softmaxes with logits in the tens; logits past 88.7, where exp overflows
+# float32, so that a softmax computed without subtracting its max shows.
+LOGIT_SCALES = (1.0, 16.0, 100.0)
 SEEDS = st.integers(0, 2**16 - 1)
 
 
-def _tokens(draw, *, large_vocab: bool, min_tokens: int, flat: bool) -> tuple[int, ...]:
+def _tokens(draw, *, min_tokens: int, flat: bool) -> tuple[int, ...]:
     three_d = False if flat else draw(st.booleans())
-    if large_vocab:
-        if three_d:
-            return (draw(st.integers(1, 2)), draw(st.integers(max(1, min_tokens // 2), 2)))
-        return (draw(st.integers(max(1, min_tokens), 4)),)
     if three_d:
         batch = draw(st.integers(1, 4))
-        return (batch, draw(st.integers(max(1, -(-min_tokens // batch)), 16)))
+        return (batch, draw(st.integers(max(1, -(-min_tokens // batch)), MAX_TOKENS // 4)))
     special = [n for n in SPECIAL_TOKENS if n >= min_tokens]
     return (draw(st.one_of(st.sampled_from(special), st.integers(min_tokens, MAX_TOKENS))),)
+
+
+def _shape(draw, *, large_vocab: bool, at_scale: bool, min_tokens: int, flat: bool):
+    """(tokens, D, V) for the kind of case asked for."""
+    if large_vocab:
+        tokens = draw(st.sampled_from(LARGE_VOCAB_TOKENS))
+        shape = (tokens,) if flat or draw(st.booleans()) else (2, tokens // 2)
+        return shape, draw(st.sampled_from(LARGE_VOCAB_DIMS)), draw(st.sampled_from(LARGE_VOCABS))
+    if at_scale:
+        tokens = draw(st.sampled_from(AT_SCALE_TOKENS))
+        shape = (tokens,) if flat or draw(st.booleans()) else (2, tokens // 2)
+        return shape, draw(st.sampled_from(AT_SCALE_DIMS)), draw(st.sampled_from(AT_SCALE_VOCABS))
+    tokens = _tokens(draw, min_tokens=min_tokens, flat=flat)
+    dim = draw(st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(1, MAX_DIM)))
+    vocab = draw(st.one_of(st.sampled_from(SPECIAL_VOCABS), st.integers(2, MAX_VOCAB)))
+    return tokens, dim, vocab
 
 
 @st.composite
@@ -59,26 +83,24 @@ def cases(
     dtypes: tuple[str, ...],
     reductions: tuple[str, ...] | None = None,
     large_vocab: bool = False,
+    at_scale: bool = False,
     tied: bool | None = None,
     grad_subsets: bool = False,
     chunked: bool = False,
+    logits: bool = False,
     min_tokens: int = 1,
     flat: bool = False,
 ) -> Case:
     """A ``Case`` the implementation supports.
 
-    ``tied``: None draws tied or untied heads; ``grad_subsets`` draws which inputs require grad;
-    ``chunked`` draws a chunk size; ``flat`` keeps inputs 2-D; ``min_tokens`` bounds N from below.
+    ``large_vocab``: V >= 2^16; ``at_scale``: thousands of tokens; ``tied``: None draws tied or
+    untied heads; ``grad_subsets`` draws which inputs require grad; ``chunked`` draws a chunk size;
+    ``logits`` draws how many positions the logits path keeps; ``flat`` keeps inputs 2-D;
+    ``min_tokens`` bounds N from below.
     """
     dtype = draw(st.sampled_from([d for d in dtypes if d in support.dtypes]))
     reduction = draw(st.sampled_from([r for r in (reductions or support.reductions) if r in support.reductions]))
-    tokens = _tokens(draw, large_vocab=large_vocab, min_tokens=min_tokens, flat=flat)
-    if large_vocab:
-        dim = draw(st.sampled_from((1, 3, 5, 7)))
-        vocab = draw(st.sampled_from(LARGE_VOCABS))
-    else:
-        dim = draw(st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(1, MAX_DIM)))
-        vocab = draw(st.one_of(st.sampled_from(SPECIAL_VOCABS), st.integers(2, MAX_VOCAB)))
+    tokens, dim, vocab = _shape(draw, large_vocab=large_vocab, at_scale=at_scale, min_tokens=min_tokens, flat=flat)
 
     fields: dict = {}
     for option, values in OPTION_VALUES.items():
@@ -92,9 +114,9 @@ def cases(
         if option in support.options:
             fields[option] = draw(st.booleans())
     ignored = draw(st.sampled_from(IGNORE_PATTERNS))
-    if ignored == "all" and reduction == "mean":
-        ignored = "some"  # 0/0: implementations legitimately differ; the behaviour matrix records it
-    is_tied = draw(st.booleans()) if tied is None else tied
+    if ignored == "all" and (reduction == "mean" or large_vocab or at_scale):
+        ignored = "some"  # mean of nothing: the behaviour matrix records it; large cases: worth more
+    is_tied = False if (large_vocab or at_scale) else (draw(st.booleans()) if tied is None else tied)
     scale = 1.0 if is_tied else draw(st.sampled_from(LOGIT_SCALES))
     grads = GRADIENT_INPUTS
     if grad_subsets and not is_tied:
@@ -103,6 +125,8 @@ def cases(
         grads = tuple(g for g in GRADIENT_INPUTS if g in chosen)
     num_tokens = tokens[0] * (tokens[1] if len(tokens) == 2 else 1)
     chunk = draw(st.integers(1, num_tokens + 2)) if chunked else None
+    keep = draw(st.sampled_from(sorted({0, 1, tokens[-1] // 2, tokens[-1]}))) if logits else 0
+    strided = False if is_tied else draw(st.booleans())
     return Case(
         tokens=tokens,
         dim=dim,
@@ -114,6 +138,8 @@ def cases(
         scale=scale,
         grads=grads,
         chunk=chunk,
+        keep=keep,
+        strided=strided,
         seed=draw(SEEDS),
         **fields,
     )

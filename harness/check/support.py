@@ -38,6 +38,15 @@ class Support:
     options: frozenset[str]
     why_not: dict[str, str] = field(default_factory=dict)  # dtype, reduction or option -> reason
 
+    def to_json(self) -> dict:
+        return {"available": self.available, "dtypes": list(self.dtypes), "reductions": list(self.reductions),
+                "options": sorted(self.options), "why_not": dict(self.why_not)}
+
+    @staticmethod
+    def from_json(data: dict) -> Support:
+        return Support(data["available"], tuple(data["dtypes"]), tuple(data["reductions"]),
+                       frozenset(data["options"]), dict(data["why_not"]))
+
     def allows(self, case: Case) -> bool:
         return (
             case.dtype in self.dtypes

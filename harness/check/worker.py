@@ -1,14 +1,19 @@
 """Child process of ``python -m harness check``: one implementation's properties, one JSON line each.
 
-    python -m harness.check.worker --impl NAME --profile ci [--max-examples N] [--device cpu] PROPERTY...
+    python -m harness.check.worker --impl NAME --profile ci [--max-examples N] [--device cpu] ITEM...
 
-See ``harness.check.isolation`` for the protocol; ``harness.check.command`` starts it.
+Each ITEM is a property id, or ``support``: what the implementation supports here (its declared
+capabilities and, for a plain-function plugin, what probing found), so that the parent can say
+what was not checked. See ``harness.check.isolation`` for the protocol; ``harness.check.command``
+starts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+
+SUPPORT_ITEM = "support"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     import harness  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton
     from harness.check.gate import Target, run_property
     from harness.check.isolation import ReportChannel
-    from harness.check.profiles import profile_settings
+    from harness.check.profiles import get_profile
     from harness.check.properties import find_property
     from harness.check.support import discover_support
     from harness.registry import resolve
@@ -31,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     channel = ReportChannel()
     target = Target(args.impl, resolve(args.impl))
     support = discover_support(target.impl, args.device)
-    profile = profile_settings(args.profile)
-    if args.max_examples is not None:
-        profile = type(profile)(profile, max_examples=args.max_examples)
+    profile = get_profile(args.profile, args.max_examples)
     for property_id in args.properties:
         channel.send({"started": property_id})
+        if property_id == SUPPORT_ITEM:
+            channel.send({"item": SUPPORT_ITEM, "support": support.to_json()})
+            continue
         prop = find_property(property_id)
 
         def announce(case, property_id=property_id) -> None:

@@ -158,6 +158,16 @@ def _correctness_section(check: CheckResults | None) -> str:
     else:
         parts.append("<h3>Properties against the float64 reference</h3>")
         parts.append(_table(matrix, index="implementation", status_columns=set(matrix.columns)))
+    precision = tables.precision_matrix(check.precision)
+    if not precision.empty:
+        parts.append("<h3>Precision: error as a multiple of torch-eager's on the same inputs</h3>")
+        parts.append("<p class='note'>Worst case over every equivalence and precision property, in the norm "
+                     "(1.00: as accurate as torch-eager; below 1: more accurate).</p>")
+        parts.append(_table(precision, index="implementation"))
+    not_checked = tables.not_checked_table(check.not_checked, check.properties)
+    if not not_checked.empty:
+        parts.append("<h3>What was not checked</h3>")
+        parts.append(_table(not_checked))
     not_passed = check.properties[~check.properties["status"].isin(["pass"])]
     if not not_passed.empty:
         parts.append("<h3>Properties that did not pass</h3>")

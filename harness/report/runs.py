@@ -15,7 +15,16 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.results import BEHAVIOUR_COLUMNS, METRICS, PROPERTY_COLUMNS, list_runs, read_meta, read_rows
+from harness.results import (
+    BEHAVIOUR_COLUMNS,
+    METRICS,
+    NOT_CHECKED_COLUMNS,
+    PRECISION_COLUMNS,
+    PROPERTY_COLUMNS,
+    list_runs,
+    read_meta,
+    read_rows,
+)
 
 BASELINE = "torch-eager"  # speed-ups are measured against PyTorch's plain eager implementation
 MODES = ("forward_backward", "forward", "backward")  # in order of preference for plots
@@ -49,6 +58,8 @@ class CheckResults:
     run: Run
     properties: pd.DataFrame
     behaviour: pd.DataFrame
+    precision: pd.DataFrame
+    not_checked: pd.DataFrame
 
 
 def resolve_run(name: str | Path, results_dir: Path) -> Path:
@@ -75,6 +86,8 @@ def load_check(path: Path) -> CheckResults:
         run=run,
         properties=_read_optional_csv(path / "properties.csv", PROPERTY_COLUMNS),
         behaviour=_read_optional_csv(path / "behaviour.csv", BEHAVIOUR_COLUMNS),
+        precision=_read_optional_csv(path / "precision.csv", PRECISION_COLUMNS),
+        not_checked=_read_optional_csv(path / "not_checked.csv", NOT_CHECKED_COLUMNS),
     )
 
 

@@ -66,6 +66,37 @@ def property_matrix(properties: pd.DataFrame) -> pd.DataFrame:
     return matrix.fillna("–")
 
 
+def precision_matrix(precision: pd.DataFrame) -> pd.DataFrame:
+    """implementation x (dtype, tensor) -> its worst error as a multiple of torch-eager's, over every
+    equivalence and precision property of a check run."""
+    if precision.empty:
+        return pd.DataFrame()
+    data = precision.assign(ratio=pd.to_numeric(precision["ratio"], errors="coerce"))
+    data = data.assign(column=data["dtype"] + " " + data["tensor"])
+    matrix = data.pivot_table(index="implementation", columns="column", values="ratio", aggfunc="max")
+    order = sorted(matrix.columns, key=lambda c: (("float32", "bfloat16", "float16").index(c.split()[0])
+                                                   if c.split()[0] in ("float32", "bfloat16", "float16") else 9, c))
+    return matrix[order].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
+
+
+def not_checked_table(not_checked: pd.DataFrame, properties: pd.DataFrame) -> pd.DataFrame:
+    """Per implementation: what it does not support here, and how many cases it refused at run time."""
+    rows = []
+    refused = properties.assign(refused=pd.to_numeric(properties.get("refused", 0), errors="coerce").fillna(0))
+    for implementation in dict.fromkeys(list(not_checked["implementation"]) + list(properties["implementation"])):
+        declared = not_checked[not_checked["implementation"] == implementation]
+        own = refused[(refused["implementation"] == implementation) & (refused["refused"] > 0)]
+        if declared.empty and own.empty:
+            continue
+        rows.append({
+            "implementation": implementation,
+            "unsupported here": "; ".join(f"{w}: {r}" for w, r in zip(declared["what"], declared["reason"])) or "–",
+            "cases refused at run time": ", ".join(f"{p} ({int(n)})" for p, n in zip(own["property"], own["refused"]))
+            or "–",
+        })
+    return pd.DataFrame(rows, columns=["implementation", "unsupported here", "cases refused at run time"])
+
+
 def behaviour_matrix(behaviour: pd.DataFrame) -> pd.DataFrame:
     """implementation x edge case -> what it does, from a check run's behaviour.csv."""
     if behaviour.empty:

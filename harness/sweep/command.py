@@ -206,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # stop the running case's process too
+    # Ctrl-C must stop the sweep (and keep what it measured) whatever disposition it inherited: a
+    # shell starts background jobs (`nohup ... &`) with SIGINT ignored, and Python keeps that.
+    previous_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     coordinator = Coordinator(ranks)
     run_dir = None
     try:
@@ -241,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         coordinator.close()
         signal.signal(signal.SIGTERM, previous_handler)
+        signal.signal(signal.SIGINT, previous_interrupt)
     return 0
 
 

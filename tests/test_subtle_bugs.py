@@ -1,0 +1,56 @@
+"""The gate rejects subtle kernel bugs and passes the correct kernel they were made from.
+
+``tests/subtle_bugs.py`` holds a correct fused, chunked loss (``fused_chunked``) and copies of it
+with one bug each. They are checked as a user checks a plugin, through ``python -m harness
+check`` with the CI profile. The bugs are rejected by the explicit examples alone (``--max-examples
+0``), which every run of the gate checks first, so the full CI-profile run (``CI=true python -m
+harness check --impl tests.subtle_bugs:NAME``) rejects them too; the correct kernel passes that
+full run, drawn cases included.
+"""
+
+import csv
+
+import pytest
+
+from harness.cli import main
+from tests import subtle_bugs
+
+BUG_NAMES = [bug.__name__ for bug in subtle_bugs.BUGS]
+
+
+def property_statuses(out_dir) -> dict[str, dict[str, str]]:
+    """{implementation: {property: status}} of the one run written under ``out_dir``."""
+    (run_dir,) = out_dir.iterdir()
+    statuses: dict[str, dict[str, str]] = {}
+    with open(run_dir / "properties.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            statuses.setdefault(row["implementation"], {})[row["property"]] = row["status"]
+    return statuses
+
+
+@pytest.fixture(scope="module")
+def bug_statuses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("subtle-bugs")
+    impls = [arg for name in BUG_NAMES for arg in ("--impl", f"tests.subtle_bugs:{name}")]
+    status = main(["check", "--profile", "ci", "--max-examples", "0", "--no-behaviour", *impls, "--out", str(out)])
+    assert status == 1
+    return property_statuses(out)
+
+
+def test_there_are_at_least_twenty_bugs_each_its_own_plugin():
+    assert len(set(BUG_NAMES)) == len(BUG_NAMES) >= 20
+    assert all(bug.__doc__ for bug in subtle_bugs.BUGS)
+
+
+@pytest.mark.parametrize("bug", BUG_NAMES)
+def test_the_ci_gate_rejects_a_subtle_bug(bug_statuses, bug):
+    statuses = bug_statuses[f"tests.subtle_bugs:{bug}"]
+    assert "fail" in statuses.values(), f"{bug} ({getattr(subtle_bugs, bug).__doc__}) passed: {statuses}"
+
+
+def test_the_correct_fused_kernel_passes_the_full_ci_gate(tmp_path):
+    status = main(["check", "--profile", "ci", "--no-behaviour", "--impl", "tests.subtle_bugs:fused_chunked",
+                   "--out", str(tmp_path)])
+    statuses = property_statuses(tmp_path)["tests.subtle_bugs:fused_chunked"]
+    assert status == 0, statuses
+    assert set(statuses.values()) <= {"pass", "n/a"}
