@@ -3,8 +3,9 @@
 An implementation subclasses ``Implementation`` and provides:
 
 - ``availability()``: can it run on this machine at all, and if not, why (one line);
-- ``capabilities(device)``: the dtypes, reductions and options it supports on that device, and,
-  for an option it lacks, why (``unsupported_options``);
+- ``capabilities(device)``: the dtypes, reductions and options it supports on that device
+  (``supported_options``, a positive list), and, for an option it lacks, why
+  (``unsupported_options``);
 - ``compute(hidden, weight, labels, spec, bias)``: the loss on 2-D inputs.
 
 Callers use ``loss(...)``, which validates the inputs, flattens ``(B, T, D)`` inputs, refuses
@@ -20,7 +21,7 @@ import torch
 
 from harness.errors import UnsupportedCase
 from harness.semantics import head_logits
-from harness.spec import OPTIONS, REDUCTIONS, LossOutput, LossSpec, dtype_name, validate_inputs
+from harness.spec import OPTIONS, ORIGINAL_OPTIONS, REDUCTIONS, LossOutput, LossSpec, dtype_name, validate_inputs
 
 FAMILIES = ("native", "triton", "cuda", "plugin")
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,16 +39,29 @@ class Availability:
 class Capabilities:
     """What an implementation supports on one device.
 
-    ``unsupported_options`` maps each option from ``harness.spec.OPTIONS`` it lacks to the reason.
+    ``supported_options`` lists the options from ``harness.spec.OPTIONS`` it supports (None: the
+    original seven, ``harness.spec.ORIGINAL_OPTIONS``); anything unlisted is unsupported.
+    ``unsupported_options`` says why, for an option it lacks (listed or not: it wins).
     """
 
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     reductions: tuple[str, ...] = REDUCTIONS
     unsupported_options: dict[str, str] = field(default_factory=dict)
+    supported_options: tuple[str, ...] | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
-        return tuple(o for o in OPTIONS if o not in self.unsupported_options)
+        listed = ORIGINAL_OPTIONS if self.supported_options is None else self.supported_options
+        return tuple(o for o in OPTIONS if o in listed and o not in self.unsupported_options)
+
+    def reasons(self) -> dict[str, str]:
+        """Why each option it lacks is unsupported, in ``OPTIONS`` order."""
+        supported = self.options
+        return {
+            o: self.unsupported_options.get(o, "not among the options the implementation declares it supports")
+            for o in OPTIONS
+            if o not in supported
+        }
 
 
 class Implementation:
@@ -96,9 +110,10 @@ class Implementation:
             return f"{self.name} does not support {dtype_name(dtype)} on {device}"
         if spec.reduction not in caps.reductions:
             return f"{self.name} does not support reduction={spec.reduction}"
+        reasons = caps.reasons()
         for option in sorted(spec.options_used(has_bias=has_bias)):
-            if option in caps.unsupported_options:
-                return f"{option}: {caps.unsupported_options[option]}"
+            if option in reasons:
+                return f"{option}: {reasons[option]}"
         return None
 
     def loss(

@@ -31,7 +31,7 @@ def describe(impl: Implementation, device: str) -> dict[str, str]:
     """One row of the listing, as plain strings (also used by the reports)."""
     available = impl.availability()
     caps = impl.capabilities(device)
-    missing = "; ".join(f"{option}: {why}" for option, why in caps.unsupported_options.items())
+    missing = "; ".join(f"{option}: {why}" for option, why in caps.reasons().items())
     return {
         "name": impl.name,
         "family": impl.family,

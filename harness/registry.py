@@ -5,7 +5,10 @@
     fn(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
        label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None) -> loss
 
-that raises ``NotImplementedError`` for an option it does not support.
+that raises ``NotImplementedError`` for an option it does not support. It is called with the
+keywords of the options a case uses only (and ``reduction``): a function without the keyword of an
+option in use cannot run that case, which is then *unsupported*, with that reason. So a plugin
+written before an option existed keeps working, and never silently ignores the new option.
 """
 
 from __future__ import annotations
@@ -33,21 +36,36 @@ class FunctionImplementation(Implementation):
         self.function = function
         doc = inspect.getdoc(function) or ""
         self.summary = doc.splitlines()[0] if doc else f"plain function {name}"
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C function: assume it takes every keyword
+            parameters = ()
+            self._any_keyword = True
+        else:
+            self._any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        self._keywords = frozenset(p.name for p in parameters if p.kind in named)
+
+    def _takes(self, keyword: str) -> bool:
+        return self._any_keyword or keyword in self._keywords
 
     def compute(self, hidden, weight, labels, spec, bias):
+        used = {  # keyword -> value, for the options this case uses (loss_div_factor: the harness applies it)
+            "bias": bias,
+            "ignore_index": spec.ignore_index if spec.ignore_index != -100 else None,
+            "label_smoothing": spec.label_smoothing or None,
+            "z_loss_multiplier": spec.z_loss_multiplier or None,
+            "softcap": spec.softcap,
+            "class_weight": spec.class_weight,
+        }
+        kwargs = {keyword: value for keyword, value in used.items() if value is not None}
+        if spec.reduction != "mean" or self._takes("reduction"):
+            kwargs["reduction"] = spec.reduction
+        missing = [keyword for keyword in kwargs if not self._takes(keyword)]
+        if missing:
+            raise UnsupportedCase(f"{self.name}: takes no {', '.join(missing)} keyword")
         try:
-            loss = self.function(
-                hidden,
-                weight,
-                labels,
-                bias=bias,
-                ignore_index=spec.ignore_index,
-                reduction=spec.reduction,
-                label_smoothing=spec.label_smoothing,
-                z_loss_multiplier=spec.z_loss_multiplier,
-                softcap=spec.softcap,
-                class_weight=spec.class_weight,
-            )
+            loss = self.function(hidden, weight, labels, **kwargs)
         except NotImplementedError as exc:
             raise UnsupportedCase(f"{self.name}: {exc or 'NotImplementedError'}") from None
         return LossOutput(loss, None)

@@ -17,7 +17,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 # The option vocabulary every implementation declares its support in. "bias" is an input, not a
 # spec field, but users choose implementations by it just the same.
-OPTIONS = (
+#
+# ORIGINAL_OPTIONS are those of the first contract: an adapter that lists no options supports
+# them. An option added since is supported only by the adapters that list it by name, so an
+# adapter written before it existed never claims it.
+ORIGINAL_OPTIONS = (
     "bias",
     "ignore_index",
     "label_smoothing",
@@ -26,6 +30,7 @@ OPTIONS = (
     "loss_div_factor",
     "class_weight",
 )
+OPTIONS = ORIGINAL_OPTIONS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

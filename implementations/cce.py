@@ -19,6 +19,7 @@ from implementations.torch_native import RECOMPILE_LIMIT
 
 PACKAGE_HINT = "pip install 'lmhead-bench[cce]'"
 
+SUPPORTED = ("ignore_index", "softcap", "loss_div_factor")  # loss_div_factor: applied by the harness
 UNSUPPORTED = {
     "bias": "cut-cross-entropy 25.1 has no bias input",
     "label_smoothing": "cut-cross-entropy 25.1 has no label smoothing",
@@ -53,7 +54,7 @@ class CutCrossEntropy(Implementation):
         return Availability(True, "its 'torch_compile' impl (no GPU here: its Triton kernels need CUDA)")
 
     def capabilities(self, device):
-        return Capabilities(unsupported_options=dict(UNSUPPORTED))
+        return Capabilities(supported_options=SUPPORTED, unsupported_options=dict(UNSUPPORTED))
 
     def compute(self, hidden, weight, labels, spec, bias):
         from cut_cross_entropy import linear_cross_entropy

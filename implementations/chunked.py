@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness.adapter import Implementation
+from harness.adapter import Capabilities, Implementation
 from harness.semantics import apply_softcap
 from harness.spec import LossOutput, LossSpec
 
@@ -189,6 +189,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+SUPPORTED = ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap", "loss_div_factor", "class_weight")
+
+
 class Chunked(Implementation):
     name = "chunked"
     family = "native"
@@ -199,6 +202,9 @@ class Chunked(Implementation):
 
     def with_chunk_size(self, chunk_size):
         return Chunked(chunk_size=chunk_size)
+
+    def capabilities(self, device):
+        return Capabilities(supported_options=SUPPORTED)
 
     def compute(self, hidden, weight, labels, spec, bias):
         num_tokens = hidden.shape[0]

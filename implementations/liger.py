@@ -18,6 +18,8 @@ PACKAGE_HINT = "pip install 'lmhead-bench[liger]'"
 
 # In liger-kernel 0.8.5 these kernels branches fail under Triton's interpreter with
 # InterpreterError: AttributeError("'float' object has no attribute 'to'"). On a GPU they run.
+# What LigerFusedLinearCrossEntropyFunction takes (loss_div_factor: applied by the harness).
+SUPPORTED = ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap", "loss_div_factor", "class_weight")
 INTERPRETER_FAILURES = {
     "class_weight": "liger-kernel's class-weight kernel fails under Triton's interpreter (no GPU here)",
     "softcap": "liger-kernel's softcap kernel fails under Triton's interpreter (no GPU here)",
@@ -68,9 +70,8 @@ class Liger(Implementation):
         return Availability(True, "through Triton's interpreter (no GPU here; slow but exact)")
 
     def capabilities(self, device):
-        if device == "cpu":
-            return Capabilities(unsupported_options=dict(INTERPRETER_FAILURES))
-        return Capabilities()
+        unsupported = dict(INTERPRETER_FAILURES) if device == "cpu" else {}
+        return Capabilities(supported_options=SUPPORTED, unsupported_options=unsupported)
 
     def compute(self, hidden, weight, labels, spec, bias):
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from harness.adapter import Availability, Capabilities, Implementation
 from harness.spec import LossOutput
 
+SUPPORTED = ("bias", "ignore_index", "loss_div_factor", "class_weight")  # loss_div_factor: by the harness
 # Options the chunked path lacks. Label smoothing is accepted by the function, but it silently
 # leaves the chunked path for the unchunked reference path, which would misreport its memory.
 UNSUPPORTED = {
@@ -37,7 +38,7 @@ class TorchLinearCrossEntropy(Implementation):
         return Availability(True, "chunked LinearCrossEntropyOptions path")
 
     def capabilities(self, device):
-        return Capabilities(unsupported_options=dict(UNSUPPORTED))
+        return Capabilities(supported_options=SUPPORTED, unsupported_options=dict(UNSUPPORTED))
 
     def with_chunk_size(self, chunk_size):
         return TorchLinearCrossEntropy(batch_chunk_size=chunk_size)

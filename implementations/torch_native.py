@@ -11,9 +11,9 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from harness.adapter import Availability, Implementation
+from harness.adapter import Availability, Capabilities, Implementation
 from harness.semantics import loss_from_logits
-from harness.spec import LossOutput, LossSpec
+from harness.spec import OPTIONS, LossOutput, LossSpec
 
 RECOMPILE_LIMIT = 256
 
@@ -35,6 +35,9 @@ class TorchEager(Implementation):
     family = "native"
     summary = "materialised logits upcast to float32, then F.cross_entropy (HF / OLMo-core default)"
 
+    def capabilities(self, device):
+        return Capabilities(supported_options=OPTIONS)  # it runs the definition itself
+
     def compute(self, hidden, weight, labels, spec, bias):
         return eager_loss(hidden, weight, labels, spec, bias)
 
@@ -52,6 +55,9 @@ class TorchCompile(Implementation):
         if not torch.cuda.is_available() and shutil.which("c++") is None and shutil.which("g++") is None:
             return Availability(False, "torch.compile on CPU needs a C++ compiler (c++/g++) on PATH")
         return Availability(True, "inductor (Triton on GPU, C++ on CPU)")
+
+    def capabilities(self, device):
+        return Capabilities(supported_options=OPTIONS)  # the definition itself, compiled
 
     def compute(self, hidden, weight, labels, spec, bias):
         if self._compiled is None:

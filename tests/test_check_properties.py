@@ -153,6 +153,19 @@ def test_a_plain_function_plugin_finds_out_what_it_supports_by_running():
     assert "z_loss" not in support.options and "z-loss is not implemented" in support.why_not["z_loss"]
 
 
+def test_a_plain_function_gets_only_the_options_a_case_uses():
+    """A plugin written before an option existed keeps passing; the options it has no keyword for
+    are unsupported, with the reason, never silently ignored."""
+    name = "tests.plugin_examples:written_before_softcap"
+    support = discover_support(resolve(name), "cpu")
+    assert {"bias", "ignore_index"} <= support.options
+    for option in ("label_smoothing", "z_loss", "softcap", "class_weight"):
+        assert option not in support.options and "takes no" in support.why_not[option]
+    assert_passes(name, "equivalence/float32", "N=9,D=4,V=17,reduction=sum,bias=1,ignore_index=-1,ignored=some,seed=0")
+    result = check(name, "equivalence/float32", "N=9,D=4,V=17,softcap=5.0,seed=0")
+    assert result.status == UNSUPPORTED and "takes no softcap keyword" in result.detail
+
+
 def test_a_case_an_implementation_cannot_run_is_unsupported_not_failed():
     result = check("tests.plugin_examples:plain_eager", "equivalence/float32", "N=4,D=3,V=9,z_loss=0.01,seed=0")
     assert result.status == UNSUPPORTED and "z-loss" in result.detail

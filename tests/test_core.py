@@ -297,3 +297,16 @@ class TestListCommand:
         assert result.returncode == 2
         assert result.stderr.startswith("error: ")
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_option_an_adapter_does_not_list_is_unsupported_with_a_reason():
+    from harness.adapter import Capabilities
+    from harness.spec import ORIGINAL_OPTIONS
+
+    assert Capabilities().options == ORIGINAL_OPTIONS  # an adapter that lists nothing: the original options
+    listed = Capabilities(supported_options=("bias", "softcap"), unsupported_options={"softcap": "no kernel"})
+    assert listed.options == ("bias",)
+    reasons = listed.reasons()
+    assert reasons["softcap"] == "no kernel"
+    assert "declares it supports" in reasons["ignore_index"]
+    assert "bias" not in reasons

@@ -76,7 +76,7 @@ def discover_support(impl: Implementation, device: str) -> Support:
         reason = f"{impl.name} does not run on {device}"
         return Support(False, (), (), frozenset(), {"implementation": reason})
     caps = impl.capabilities(device)
-    why_not = dict(caps.unsupported_options)
+    why_not = caps.reasons()
     dtypes = [dtype_name(d) for d in caps.dtypes]
     reductions = [r for r in REDUCTIONS if r in caps.reductions]
     options = set(caps.options)
