@@ -21,6 +21,17 @@ from harness.errors import HarnessError, UnsupportedCase
 from harness.spec import LossOutput
 
 
+# A plain function's keyword for each option (the LossSpec field of the same name, but for bias).
+OPTION_KEYWORDS = {
+    "bias": "bias",
+    "ignore_index": "ignore_index",
+    "label_smoothing": "label_smoothing",
+    "z_loss": "z_loss_multiplier",
+    "softcap": "softcap",
+    "class_weight": "class_weight",
+}
+
+
 class FunctionImplementation(Implementation):
     """Adapter for a plain loss function given as ``module:attr``.
 
@@ -50,15 +61,9 @@ class FunctionImplementation(Implementation):
         return self._any_keyword or keyword in self._keywords
 
     def compute(self, hidden, weight, labels, spec, bias):
-        used = {  # keyword -> value, for the options this case uses (loss_div_factor: the harness applies it)
-            "bias": bias,
-            "ignore_index": spec.ignore_index if spec.ignore_index != -100 else None,
-            "label_smoothing": spec.label_smoothing or None,
-            "z_loss_multiplier": spec.z_loss_multiplier or None,
-            "softcap": spec.softcap,
-            "class_weight": spec.class_weight,
-        }
-        kwargs = {keyword: value for keyword, value in used.items() if value is not None}
+        used = spec.options_used(has_bias=bias is not None) - {"loss_div_factor"}  # the harness applies it
+        kwargs = {OPTION_KEYWORDS[option]: bias if option == "bias" else getattr(spec, OPTION_KEYWORDS[option])
+                  for option in sorted(used)}
         if spec.reduction != "mean" or self._takes("reduction"):
             kwargs["reduction"] = spec.reduction
         missing = [keyword for keyword in kwargs if not self._takes(keyword)]

@@ -152,6 +152,12 @@ class _Run:
     def refusals(self) -> str:
         return "; ".join(f"{count} x {reason}" for reason, count in self.refused.most_common())
 
+    def result(self, status: str, detail: str, repro: str, started: float) -> PropertyResult:
+        """The result of the cases run so far (``started``: when the property began)."""
+        return PropertyResult(self.target.given, self.prop.id, status, self.passed, detail, repro,
+                              time.perf_counter() - started, sum(self.refused.values()),
+                              _precision_summary(self.ctx.errors))
+
 
 def run_property(
     target: Target,
@@ -168,11 +174,9 @@ def run_property(
     run = _Run(target, prop, device, on_case)
 
     def result(status: str, detail: str = "", repro: str = "") -> PropertyResult:
-        refused = sum(run.refused.values())
-        if status == PASS and refused:
-            detail = f"{refused} cases refused at run time ({run.refusals()})"
-        return PropertyResult(target.given, prop.id, status, run.passed, detail, repro,
-                              time.perf_counter() - started, refused, _precision_summary(run.ctx.errors))
+        if status == PASS and run.refused:
+            detail = f"{sum(run.refused.values())} cases refused at run time ({run.refusals()})"
+        return run.result(status, detail, repro, started)
 
     refused = cannot_run(target, prop, support)
     if refused is not None:
@@ -203,22 +207,20 @@ def run_property(
     # ``min_drawn`` always run; once a case has failed, shrinking it runs to the end).
     # ``--max-examples`` asks for an exact count and has no deadline.
     deadline = time.perf_counter() + profile.budget_s * fraction
-    drawn_run = {"cases": 0, "failed": False}
-
-    def past_deadline() -> bool:
-        return (profile.max_examples is None and not drawn_run["failed"]
-                and drawn_run["cases"] >= profile.min_drawn and time.perf_counter() > deadline)
+    drawn_cases, failed = 0, False
 
     def body(case: Case) -> None:
-        if past_deadline():
+        nonlocal drawn_cases, failed
+        if (profile.max_examples is None and not failed and drawn_cases >= profile.min_drawn
+                and time.perf_counter() > deadline):
             return
-        drawn_run["cases"] += 1
+        drawn_cases += 1
         try:
             run.check(case)
         except CaseRejected:
             reject()
         except BaseException:
-            drawn_run["failed"] = True
+            failed = True
             raise
 
     if drawn:
@@ -272,9 +274,7 @@ def run_case(target: Target, prop: Property, case: Case, device: str) -> Propert
     run = _Run(target, prop, device, None)
 
     def result(status: str, detail: str = "") -> PropertyResult:
-        return PropertyResult(target.given, prop.id, status, run.passed, detail, repro,
-                              time.perf_counter() - started, sum(run.refused.values()),
-                              _precision_summary(run.ctx.errors))
+        return run.result(status, detail, repro, started)
 
     try:
         run.check(case)

@@ -4,10 +4,11 @@ Every property first runs its explicit examples (``harness.check.examples``: eve
 every dtype, block edges, ...), whatever the profile. The profile then sets the **time budget**
 for cases Hypothesis draws on top, per implementation, shared among the properties by their
 ``share``: a property gets as many drawn cases as fit in its part of the budget at the mean
-speed its explicit examples ran (compiles included: an implementation that compiles for every new
-option set pays that on drawn cases too), rounded down to a power of two (so that small changes in speed do not
-change what is checked), between ``min_drawn`` and ``max_drawn``. A cheap plugin gets hundreds
-of cases in the time a Triton-interpreter run gets a few.
+speed its explicit examples ran, rounded down to a power of two (so that small changes in speed do
+not change what is checked), between ``min_drawn`` and ``max_drawn``. A cheap plugin gets hundreds
+of cases in the time a Triton-interpreter run gets a few. The budget is also a deadline
+(``harness.check.gate``): an implementation that compiles for every new option set ran its
+explicit examples from its cache, and pays a compile per drawn case.
 
 - ``ci``: a 30 s budget; each property draws from a seed of its own (a hash of its id, so the
   float32, bfloat16 and float16 properties see different cases), the same on every run: CI
@@ -22,6 +23,7 @@ shape, which takes seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from dataclasses import dataclass
@@ -29,6 +31,9 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 
 PROFILES = ("ci", "dev", "thorough")
+
+# Slow cases (Triton's interpreter, compiles) and large ones are the point, not a problem.
+_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 
 @dataclass(frozen=True)
@@ -50,15 +55,14 @@ class Profile:
         power = 1 << max(0, fits.bit_length() - 1) if fits else 0
         return max(self.min_drawn, min(self.max_drawn, power))
 
-    def hypothesis_settings(self, examples: int, *, shrink: bool = True) -> settings:
-        phases = [Phase.generate, Phase.target] + ([Phase.shrink] if shrink else [])
+    def hypothesis_settings(self, examples: int) -> settings:
         return settings(
             max_examples=max(1, examples),
             deadline=None,
             database=None,
             derandomize=False,
-            phases=phases,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+            phases=[Phase.generate, Phase.target, Phase.shrink],
+            suppress_health_check=_SLOW_IS_FINE,
             report_multiple_bugs=False,
             print_blob=False,
             verbosity=Verbosity.quiet,
@@ -78,10 +82,7 @@ _PROFILES = {
 
 def get_profile(name: str, max_examples: int | None = None) -> Profile:
     profile = _PROFILES[name]
-    if max_examples is not None:
-        profile = Profile(profile.name, profile.budget_s, profile.min_drawn, profile.max_drawn, profile.seeded,
-                          max_examples)
-    return profile
+    return profile if max_examples is None else dataclasses.replace(profile, max_examples=max_examples)
 
 
 def default_profile() -> str:
@@ -90,8 +91,7 @@ def default_profile() -> str:
 
 def register_profiles() -> None:
     """Hypothesis profiles of the same names for the test suite (``tests/conftest.py``)."""
-    common = dict(deadline=None, database=None, print_blob=False,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    common = dict(deadline=None, database=None, print_blob=False, suppress_health_check=_SLOW_IS_FINE)
     settings.register_profile("ci", derandomize=True, max_examples=10, **common)
     settings.register_profile("dev", max_examples=25, **common)
     settings.register_profile("thorough", max_examples=200, **common)

@@ -38,7 +38,7 @@ from harness.check.outcome import (
     run_reference,
     upstream_for,
 )
-from harness.check.tolerance import Error, allowance, mismatch, output_roundings
+from harness.check.tolerance import Allowance, Error, allowance, mismatch, output_roundings
 from harness.errors import HarnessError
 from harness.semantics import head_logits, reference_loss
 from implementations.torch_native import TorchEager
@@ -172,6 +172,17 @@ def yardstick_error(name: str, eager: torch.Tensor, expected: torch.Tensor, term
     return error
 
 
+def allowed_error(
+    name: str, expected: torch.Tensor, terms: torch.Tensor, case: Case, eager_errors: list[Error] | None,
+    out_dtypes: list[torch.dtype],
+) -> Allowance:
+    """The tolerance rule for tensor ``name`` of ``case`` (``eager_errors``: torch-eager's error on
+    each side, None when torch-eager itself is judged)."""
+    roundings = output_roundings(name, case.loss_div_factor != 1)
+    return allowance(eager_errors, expected, terms, case.torch_dtype, out_dtypes, summation_lengths(case, name),
+                     roundings)
+
+
 def compare_to_reference(
     got: Outcome, ref: Outcome, yard: Outcome | None, case: Case, ctx: CheckContext
 ) -> list[Mismatch]:
@@ -193,16 +204,14 @@ def compare_to_reference(
                 problems.append(Mismatch(ctx.property_id, case, name, message, None, expected))
             continue
         terms = ref.magnitudes[name]
-        lengths = summation_lengths(case, name)
-        out_dtype = got.dtypes.get(name, dtype)
-        roundings = output_roundings(name, case.loss_div_factor != 1)
+        out_dtypes = [got.dtypes.get(name, dtype)]
         if yard is None:
-            allowed = allowance(None, expected, terms, dtype, [out_dtype], lengths, roundings)
+            allowed = allowed_error(name, expected, terms, case, None, out_dtypes)
         else:
             eager_error = yardstick_error(name, yard_tensors[name], expected, terms, case, ctx)
             if not eager_error.is_finite():
                 raise CaseRejected(f"torch-eager's {name} is not finite on this case")
-            allowed = allowance([eager_error], expected, terms, dtype, [out_dtype], lengths, roundings)
+            allowed = allowed_error(name, expected, terms, case, [eager_error], out_dtypes)
             own = Error.between(actual, expected, terms)
             ctx.errors.append(ErrorRecord(name, case.dtype, own.norm, eager_error.norm, case))
         problem = mismatch(name, actual, expected, allowed)
@@ -244,15 +253,12 @@ def compare_identity(
             problems.append(Mismatch(ctx.property_id, case, name, message, lhs, rhs, loss_scale=loss_scale))
             continue
         expected, terms = reference[name], magnitudes[name]
-        lengths = summation_lengths(case, name)
-        roundings = output_roundings(name, case.loss_div_factor != 1)
-        if yard is None:
-            allowed = allowance(None, expected, terms, dtype, [dtype, dtype], lengths, roundings)
-        else:
+        errors = None
+        if yard is not None:
             errors = [yardstick_error(name, side, expected, terms, case, ctx) for side in yard[name]]
             if not all(e.is_finite() for e in errors):
                 raise CaseRejected(f"torch-eager's {name} is not finite on this case")
-            allowed = allowance(errors, expected, terms, dtype, [dtype, dtype], lengths, roundings)
+        allowed = allowed_error(name, expected, terms, case, errors, [dtype, dtype])
         problem = mismatch(name, lhs, rhs, allowed)
         if problem:
             problems.append(
@@ -474,12 +480,8 @@ def check_logits(impl: Implementation, case: Case, ctx: CheckContext) -> None:
     if tuple(got.shape) != tuple(expected.shape):
         message = f"logits: shape {tuple(got.shape)}, expected {tuple(expected.shape)} for logits_to_keep={keep}"
         ctx.fail_if([Mismatch(ctx.property_id, case, "logits", message)])
-    lengths = summation_lengths(case, "logits")
-    if is_yardstick(impl):
-        allowed = allowance(None, expected, terms, case.torch_dtype, [got.dtype], lengths)
-    else:
-        eager_error = Error.between(logits_of(YARDSTICK).detach().cpu(), expected, terms)
-        allowed = allowance([eager_error], expected, terms, case.torch_dtype, [got.dtype], lengths)
+    eager_errors = None if is_yardstick(impl) else [Error.between(logits_of(YARDSTICK).detach().cpu(), expected, terms)]
+    allowed = allowed_error("logits", expected, terms, case, eager_errors, [got.dtype])
     problem = mismatch("logits", got.detach().cpu(), expected, allowed)
     if problem:
         ctx.fail_if([Mismatch(ctx.property_id, case, "logits", problem, got, expected, allowed, terms)])

@@ -144,9 +144,9 @@ class Allowance:
 
 def output_roundings(tensor: str, divided: bool) -> int:
     """How many times a result may be rounded to its output dtype: once; twice for a gradient
-    (stored, then scaled by the upstream gradient) and for a loss ``divided`` by loss_div_factor
-    after it was computed."""
-    return 2 if tensor.startswith("grad_") or divided else 1
+    (stored, then scaled by the upstream gradient) and for a loss or z-loss ``divided`` by
+    loss_div_factor after it was computed."""
+    return 2 if tensor.startswith("grad_") or (divided and tensor in ("loss", "z_loss")) else 1
 
 
 def allowance(
