@@ -154,11 +154,12 @@ class Implementation:
         weight: torch.Tensor,
         *,
         bias: torch.Tensor | None = None,
-        softcap: float | None = None,
+        spec: LossSpec | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """The head without labels (generation): logits of the last ``logits_to_keep`` positions."""
-        return head_logits(hidden, weight, bias, softcap=softcap, logits_to_keep=logits_to_keep)
+        """The head without labels (generation): logits of the last ``logits_to_keep`` positions,
+        under the head's options in ``spec`` (softcap; its loss options play no part)."""
+        return head_logits(hidden, weight, bias, spec, logits_to_keep=logits_to_keep)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.adapter import Implementation
+from harness.environment import local_device
 from harness.registry import resolve, resolve_many
 from harness.spec import dtype_name
 
@@ -21,10 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plugin", action="append", default=[], metavar="MODULE:ATTR",
         help="list a plugin in addition to the built-ins (repeatable)",
     )
-
-
-def local_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def describe(impl: Implementation, device: str) -> dict[str, str]:

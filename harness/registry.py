@@ -18,18 +18,11 @@ import inspect
 
 from harness.adapter import Implementation
 from harness.errors import HarnessError, UnsupportedCase
-from harness.spec import LossOutput
+from harness.spec import OPTION_DECLARATIONS, LossOutput
 
 
-# A plain function's keyword for each option (the LossSpec field of the same name, but for bias).
-OPTION_KEYWORDS = {
-    "bias": "bias",
-    "ignore_index": "ignore_index",
-    "label_smoothing": "label_smoothing",
-    "z_loss": "z_loss_multiplier",
-    "softcap": "softcap",
-    "class_weight": "class_weight",
-}
+# A plain function's keyword for each option: its LossSpec field, or for an input its own name.
+OPTION_KEYWORDS = {option.name: option.spec_field or option.name for option in OPTION_DECLARATIONS}
 
 
 class FunctionImplementation(Implementation):

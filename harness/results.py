@@ -28,7 +28,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import HarnessError
+
 RESULTS_DIR = Path("results")
+
+# What one timed call of a sweep does (see harness.sweep.measure).
+MODES = ("forward", "forward_backward", "backward")
+# The implementation everything is compared with: speed-ups in reports, the error yardstick of check.
+BASELINE = "torch-eager"
 
 ROW_COLUMNS = (
     "run_id",
@@ -76,6 +83,19 @@ NOT_CHECKED_COLUMNS = ("implementation", "what", "reason")
 def new_run_id(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now()
     return now.strftime("%Y%m%d-%H%M%S")
+
+
+def new_run_dir(results_dir: Path, suffix: str = "") -> Path:
+    """A fresh ``<results_dir>/<run-id><suffix>`` (numbered when two runs start within the same second)."""
+    base = new_run_id() + suffix
+    for attempt in range(1, 1000):
+        candidate = Path(results_dir) / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise HarnessError(f"cannot create a new run folder under {results_dir}")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from harness.spec import LossOutput, LossSpec
+from harness.spec import LossOutput, LossSpec, underflow, unit_roundoff
 
 
 def apply_softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -23,9 +23,15 @@ def apply_softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(logits / softcap)
 
 
+def transform_logits(raw: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """What the head's options do to its raw logits ``hidden @ weight.T + bias``: the softcap."""
+    return apply_softcap(raw, spec.softcap)
+
+
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec) -> LossOutput:
-    """Loss of ``(N, V)`` logits against ``(N,)`` labels under ``spec``, in the logits' dtype."""
-    logits = apply_softcap(logits, spec.softcap)
+    """Loss of ``(N, V)`` raw logits (bias included) against ``(N,)`` labels under ``spec``, in the
+    logits' dtype."""
+    logits = transform_logits(logits, spec)
     labels = labels.long()
     class_weight = None if spec.class_weight is None else spec.class_weight.to(logits)
     ce = F.cross_entropy(
@@ -52,17 +58,70 @@ def head_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
+    spec: LossSpec | None = None,
     *,
-    softcap: float | None = None,
     logits_to_keep: int = 0,
 ) -> torch.Tensor:
-    """The inference path: logits of the last ``logits_to_keep`` positions (all when 0).
+    """The inference path: logits of the last ``logits_to_keep`` positions (all when 0), under the
+    head's options in ``spec`` (its loss options play no part).
 
     Positions are the sequence axis: ``T`` for ``(B, T, D)`` input, ``N`` for ``(N, D)``.
     """
     if logits_to_keep:
         hidden = hidden[..., -logits_to_keep:, :]
-    return apply_softcap(F.linear(hidden, weight, bias), softcap)
+    return transform_logits(F.linear(hidden, weight, bias), spec or LossSpec())
+
+
+# --- the size of the logits' terms (the tolerance's scale) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitTerms:
+    """Float64 logits and, per element, the size of the terms they are computed from in ``dtype``.
+
+    ``chain`` is d(logits)/d(raw logits), None where it is 1, and ``chain_terms`` the size of its
+    own terms (a derivative evaluated from rounded values is off by roundoffs of those terms).
+    """
+
+    logits: torch.Tensor
+    size: torch.Tensor
+    chain: torch.Tensor | float | None = None
+    chain_terms: torch.Tensor | float | None = None
+
+
+def logits_with_terms(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: LossSpec,
+    dtype: torch.dtype,
+    hidden_terms: torch.Tensor | None = None,
+) -> LogitTerms:
+    """The logits of float64 inputs and their terms, step by step as ``transform_logits`` computes them.
+
+    A raw logit's terms are those of its dot product, ``|h| . |w| + |b|`` (``hidden_terms`` replaces
+    ``|h|`` for hidden states that are themselves computed). The softcap ``cap tanh(x / cap)``
+    scales them by its slope ``1 - tanh^2`` and adds ``|z|`` for its own rounding; ``x / cap``
+    computed in ``dtype`` may underflow, up to ``underflow(dtype)`` lost, ``cap`` times that in
+    the logit; near saturation the slope is off by roundoffs of ``2 tanh^2``.
+    """
+    hidden_terms = hidden.abs() if hidden_terms is None else hidden_terms
+    logits = F.linear(hidden, weight, bias)
+    size = F.linear(hidden_terms, weight.abs(), None if bias is None else bias.abs())
+    chain = chain_terms = None
+    if spec.softcap is not None:
+        tanh = torch.tanh(logits / spec.softcap)
+        slope = 1 - tanh.square()
+        logits = spec.softcap * tanh
+        lost_to_underflow = spec.softcap * underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
+        size = size * slope + logits.abs() + lost_to_underflow
+        chain, chain_terms = _times(chain, slope), _times(chain_terms, slope + 2 * tanh.square())
+    return LogitTerms(logits, size, chain, chain_terms)
+
+
+def _times(factor, other):
+    """A chain-rule product, where None is 1."""
+    return other if factor is None else factor * other
 
 
 def reference_loss(

@@ -15,12 +15,84 @@ from harness.errors import HarnessError
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# The option vocabulary every implementation declares its support in. "bias" is an input, not a
-# spec field, but users choose implementations by it just the same.
-#
-# ORIGINAL_OPTIONS are those of the first contract: an adapter that lists no options supports
-# them. An option added since is supported only by the adapters that list it by name, so an
-# adapter written before it existed never claims it.
+@dataclass(frozen=True)
+class Option:
+    """One loss option, declared once: every table of the harness is derived from these.
+
+    ``kind`` says what a value is: ``flag`` (an input that is there or not: a bias, class weights),
+    ``int``, ``float`` or ``optional_float`` (``None`` is off). ``spec_field`` is the ``LossSpec``
+    field it sets (None for the flags: a case says whether the tensor exists). ``values`` are the
+    strong settings examples and Hypothesis use, the first also support probes; ``aliases`` are
+    older names case files and case lines still accept.
+    """
+
+    name: str
+    kind: str
+    default: object
+    values: tuple
+    meaning: str
+    spec_field: str | None = None
+    aliases: tuple[str, ...] = ()
+    acts_on_ignored_tokens: bool = False  # only visible when some tokens are ignored
+
+    def parse(self, text: str) -> object:
+        """The value of a ``key=value`` string (command line, one-line case); ValueError if malformed."""
+        if self.kind == "flag":
+            return parse_flag(text)
+        if self.kind == "int":
+            return int(text)
+        if self.kind == "optional_float" and text.lower() == "none":
+            return None
+        return float(text)
+
+    def from_toml(self, value: object) -> object:
+        """The value of a case file's ``options`` entry; ValueError naming what was expected."""
+        if self.kind == "flag":
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        if self.kind == "int":
+            if not isinstance(value, int):
+                raise ValueError("expected an integer")
+            return value
+        return float(value)
+
+
+def parse_flag(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected 0 or 1, got {text!r}")
+
+
+# The options, in the order tables list them. Values: logits of size 16 against a softcap of 5
+# make the cap bite; ignore_index -1 is negative, 0 a real class id; a loss_div_factor below 1
+# scales up.
+OPTION_DECLARATIONS = (
+    Option("bias", "flag", False, (True,), "a `(V,)` bias added to the logits"),
+    Option("ignore_index", "int", -100, (-1, 0), "label value whose tokens contribute nothing to loss or gradients",
+           spec_field="ignore_index", acts_on_ignored_tokens=True),
+    Option("label_smoothing", "float", 0.0, (0.1, 0.5), "PyTorch's definition (a mixture with the uniform "
+           "distribution)", spec_field="label_smoothing"),
+    Option("z_loss", "float", 0.0, (1e-3, 1e-2), "adds `m · logsumexp(logits)²` per token not ignored, reduced like "
+           "the loss (never class-weighted); also reported separately", spec_field="z_loss_multiplier",
+           aliases=("z_loss_multiplier",)),
+    Option("softcap", "optional_float", None, (5.0, 30.0), "logits become `cap · tanh(logits / cap)` before the "
+           "softmax (Gemma 2: 30)", spec_field="softcap"),
+    Option("loss_div_factor", "float", 1.0, (3.0, 0.5), "divides the reduced loss (gradient accumulation, HF's "
+           "`num_items_in_batch`)", spec_field="loss_div_factor"),
+    Option("class_weight", "flag", False, (True,), "PyTorch's `weight`, a `(V,)` tensor"),
+)
+OPTION_BY_NAME = {option.name: option for option in OPTION_DECLARATIONS}
+OPTIONS = tuple(OPTION_BY_NAME)
+
+# The options of the first contract: an adapter that lists no options supports these. An option
+# added since is supported only by the adapters that list it by name, so an adapter written
+# before it existed never claims it.
 ORIGINAL_OPTIONS = (
     "bias",
     "ignore_index",
@@ -30,13 +102,23 @@ ORIGINAL_OPTIONS = (
     "loss_div_factor",
     "class_weight",
 )
-OPTIONS = ORIGINAL_OPTIONS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon: the largest relative error of rounding one value to ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+def underflow(dtype: torch.dtype) -> float:
+    """Half the smallest subnormal of ``dtype``: the absolute error of rounding a value near zero."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps / 2
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -50,16 +132,10 @@ def parse_dtype(name: str) -> torch.dtype:
 class LossSpec:
     """Options of the LM-head loss. The defaults are PyTorch's ``F.cross_entropy`` defaults.
 
-    - ``reduction``: ``mean`` (over tokens not ignored; over the sum of their class weights when
-      ``class_weight`` is given), ``sum``, or ``none`` (per-token, 0 at ignored positions).
-    - ``ignore_index``: label value whose tokens contribute nothing to loss or gradients.
-    - ``label_smoothing``: PyTorch's definition (mixture with the uniform distribution).
-    - ``z_loss_multiplier``: adds ``m * logsumexp(logits)**2`` per token not ignored, reduced like
-      the loss but never class-weighted (mean divides by the number of tokens not ignored).
-    - ``softcap``: logits become ``cap * tanh(logits / cap)`` before the softmax.
-    - ``loss_div_factor``: the reduced loss (and z-loss) is divided by it, e.g. Hugging Face's
-      ``num_items_in_batch`` for gradient accumulation.
-    - ``class_weight``: PyTorch's ``weight``; a ``(V,)`` tensor, compared by identity.
+    ``reduction`` is ``mean`` (over tokens not ignored; over the sum of their class weights when
+    ``class_weight`` is given), ``sum``, or ``none`` (per-token, 0 at ignored positions). Every other
+    field is the ``spec_field`` of one ``Option`` in ``OPTION_DECLARATIONS``, which says what it
+    means; ``class_weight`` is the ``(V,)`` tensor itself, compared by identity.
     """
 
     reduction: str = "mean"
@@ -88,21 +164,12 @@ class LossSpec:
 
     def options_used(self, *, has_bias: bool) -> frozenset[str]:
         """The names from ``OPTIONS`` this spec (and a bias, if given) actually exercises."""
-        used = set()
-        if has_bias:
-            used.add("bias")
-        if self.ignore_index != -100:
-            used.add("ignore_index")
-        if self.label_smoothing:
-            used.add("label_smoothing")
-        if self.z_loss_multiplier:
-            used.add("z_loss")
-        if self.softcap is not None:
-            used.add("softcap")
-        if self.loss_div_factor != 1.0:
-            used.add("loss_div_factor")
+        used = {"bias"} if has_bias else set()
         if self.class_weight is not None:
             used.add("class_weight")
+        for option in OPTION_DECLARATIONS:
+            if option.spec_field is not None and getattr(self, option.spec_field) != option.default:
+                used.add(option.name)
         return frozenset(used)
 
     def describe(self) -> str:

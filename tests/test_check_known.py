@@ -1,4 +1,4 @@
-"""Known failures and limitations of built-in implementations (``harness/check/known.py``).
+"""Known failures and limitations of built-in implementations (``harness/check/known_failures.py``).
 
 A known failure's example case must show exactly the status "known-failure": when a new release
 fixes it (a pass) or breaks something else there (a fail), this test fails and the entry is
@@ -10,9 +10,9 @@ when the error is of its type and says its message.
 import pytest
 import torch
 
-from harness.check.case import parse_case
-from harness.check.gate import FAIL, KNOWN_FAILURE, UNSUPPORTED, Target, run_case
-from harness.check.known import KNOWN_FAILURES, KNOWN_LIMITATIONS, Mismatch, explain, known_failures
+from harness.case import parse_case
+from harness.check.run_property import FAIL, KNOWN_FAILURE, UNSUPPORTED, Target, run_case
+from harness.check.known_failures import KNOWN_FAILURES, KNOWN_LIMITATIONS, Mismatch, explain, known_failures
 from harness.check.properties import PROPERTY_IDS, find_property
 from harness.check.tolerance import Error, allowance
 from harness.registry import builtin_names, resolve

@@ -6,11 +6,11 @@ same path as ``python -m harness check --case``.
 """
 
 import pytest
-from harness.check.case import parse_case
-from harness.check.gate import FAIL, PASS, UNSUPPORTED, Target, run_case, run_property
+from harness.case import parse_case
+from harness.check.run_property import FAIL, PASS, UNSUPPORTED, Target, run_case, run_property
 from harness.check.profiles import get_profile
 from harness.check.properties import Property, check_equivalence, find_property
-from harness.check.support import discover_support
+from harness.check.support_probe import discover_support
 from harness.registry import resolve
 
 

@@ -16,20 +16,19 @@ from harness.errors import HarnessError, UnsupportedCase
 from harness.model import TinyLM
 from harness.registry import builtin_names, resolve, resolve_many
 from harness.semantics import reference_loss, reference_result
-from harness.spec import OPTIONS, LossSpec
+from harness.spec import OPTION_DECLARATIONS, OPTIONS, LossSpec
 
 BUILTINS = ("torch-eager", "torch-compile", "torch-linear-ce", "chunked", "liger", "cce")
 VOCAB, DIM, TOKENS = 97, 12, 23
 
-# One spec per option, each exercising exactly that option (bias is an input: handled below).
+# One spec per option, each exercising exactly that option at its declared strong value, ignore_index
+# at a real class id (bias is an input: handled below).
 OPTION_SPECS = {
-    "ignore_index": LossSpec(ignore_index=7),
-    "label_smoothing": LossSpec(label_smoothing=0.1),
-    "z_loss": LossSpec(z_loss_multiplier=1e-2),
-    "softcap": LossSpec(softcap=4.0),
-    "loss_div_factor": LossSpec(loss_div_factor=3.0),
-    "class_weight": LossSpec(class_weight=torch.rand(VOCAB, generator=torch.Generator().manual_seed(1)) + 0.5),
+    option.name: LossSpec(**{option.spec_field: 7 if option.name == "ignore_index" else option.values[0]})
+    for option in OPTION_DECLARATIONS
+    if option.spec_field is not None
 }
+OPTION_SPECS["class_weight"] = LossSpec(class_weight=torch.rand(VOCAB, generator=torch.Generator().manual_seed(1)) + 0.5)
 
 
 def make_inputs(seed=0, tokens=TOKENS, ignore_index=-100):

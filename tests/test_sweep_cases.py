@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import HarnessError
-from harness.sweep.cases import CASES_DIR, Case, CaseOptions, load_case_file, load_cases, with_dtypes
+from harness.case import Case, OptionValues
+from harness.sweep.cases import CASES_DIR, SweepCase, load_case_file, load_cases, with_dtypes
 from harness.sweep.presets import CPU_PRESET, GPU_PRESET, DeviceDescription, choose_preset
 
 # The real model heads the issue asks for: name -> (vocab, hidden, tied).
@@ -29,29 +30,29 @@ def write(tmp_path, text: str, name: str = "bad.toml"):
 
 def test_models_file_holds_every_real_model_head_at_training_token_counts():
     cases = load_case_file(CASES_DIR / "models.toml")
-    heads = {case.shape: (case.vocab, case.hidden, case.tied) for case in cases}
+    heads = {case.entry: (case.case.vocab, case.case.dim, case.tied) for case in cases}
     assert heads == MODEL_HEADS
-    assert {case.tokens for case in cases} == {4096, 8192, 16384}
-    assert {case.dtype for case in cases} == {"bfloat16"}
+    assert {case.case.num_tokens for case in cases} == {4096, 8192, 16384}
+    assert {case.case.dtype for case in cases} == {"bfloat16"}
 
 
 def test_gemma2_head_is_soft_capped_at_30_and_the_others_are_not():
     cases = load_case_file(CASES_DIR / "models.toml")
     for case in cases:
-        assert case.options.softcap == (30.0 if case.shape == "gemma2-2b" else None)
+        assert case.case.option("softcap") == (30.0 if case.entry == "gemma2-2b" else None)
 
 
 def test_vocabulary_sweep_varies_only_the_vocabulary():
     cases = load_case_file(CASES_DIR / "sweep_vocab.toml")
-    assert len({case.vocab for case in cases}) == len(cases) >= 4
-    assert len({(case.hidden, case.tokens, case.dtype) for case in cases}) == 1
+    assert len({case.case.vocab for case in cases}) == len(cases) >= 4
+    assert len({(case.case.dim, case.case.tokens, case.case.dtype) for case in cases}) == 1
     assert all("/V=" in case.name for case in cases)
 
 
 def test_token_sweep_varies_only_the_token_count():
     cases = load_case_file(CASES_DIR / "sweep_tokens.toml")
-    assert len({case.tokens for case in cases}) == len(cases) >= 4
-    assert len({(case.vocab, case.hidden, case.dtype) for case in cases}) == 1
+    assert len({case.case.tokens for case in cases}) == len(cases) >= 4
+    assert len({(case.case.vocab, case.case.dim, case.case.dtype) for case in cases}) == 1
 
 
 def test_every_shipped_case_file_loads_with_unique_case_names():
@@ -73,28 +74,28 @@ options = { softcap = 30, bias = true }
     cases = load_case_file(path)
     assert len(cases) == 2 * 2 * 2
     assert cases[0].name == "demo/V=100/N=8/float32"
-    assert cases[0].options == CaseOptions(softcap=30.0, bias=True)
-    assert cases[0].options.describe() == "reduction=mean, softcap=30.0, bias"
+    assert cases[0].case.options == OptionValues.of(softcap=30.0, bias=True)
+    assert cases[0].case.describe_options() == "reduction=mean, softcap=30.0, bias"
 
 
 def test_file_entry_filter_keeps_only_the_named_entries():
     cases = load_cases(["models:llama3-8b,gemma2-2b"])
-    assert {case.shape for case in cases} == {"llama3-8b", "gemma2-2b"}
+    assert {case.entry for case in cases} == {"llama3-8b", "gemma2-2b"}
 
 
 def test_dtype_override_renames_the_cases():
     cases = with_dtypes(load_cases(["models:gpt2-small"]), ["float32"])
     assert [case.name for case in cases] == [f"gpt2-small/N={n}/float32" for n in (4096, 8192, 16384)]
-    assert {case.dtype for case in cases} == {"float32"}
+    assert {case.case.dtype for case in cases} == {"float32"}
 
 
 def test_a_case_survives_the_trip_to_the_worker_as_json():
     case = load_cases(["models:gemma2-2b"])[0]
-    assert Case.from_json(case.to_json()) == case
+    assert SweepCase.from_json(case.to_json()) == case
 
 
 def test_lower_bound_and_logits_sizes_follow_the_definitions():
-    case = Case(name="x", shape="x", vocab=1000, hidden=64, tokens=10, dtype="bfloat16")
+    case = Case(tokens=(10,), dim=64, vocab=1000, dtype="bfloat16")
     assert case.gradient_bytes == (10 * 64 + 1000 * 64) * 2  # grad of hidden + grad of weight
     assert case.logits_bytes == 10 * 1000 * 2
     assert case.matmul_flops("forward") == 2 * 10 * 64 * 1000
@@ -147,12 +148,12 @@ def test_gpu_machine_gets_the_real_model_shapes_and_cpu_machine_the_scaled_down_
     cpu = choose_preset(DeviceDescription(kind="cpu", name="AMD EPYC"))
     assert gpu is GPU_PRESET and cpu is CPU_PRESET
     gpu_cases = load_cases(list(gpu.case_files))
-    assert set(MODEL_HEADS) <= {case.shape for case in gpu_cases}
-    assert min(case.tokens for case in gpu_cases if case.shape in MODEL_HEADS) >= 4096
-    assert {case.dtype for case in gpu_cases} == {"bfloat16"}
+    assert set(MODEL_HEADS) <= {case.entry for case in gpu_cases}
+    assert min(case.case.num_tokens for case in gpu_cases if case.entry in MODEL_HEADS) >= 4096
+    assert {case.case.dtype for case in gpu_cases} == {"bfloat16"}
 
 
 def test_cpu_preset_is_scaled_down_but_keeps_a_large_vocabulary_case():
     cases = load_cases(list(CPU_PRESET.case_files))
-    assert max(case.tokens * case.vocab * case.hidden for case in cases) < 2048 * 128256 * 4096 / 100
-    assert max(case.vocab for case in cases) >= 100_000
+    assert max(case.case.num_tokens * case.case.vocab * case.case.dim for case in cases) < 2048 * 128256 * 4096 / 100
+    assert max(case.case.vocab for case in cases) >= 100_000

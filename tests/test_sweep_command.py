@@ -19,7 +19,7 @@ import pytest
 from harness.cli import main
 from harness.registry import builtin_names
 from harness.results import list_runs, read_meta, read_rows
-from harness.sweep.cases import PROJECT_ROOT
+from harness.environment import PROJECT_ROOT
 
 PLUGINS = "tests.sweep_plugins"
 QUICK = ["--measure-time", "0.01", "--min-repeats", "1"]

@@ -8,10 +8,11 @@ import torch
 from harness.errors import HarnessError, UnsupportedCase
 from harness.registry import resolve
 from harness.results import METRICS, ROW_COLUMNS
-from harness.sweep.cases import Case, CaseOptions
+from harness.case import Case, make_inputs
+from harness.sweep.cases import SweepCase
 from harness.sweep.distributed import Ranks, ranks_from_environment, shard, visible_device_for
 from harness.sweep.isolation import ChildOutcome
-from harness.sweep.measure import TimingSettings, make_inputs, measure_mode
+from harness.sweep.measure import TimingSettings, measure_mode
 from harness.sweep.rows import Job, derived_metrics, job_rows, mode_results
 from harness.sweep.worker import classify
 
@@ -20,25 +21,31 @@ MEASURED = {"first_call", "time_median", "time_p20", "time_p80", "peak_memory"}
 
 
 def tiny_case(**changes) -> Case:
-    fields = dict(name="tiny/N=64/float32", shape="tiny", vocab=512, hidden=32, tokens=64, dtype="float32")
-    fields.update(changes)
-    return Case(**fields)
+    return Case(tokens=(64,), dim=32, vocab=512).replace(**changes)
+
+
+def tiny_sweep_case(**changes) -> SweepCase:
+    return SweepCase("tiny/N=64/float32", "tiny", tiny_case(**changes))
+
+
+def sweep_inputs(case: Case):
+    return make_inputs(case, device="cpu", draw_on_device=True)
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward", "backward"])
 def test_each_mode_records_time_spread_first_call_and_peak_memory(mode):
-    inputs = make_inputs(tiny_case(), "cpu")
+    inputs = sweep_inputs(tiny_case())
     metrics = measure_mode(resolve("torch-eager"), inputs, mode, "cpu", QUICK)
     assert set(metrics) == MEASURED
     assert 0 < metrics["time_p20"] <= metrics["time_median"] <= metrics["time_p80"]
     assert metrics["peak_memory"] >= 0
-    assert all(t.grad is None for t in inputs.leaves)  # nothing left behind for the next mode
+    assert all(t.grad is None for t in inputs.gradient_inputs.values())  # nothing left behind for the next mode
 
 
 def test_peak_memory_sees_the_logits_torch_eager_materialises_and_chunked_avoids():
     """torch-eager holds all 256 x 32768 float32 logits (32 MiB); chunked, 32 tokens at a time, an eighth."""
-    case = tiny_case(name="wide", vocab=32768, hidden=32, tokens=256)
-    inputs = make_inputs(case, "cpu")
+    case = tiny_case(vocab=32768, dim=32, tokens=(256,))
+    inputs = sweep_inputs(case)
     eager = measure_mode(resolve("torch-eager"), inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
     chunked_impl = resolve("chunked").with_chunk_size(32)
     chunked = measure_mode(chunked_impl, inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
@@ -47,14 +54,14 @@ def test_peak_memory_sees_the_logits_torch_eager_materialises_and_chunked_avoids
 
 
 def test_backward_alone_is_unsupported_for_an_implementation_that_refuses_a_retained_graph():
-    inputs = make_inputs(tiny_case(), "cpu")
+    inputs = sweep_inputs(tiny_case())
     with pytest.raises(UnsupportedCase, match="retain_graph"):
         measure_mode(resolve("torch-linear-ce"), inputs, "backward", "cpu", QUICK)
 
 
 def test_options_reach_the_loss_and_per_token_losses_get_a_per_token_gradient():
-    case = tiny_case(options=CaseOptions(reduction="none", softcap=20.0, bias=True, class_weight=True))
-    inputs = make_inputs(case, "cpu")
+    case = tiny_case(reduction="none", softcap=20.0, bias=True, class_weight=True)
+    inputs = sweep_inputs(case)
     assert inputs.spec.softcap == 20.0 and inputs.bias is not None and inputs.spec.class_weight is not None
     metrics = measure_mode(resolve("chunked"), inputs, "forward_backward", "cpu", QUICK)
     assert set(metrics) == MEASURED
@@ -96,7 +103,7 @@ def test_a_process_that_dies_mid_mode_keeps_earlier_modes_and_marks_the_rest():
 
 
 def test_derived_figures_follow_their_definitions():
-    case = tiny_case(vocab=1000, hidden=10, tokens=100)
+    case = tiny_case(vocab=1000, dim=10, tokens=(100,))
     metrics = {"time_median": 2.0, "peak_memory": 800_000}
     derived = derived_metrics(case, "forward_backward", metrics, {"float32": 0.5})
     assert derived["tflops"] == pytest.approx(6 * 100 * 10 * 1000 / 2e-3 / 1e12)
@@ -112,7 +119,7 @@ def test_backward_alone_gets_no_matmul_rate_because_fused_implementations_do_tha
 
 
 def test_rows_are_tidy_one_per_metric_or_one_status_row():
-    job = Job(case=tiny_case(), implementation="torch-eager", reference="torch-eager")
+    job = Job(case=tiny_sweep_case(), implementation="torch-eager", reference="torch-eager")
     results = {
         "forward": {"status": "ok", "metrics": {m: 1.0 for m in MEASURED}},
         "backward": {"status": "unsupported", "reason": "no retained graph"},

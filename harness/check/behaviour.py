@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.case import Inputs
 from harness.check.isolation import ReportChannel, run_items
 from harness.errors import UnsupportedCase
 from harness.semantics import reference_loss
@@ -28,18 +29,15 @@ EDGE_CASE_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
-class EdgeInputs:
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    labels: torch.Tensor
-    spec: LossSpec
-
-
-@dataclass(frozen=True)
 class EdgeCase:
     id: str
     summary: str
-    build: Callable[[str], EdgeInputs]
+    build: Callable[[str], Inputs]
+
+
+def _edge_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, spec: LossSpec) -> Inputs:
+    """Inputs no ``Case`` describes (labels out of range, NaNs, no tokens): without bias or upstream."""
+    return Inputs(hidden, weight, None, labels, spec, None, {})
 
 
 def _standard(device: str, *, tokens: int = 4, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
@@ -50,41 +48,41 @@ def _standard(device: str, *, tokens: int = 4, dtype: torch.dtype = torch.float3
     return hidden, weight, labels
 
 
-def _all_ignored(device: str) -> EdgeInputs:
+def _all_ignored(device: str) -> Inputs:
     hidden, weight, labels = _standard(device)
-    return EdgeInputs(hidden, weight, torch.full_like(labels, -100), LossSpec(reduction="mean"))
+    return _edge_inputs(hidden, weight, torch.full_like(labels, -100), LossSpec(reduction="mean"))
 
 
-def _label(value: int) -> Callable[[str], EdgeInputs]:
-    def build(device: str) -> EdgeInputs:
+def _label(value: int) -> Callable[[str], Inputs]:
+    def build(device: str) -> Inputs:
         hidden, weight, labels = _standard(device)
         labels[1] = value
-        return EdgeInputs(hidden, weight, labels, LossSpec())
+        return _edge_inputs(hidden, weight, labels, LossSpec())
 
     return build
 
 
-def _hidden_with(value: float) -> Callable[[str], EdgeInputs]:
-    def build(device: str) -> EdgeInputs:
+def _hidden_with(value: float) -> Callable[[str], Inputs]:
+    def build(device: str) -> Inputs:
         hidden, weight, labels = _standard(device)
         hidden[1, 2] = value
-        return EdgeInputs(hidden, weight, labels, LossSpec())
+        return _edge_inputs(hidden, weight, labels, LossSpec())
 
     return build
 
 
-def _empty_batch(device: str) -> EdgeInputs:
+def _empty_batch(device: str) -> Inputs:
     hidden, weight, labels = _standard(device, tokens=0)
-    return EdgeInputs(hidden, weight, labels, LossSpec())
+    return _edge_inputs(hidden, weight, labels, LossSpec())
 
 
-def _float16_overflow(device: str) -> EdgeInputs:
+def _float16_overflow(device: str) -> Inputs:
     # 8 * 96 * 96 = 73728 > 65504: class 0's logit does not fit in float16 for tokens 0 and 1.
     hidden, weight, labels = _standard(device, dtype=torch.float32)
     hidden[:2] = 96.0
     weight[0] = 96.0
     labels[:3] = torch.tensor([0, 5, 0])
-    return EdgeInputs(hidden.half(), weight.half(), labels, LossSpec())
+    return _edge_inputs(hidden.half(), weight.half(), labels, LossSpec())
 
 
 EDGE_CASES = (
@@ -136,7 +134,9 @@ def probe(impl, edge: EdgeCase, device: str) -> tuple[str, str]:
     hidden = inputs.hidden.clone().requires_grad_()
     weight = inputs.weight.clone().requires_grad_()
     try:
-        reference = reference_loss(inputs.hidden, inputs.weight, inputs.labels.cpu(), inputs.spec).loss
+        # On the CPU whatever the device: the reference is defined there (CUDA inputs meeting CPU
+        # labels would read as "undefined").
+        reference = reference_loss(inputs.hidden.cpu(), inputs.weight.cpu(), inputs.labels.cpu(), inputs.spec).loss
         reference_text = f"reference {reference.item():.6g}" if reference.numel() == 1 else "reference computed"
     except Exception as exc:  # noqa: BLE001 - e.g. an out-of-range label: the reference is undefined
         reference, reference_text = None, f"reference undefined ({type(exc).__name__})"

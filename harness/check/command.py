@@ -30,9 +30,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from harness.case import parse_case
 from harness.check.behaviour import EDGE_CASES, BehaviourResult, probe, run_behaviour
-from harness.check.case import parse_case
-from harness.check.gate import (
+from harness.check.run_property import (
     FAIL,
     KNOWN_FAILURE,
     NOT_APPLICABLE,
@@ -49,10 +49,10 @@ from harness.check import tolerance
 from harness.check.junit import write_junit
 from harness.check.profiles import PROFILES, default_profile, get_profile
 from harness.check.properties import PROPERTIES, PROPERTY_IDS, find_property
-from harness.check.support import Support, discover_support
+from harness.check.support_probe import Support, discover_support
 from harness.check.worker import SUPPORT_ITEM
 from harness.errors import HarnessError
-from harness.listing import local_device
+from harness.environment import local_device
 from harness.registry import builtin_names, resolve
 from harness.results import (
     BEHAVIOUR_COLUMNS,
@@ -61,10 +61,10 @@ from harness.results import (
     PROPERTY_COLUMNS,
     RESULTS_DIR,
     RowWriter,
-    new_run_id,
+    new_run_dir,
     write_json_atomic,
 )
-from harness.sweep.environment import device_environment, host_environment
+from harness.environment import device_environment, host_environment
 
 STATUS_STYLE = {PASS: "green", FAIL: "bold red", KNOWN_FAILURE: "yellow", UNSUPPORTED: "dim", NOT_APPLICABLE: "dim"}
 
@@ -129,16 +129,6 @@ def environment(device: str) -> dict:
     env = {**host_environment(), **device_environment(device)}
     env["packages"]["hypothesis"] = importlib.metadata.version("hypothesis")
     return env
-
-
-def new_run_dir(out: Path) -> Path:
-    base = f"{new_run_id()}-check"
-    run_dir, n = out / base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = out / f"{base}-{n}"
-    run_dir.mkdir(parents=True)
-    return run_dir
 
 
 def _status_cell(result: PropertyResult) -> str:
@@ -320,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = 1 if args.in_process else min(args.jobs or default_jobs(), len(targets))
     threads = max(1, (os.cpu_count() or 1) // jobs)
 
-    run_dir = new_run_dir(args.out)
+    run_dir = new_run_dir(args.out, "-check")
     meta = {
         "kind": "check",
         "run_id": run_dir.name,

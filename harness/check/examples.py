@@ -13,7 +13,7 @@ reaches the structure of a real kernel:
   with ordinary logits, logits in the tens and logits past float32's exp range (88.7), and
   half of them with non-contiguous inputs (``strided=1``);
 - **each dtype its own seeds**, so the three dtypes do not see the same inputs;
-- the labels always include the first and the last class (``harness.check.case.make_labels``).
+- the labels always include the first and the last class (``harness.case.make_labels``).
 
 An implementation that lacks an option gets the examples without it (``strategies.fit_to``);
 duplicates that leaves are run once.
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import itertools
 
-from harness.check.case import Case
-from harness.check.strategies import LOGIT_SCALES, OPTION_VALUES
-from harness.spec import OPTIONS, REDUCTIONS
+from harness.case import Case
+from harness.check.strategies import LOGIT_SCALES
+from harness.spec import OPTION_BY_NAME, OPTIONS, REDUCTIONS
 
 DTYPE_SEEDS = {"float32": 1000, "bfloat16": 2000, "float16": 3000}
 
@@ -49,11 +49,8 @@ def option_fields(options: tuple[str, ...], variant: int) -> dict:
     """Case fields turning ``options`` on, with the ``variant``-th of each option's values."""
     fields: dict = {}
     for option in options:
-        if option in ("bias", "class_weight"):
-            fields[option] = True
-        else:
-            values = OPTION_VALUES[option]
-            fields[option] = values[variant % len(values)]
+        values = OPTION_BY_NAME[option].values
+        fields[option] = values[variant % len(values)]
     if "softcap" in options:
         fields["scale"] = 16.0  # logits beyond the cap, so that it bites
     return fields
@@ -62,15 +59,15 @@ def option_fields(options: tuple[str, ...], variant: int) -> dict:
 def _option_case(options: tuple[str, ...], index: int, dtype: str, seed: int) -> Case:
     tokens, dim, vocab = OPTION_SHAPES[index % len(OPTION_SHAPES)]
     fields = {"scale": 16.0 if index % 3 == 0 else 1.0, **option_fields(options, index)}
-    return Case(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[index % 3],
+    return Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[index % 3],
                 ignored="some", seed=seed, **fields)
 
 
 def equivalence_examples(dtype: str) -> list[Case]:
     seed = DTYPE_SEEDS[dtype]
-    cases = [Case(tokens=(1,), dim=1, vocab=2, dtype=dtype, seed=seed)]
+    cases = [Case.build(tokens=(1,), dim=1, vocab=2, dtype=dtype, seed=seed)]
     for i, (tokens, dim, vocab) in enumerate(BLOCK_EDGE_SHAPES):
-        cases.append(Case(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[i % 3],
+        cases.append(Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[i % 3],
                           scale=LOGIT_SCALES[i // 3 % 3], ignored="some", bias=i % 2 == 0,
                           strided=i // 2 % 2 == 1, seed=seed + 10 + i))
     singles = [(option,) for option in OPTIONS]
@@ -78,26 +75,26 @@ def equivalence_examples(dtype: str) -> list[Case]:
     for i, options in enumerate(singles + pairs):
         cases.append(_option_case(options, i, dtype, seed + 100 + i))
     cases.append(_option_case(OPTIONS, 1, dtype, seed + 200))
-    cases.append(Case(tokens=(70,), dim=65, vocab=129, dtype=dtype, tied=True, bias=True, z_loss=1e-2,
+    cases.append(Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtype, tied=True, bias=True, z_loss=1e-2,
                       ignored="some", seed=seed + 201))
     return cases
 
 
 def large_vocab_examples() -> list[Case]:
     return [
-        Case(tokens=(64,), dim=64, vocab=65537, dtype="float32", ignored="some", seed=1),
-        Case(tokens=(2, 48), dim=96, vocab=100003, dtype="bfloat16", reduction="none", bias=True,
+        Case.build(tokens=(64,), dim=64, vocab=65537, dtype="float32", ignored="some", seed=1),
+        Case.build(tokens=(2, 48), dim=96, vocab=100003, dtype="bfloat16", reduction="none", bias=True,
              ignored="some", seed=2),
-        Case(tokens=(65,), dim=65, vocab=65536, dtype="float16", reduction="sum", label_smoothing=0.1,
+        Case.build(tokens=(65,), dim=65, vocab=65536, dtype="float16", reduction="sum", label_smoothing=0.1,
              z_loss=1e-2, ignored="some", seed=3),
     ]
 
 
 def at_scale_examples() -> list[Case]:
     return [
-        Case(tokens=(2048,), dim=64, vocab=2048, dtype="bfloat16", reduction="sum", bias=True, seed=21),
-        Case(tokens=(2, 1024), dim=96, vocab=2053, dtype="float16", ignored="some", bias=True, seed=22),
-        Case(tokens=(2048,), dim=80, vocab=1031, dtype="bfloat16", ignored="some", z_loss=1e-2,
+        Case.build(tokens=(2048,), dim=64, vocab=2048, dtype="bfloat16", reduction="sum", bias=True, seed=21),
+        Case.build(tokens=(2, 1024), dim=96, vocab=2053, dtype="float16", ignored="some", bias=True, seed=22),
+        Case.build(tokens=(2048,), dim=80, vocab=1031, dtype="bfloat16", ignored="some", z_loss=1e-2,
              label_smoothing=0.1, seed=23),
     ]
 
@@ -113,7 +110,7 @@ def _contract_examples(dtypes: tuple[str, ...], **extra) -> list[Case]:
     cases = []
     for i, (variant, (tokens, dim, vocab)) in enumerate(zip(variants, OPTION_SHAPES)):
         fields = {**variant, **extra}
-        cases.append(Case(tokens=tokens, dim=dim, vocab=vocab, dtype=dtypes[i % len(dtypes)],
+        cases.append(Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtypes[i % len(dtypes)],
                           ignored="some", seed=300 + i, **fields))
     return cases
 
@@ -128,29 +125,29 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
         return at_scale_examples()
     if property_id == "autograd/grad-subsets":
         subsets = (("hidden",), ("weight", "bias"), ("bias",), ("weight",), ("hidden", "bias"))
-        return [Case(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], bias=True,
+        return [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], bias=True,
                      ignored="some", grads=grads, seed=310 + i) for i, grads in enumerate(subsets)]
     if property_id == "autograd/tied-weights":
-        return [Case(tokens=(65,), dim=33, vocab=129, dtype=dtype, tied=True, bias=True, ignored="some",
+        return [Case.build(tokens=(65,), dim=33, vocab=129, dtype=dtype, tied=True, bias=True, ignored="some",
                      seed=320 + i) for i, dtype in enumerate(dtypes[:2])]
     if property_id == "invariance/sum-split":
-        return [Case(tokens=(67,), dim=72, vocab=131, dtype=dtypes[0], reduction="sum", ignored="some", seed=330),
-                Case(tokens=(2, 40), dim=65, vocab=257, dtype=dtypes[1 % len(dtypes)], reduction="sum",
+        return [Case.build(tokens=(67,), dim=72, vocab=131, dtype=dtypes[0], reduction="sum", ignored="some", seed=330),
+                Case.build(tokens=(2, 40), dim=65, vocab=257, dtype=dtypes[1 % len(dtypes)], reduction="sum",
                      bias=True, z_loss=1e-2, ignored="some", seed=331)]
     if property_id == "invariance/permutation":
-        return [Case(tokens=(3, 22), dim=65, vocab=129, dtype=dtypes[0], reduction="none", ignored="some",
+        return [Case.build(tokens=(3, 22), dim=65, vocab=129, dtype=dtypes[0], reduction="none", ignored="some",
                      bias=True, seed=340)]
     if property_id == "invariance/chunk-size":
-        return [Case(tokens=(129,), dim=33, vocab=257, dtype=dtypes[0], chunk=64, ignored="some", seed=350),
-                Case(tokens=(130,), dim=65, vocab=129, dtype=dtypes[1 % len(dtypes)], chunk=63, ignored="some",
+        return [Case.build(tokens=(129,), dim=33, vocab=257, dtype=dtypes[0], chunk=64, ignored="some", seed=350),
+                Case.build(tokens=(130,), dim=65, vocab=129, dtype=dtypes[1 % len(dtypes)], chunk=63, ignored="some",
                      reduction="sum", seed=351),
-                Case(tokens=(13,), dim=5, vocab=129, dtype=dtypes[0], chunk=4, ignored="some", seed=352)]
+                Case.build(tokens=(13,), dim=5, vocab=129, dtype=dtypes[0], chunk=4, ignored="some", seed=352)]
     if property_id == "logits/keep-last":
-        return [Case(tokens=(2, 70), dim=65, vocab=129, dtype=dtypes[0], keep=1, seed=360),
-                Case(tokens=(70,), dim=65, vocab=129, dtype=dtypes[0], bias=True, softcap=5.0, scale=16.0,
+        return [Case.build(tokens=(2, 70), dim=65, vocab=129, dtype=dtypes[0], keep=1, seed=360),
+                Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[0], bias=True, softcap=5.0, scale=16.0,
                      seed=361),
-                Case(tokens=(3, 33), dim=64, vocab=257, dtype=dtypes[1 % len(dtypes)], keep=33, seed=362),
-                Case(tokens=(2, 40), dim=33, vocab=65, dtype=dtypes[2 % len(dtypes)], keep=17, bias=True, seed=363)]
+                Case.build(tokens=(3, 33), dim=64, vocab=257, dtype=dtypes[1 % len(dtypes)], keep=33, seed=362),
+                Case.build(tokens=(2, 40), dim=33, vocab=65, dtype=dtypes[2 % len(dtypes)], keep=17, bias=True, seed=363)]
     if property_id in ("autograd/scaled-loss", "autograd/retain-graph", "autograd/no-grad", "autograd/inputs-unchanged"):
         return _contract_examples(dtypes)
     return []

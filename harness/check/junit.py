@@ -12,7 +12,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness.check.gate import FAIL, KNOWN_FAILURE, NOT_APPLICABLE, UNSUPPORTED, PropertyResult
+from harness.check.run_property import FAIL, KNOWN_FAILURE, NOT_APPLICABLE, UNSUPPORTED, PropertyResult
 
 
 def junit_tree(results: list[PropertyResult], suite: str) -> ET.ElementTree:

@@ -7,7 +7,7 @@ for cases Hypothesis draws on top, per implementation, shared among the properti
 speed its explicit examples ran, rounded down to a power of two (so that small changes in speed do
 not change what is checked), between ``min_drawn`` and ``max_drawn``. A cheap plugin gets hundreds
 of cases in the time a Triton-interpreter run gets a few. The budget is also a deadline
-(``harness.check.gate``): an implementation that compiles for every new option set ran its
+(``harness.check.run_property``): an implementation that compiles for every new option set ran its
 explicit examples from its cache, and pays a compile per drawn case.
 
 - ``ci``: a 30 s budget; each property draws from a seed of its own (a hash of its id, so the

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.adapter import Implementation
-from harness.check.case import Case, Inputs, make_inputs
-from harness.check.known import KnownFailure, Mismatch, explain
-from harness.check.outcome import (
+from harness.case import Case, Inputs, make_inputs
+from harness.check.known_failures import KnownFailure, Mismatch, explain
+from harness.check.evaluation import (
     CheckFailure,
     Outcome,
     evaluate,
@@ -145,7 +145,7 @@ def reduced_loss_yardstick(case: Case, device: str) -> dict[str, float]:
     z_error = (eager.z_loss.double().cpu() - ref.z_loss).flatten()
     ce_error = (eager.loss.double().cpu() - ref.loss).flatten() - z_error
     labels = inputs.labels.cpu().flatten()
-    valid = labels != case.ignore_index
+    valid = labels != case.option("ignore_index")
     ce_weight = z_weight = torch.ones((), dtype=torch.float64)
     if case.reduction == "mean":
         z_weight = 1 / valid.sum().double()
@@ -154,7 +154,7 @@ def reduced_loss_yardstick(case: Case, device: str) -> dict[str, float]:
             ce_weight = z_weight
         else:
             ce_weight = 1 / (class_weight.double().cpu()[torch.where(valid, labels, 0)] * valid).sum()
-    scale = 1 / case.loss_div_factor
+    scale = 1 / case.option("loss_div_factor")
     loss = float((ce_weight * ce_error + z_weight * z_error).nan_to_num().norm()) * scale
     z_loss = float((z_weight * z_error).nan_to_num().norm()) * scale
     return {"loss": loss, "z_loss": z_loss}
@@ -178,7 +178,7 @@ def allowed_error(
 ) -> Allowance:
     """The tolerance rule for tensor ``name`` of ``case`` (``eager_errors``: torch-eager's error on
     each side, None when torch-eager itself is judged)."""
-    roundings = output_roundings(name, case.loss_div_factor != 1)
+    roundings = output_roundings(name, case.option("loss_div_factor") != 1)
     return allowance(eager_errors, expected, terms, case.torch_dtype, out_dtypes, summation_lengths(case, name),
                      roundings)
 
@@ -458,14 +458,14 @@ def check_permutation(impl: Implementation, case: Case, ctx: CheckContext) -> No
 
 
 def check_logits(impl: Implementation, case: Case, ctx: CheckContext) -> None:
-    """``logits(hidden, weight, bias=..., softcap=..., logits_to_keep=k)``: the reference's logits of
+    """``logits(hidden, weight, bias=..., spec=..., logits_to_keep=k)``: the reference's logits of
     the last k positions (all when k = 0), in the shape ``hidden.shape[:-2] + (k, V)``."""
     inputs = make_inputs(case, device=ctx.device)
     keep = case.keep
 
     def logits_of(which: Implementation) -> torch.Tensor:
         with torch.no_grad():
-            out = which.logits(inputs.hidden, inputs.weight, bias=inputs.bias, softcap=case.softcap,
+            out = which.logits(inputs.hidden, inputs.weight, bias=inputs.bias, spec=inputs.spec,
                                logits_to_keep=keep)
         return out
 
@@ -473,9 +473,9 @@ def check_logits(impl: Implementation, case: Case, ctx: CheckContext) -> None:
     reference_inputs = make_inputs(case, reference=True)
     with torch.no_grad():
         expected = head_logits(reference_inputs.hidden, reference_inputs.weight, reference_inputs.bias,
-                               softcap=case.softcap, logits_to_keep=keep)
+                               reference_inputs.spec, logits_to_keep=keep)
         hidden = reference_inputs.hidden[..., -keep:, :] if keep else reference_inputs.hidden
-        _, terms = logit_terms(hidden, reference_inputs.weight, reference_inputs.bias, case.softcap,
+        _, terms = logit_terms(hidden, reference_inputs.weight, reference_inputs.bias, reference_inputs.spec,
                                case.torch_dtype)
     if tuple(got.shape) != tuple(expected.shape):
         message = f"logits: shape {tuple(got.shape)}, expected {tuple(expected.shape)} for logits_to_keep={keep}"

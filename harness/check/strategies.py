@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from harness.check.case import GRADIENT_INPUTS, IGNORE_PATTERNS, Case
-from harness.check.support import Support
-from harness.spec import OPTIONS
+from harness.case import GRADIENT_INPUTS, IGNORE_PATTERNS, Case
+from harness.check.support_probe import Support
+from harness.spec import OPTION_DECLARATIONS
 
 # Sizes just below, at and past power-of-two block edges (16 ... 4096), and primes: a kernel's
 # tail handling (the last partial block of tokens, of the vocabulary, of the hidden dimension) is
@@ -37,13 +37,6 @@ AT_SCALE_TOKENS = (2048, 2500, 3001)
 AT_SCALE_DIMS = (64, 80, 96)
 AT_SCALE_VOCABS = (1024, 1031, 2048, 2053)
 
-OPTION_VALUES = {
-    "ignore_index": (-1, 0),  # negative, and a real class id
-    "label_smoothing": (0.1, 0.5),
-    "z_loss": (1e-3, 1e-2),
-    "softcap": (5.0, 30.0),
-    "loss_div_factor": (3.0, 0.5),
-}
 # Ordinary logits; peaked softmaxes with logits in the tens; logits past 88.7, where exp overflows
 # float32, so that a softmax computed without subtracting its max shows.
 LOGIT_SCALES = (1.0, 16.0, 100.0)
@@ -103,16 +96,13 @@ def cases(
     tokens, dim, vocab = _shape(draw, large_vocab=large_vocab, at_scale=at_scale, min_tokens=min_tokens, flat=flat)
 
     fields: dict = {}
-    for option, values in OPTION_VALUES.items():
+    for option in OPTION_DECLARATIONS:
         # With V >= 2^16, an upstream gradient other than 1 makes Liger's backward run one
         # program per vocabulary row: minutes under Triton's interpreter for one case.
-        if large_vocab and option == "loss_div_factor":
+        if large_vocab and option.name == "loss_div_factor":
             continue
-        if option in support.options and draw(st.booleans()):
-            fields[option] = draw(st.sampled_from(values))
-    for option in ("bias", "class_weight"):
-        if option in support.options:
-            fields[option] = draw(st.booleans())
+        if option.name in support.options and draw(st.booleans()):
+            fields[option.name] = draw(st.sampled_from(option.values))
     ignored = draw(st.sampled_from(IGNORE_PATTERNS))
     if ignored == "all" and (reduction == "mean" or large_vocab or at_scale):
         ignored = "some"  # mean of nothing: the behaviour matrix records it; large cases: worth more
@@ -127,7 +117,7 @@ def cases(
     chunk = draw(st.integers(1, num_tokens + 2)) if chunked else None
     keep = draw(st.sampled_from(sorted({0, 1, tokens[-1] // 2, tokens[-1]}))) if logits else 0
     strided = False if is_tied else draw(st.booleans())
-    return Case(
+    return Case.build(
         tokens=tokens,
         dim=dim,
         vocab=vocab,
@@ -152,10 +142,9 @@ def fit_to(case: Case, support: Support) -> Case | None:
     changes: dict = {}
     if case.reduction not in support.reductions:
         changes["reduction"] = support.reductions[0]
-    defaults = Case(tokens=(1,), dim=1, vocab=2)
-    for option in OPTIONS:  # each option is the Case field of the same name
-        if option not in support.options:
-            changes[option] = getattr(defaults, option)
+    for option in OPTION_DECLARATIONS:
+        if option.name not in support.options:
+            changes[option.name] = option.default
     if "bias" in changes and case.grads == ("bias",):
         changes["grads"] = ("weight",)  # without a bias, a frozen-backbone-and-head case trains the head
     fitted = case.replace(**changes)

@@ -4,7 +4,7 @@
                                    + SUM_ORDER * u(float32) * (sum of sqrt(k) over the summation lengths k of t) * s_i
     and the same over the whole tensor in the 2-norm, with NORM_MULTIPLE * ||torch-eager - reference|| for the first term.
 
-``s_i`` is the size of the terms element i is computed from (``harness.check.outcome.term_magnitudes``),
+``s_i`` is the size of the terms element i is computed from (``harness.check.evaluation.term_magnitudes``),
 ``e_t = max_i |torch-eager_i - reference_i| / s_i`` is torch-eager's own error on the same inputs in
 those units, ``u(x)`` the unit roundoff of dtype x (half its machine epsilon) and ``out`` the
 dtype the candidate returned t in, ``r_t`` the roundings to it allowed (1; 2 for a gradient).
@@ -64,6 +64,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.spec import underflow, unit_roundoff
+
 MULTIPLE = 4.0  # element-wise: times torch-eager's worst error in units of the terms
 NORM_MULTIPLE = 3.0  # norm-wise: times torch-eager's error norm
 NORM_MIN_ELEMENTS = 16  # a norm over fewer elements is no average: the element-wise check alone
@@ -72,17 +74,6 @@ YARDSTICK = 3.0  # roundoffs of the dtype torch-eager itself may be off, in unit
 SUM_ORDER = 4.0  # float32 roundoffs per sqrt(summation length), in units of the terms
 
 ACCUMULATION_DTYPE = torch.float32
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Half the machine epsilon: the largest relative error of rounding one value to ``dtype``."""
-    return torch.finfo(dtype).eps / 2
-
-
-def underflow(dtype: torch.dtype) -> float:
-    """Half the smallest subnormal of ``dtype``: the absolute error of rounding a value near zero."""
-    info = torch.finfo(dtype)
-    return info.smallest_normal * info.eps / 2
 
 
 def summation_floor(lengths: Sequence[int]) -> float:

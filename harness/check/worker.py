@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import harness  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton
-    from harness.check.gate import Target, run_property
+    from harness.check.run_property import Target, run_property
     from harness.check.isolation import ReportChannel
     from harness.check.profiles import get_profile
     from harness.check.properties import find_property
-    from harness.check.support import discover_support
+    from harness.check.support_probe import discover_support
     from harness.registry import resolve
 
     channel = ReportChannel()

@@ -15,7 +15,8 @@ import pandas as pd
 
 from harness.report import tables
 from harness.report.plots import Plot
-from harness.report.runs import BASELINE, MODES, CheckResults, Run
+from harness.report.runs import MODES_BY_PREFERENCE, CheckResults, Run
+from harness.results import BASELINE
 
 STATUS_CLASSES = {"pass": "good", "ok": "good", "fail": "bad", "failed": "bad", "error": "bad", "crash": "bad",
                   "oom": "bad", "timeout": "bad", "unsupported": "muted", "known-failure": "warn"}
@@ -117,7 +118,7 @@ def _tables_section(frame: pd.DataFrame) -> str:
     if frame.empty:
         parts.append("<p class='note'>No measurements in these runs.</p></section>")
         return "\n".join(parts)
-    for mode in [m for m in MODES if m in set(frame["mode"])]:
+    for mode in [m for m in MODES_BY_PREFERENCE if m in set(frame["mode"])]:
         for dtype in sorted(frame["dtype"].unique()):
             table = tables.case_by_implementation(frame, mode, dtype, tables.time_and_memory_cell)
             if table.empty:

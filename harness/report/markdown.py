@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness.report import tables
-from harness.report.runs import BASELINE, Run
+from harness.report.runs import Run
+from harness.results import BASELINE
 
 MAX_CASES_PER_DTYPE = 30  # keeps the comment readable (and far below GitHub's comment size limit)
 MAX_FAILURES = 20

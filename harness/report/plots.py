@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from harness.report.runs import BASELINE, primary_mode  # noqa: E402
+from harness.report.runs import primary_mode  # noqa: E402
+from harness.results import BASELINE  # noqa: E402
 
 MAX_FACET_ROWS = 6  # more sweep groups than this would make an unreadable figure; the rest is noted
 DPI = 100

@@ -16,6 +16,8 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.results import (
+    BASELINE,
+    MODES,
     BEHAVIOUR_COLUMNS,
     METRICS,
     NOT_CHECKED_COLUMNS,
@@ -26,8 +28,8 @@ from harness.results import (
     read_rows,
 )
 
-BASELINE = "torch-eager"  # speed-ups are measured against PyTorch's plain eager implementation
-MODES = ("forward_backward", "forward", "backward")  # in order of preference for plots
+# The sweep's modes in order of preference for plots: forward+backward first (what training runs).
+MODES_BY_PREFERENCE = tuple(sorted(MODES, key=lambda mode: mode != "forward_backward"))
 
 # What identifies one measured case; everything but the implementation and the metric.
 CASE_COLUMNS = ["case", "shape", "vocab", "hidden", "tokens", "dtype", "tied", "options"]
@@ -177,7 +179,7 @@ def failures(runs: list[Run]) -> pd.DataFrame:
 def primary_mode(frame: pd.DataFrame) -> str | None:
     """The mode plots and summaries show: forward+backward when measured (what training runs)."""
     present = set(frame["mode"]) if not frame.empty else set()
-    for mode in MODES:
+    for mode in MODES_BY_PREFERENCE:
         if mode in present:
             return mode
     return sorted(present)[0] if present else None

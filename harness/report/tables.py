@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.report.runs import BASELINE, format_bytes, format_ms, format_ratio
+from harness.report.runs import format_bytes, format_ms, format_ratio
+from harness.results import BASELINE
 
 
 def _case_order(frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,12 +1,12 @@
 """The sweep runner: speed and peak memory over cases into results/ (`python -m harness sweep`).
 
-- ``cases``: case files (``cases/*.toml``) -> frozen ``Case`` objects;
+- ``cases``: case files (``cases/*.toml``) -> frozen ``SweepCase`` objects (a named ``harness.case.Case``);
 - ``presets``: what a sweep without case files runs, chosen from the machine (GPU or CPU);
-- ``command``: the command line; plans the jobs, writes ``meta.json``, builds the report;
+- ``command``: the command line: runs the plan, builds the report;
+- ``plan``: what a sweep will do (also when resumed), and its ``meta.json``;
 - ``runner``: runs the (case, implementation) jobs one by one and appends their rows;
 - ``isolation``: one child process per job, with a time limit and a memory limit;
 - ``worker``: the child process itself; ``measure``: timing and peak memory inside it;
 - ``rows``: a job's outcome as rows of the results table, with the derived figures;
-- ``environment``: what ``meta.json`` records about the machine and the software;
 - ``distributed``: ``torchrun`` support (cases spread over GPUs, one run).
 """

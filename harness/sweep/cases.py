@@ -1,4 +1,4 @@
-"""Case files (``cases/*.toml``) turned into the frozen ``Case`` list a sweep runs.
+"""Case files (``cases/*.toml``) turned into the frozen ``SweepCase`` list a sweep runs.
 
 A case file is TOML. Top-level keys give defaults for every entry; each ``[[case]]`` entry names
 one LM-head shape (or a family of shapes). Example::
@@ -11,14 +11,14 @@ one LM-head shape (or a family of shapes). Example::
     [[case]]
     name = "gemma2-2b"
     vocab = 256000                   # V
-    hidden = 2304                    # D
+    dim = 2304                       # D (older files say ``hidden``)
     tied = true                      # head weight shared with the embedding (recorded; the
                                      # head's own cost does not depend on it)
-    options = { softcap = 30.0 }     # LossSpec fields, plus bias = true / class_weight = true
+    options = { softcap = 30.0 }     # options by name (harness.spec.OPTION_DECLARATIONS) and reduction
     # modes = ["forward_backward"]   # default: every mode the sweep measures
     note = "google/gemma-2-2b config.json"
 
-``vocab``, ``hidden``, ``tokens`` and ``dtypes`` may each be one value or a list; an entry expands
+``vocab``, ``dim``, ``tokens`` and ``dtypes`` may each be one value or a list; an entry expands
 to every combination, so a sweep over V is one entry with a list of vocabularies. Each resulting
 case is named ``<name>[/V=..][/D=..]/N=<tokens>/<dtype>`` (V and D appear when the entry varies
 them), and that name is unique within a sweep.
@@ -38,115 +38,45 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
-import torch
-
+from harness.case import Case, OptionValues, format_case, parse_case
 from harness.errors import HarnessError
-from harness.spec import DTYPES, REDUCTIONS, LossSpec
+from harness.results import MODES
+from harness.spec import DTYPES, OPTION_DECLARATIONS, REDUCTIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 CASES_DIR = PROJECT_ROOT / "cases"
-
-# What one timed call does; see harness.sweep.measure.
-MODES = ("forward", "forward_backward", "backward")
+# Every sweep case draws its inputs from this seed (on the device: see harness.case.make_inputs).
+INPUT_SEED = 1234
 
 FILE_KEYS = ("description", "tokens", "dtypes", "implementations", "case")
-ENTRY_KEYS = ("name", "vocab", "hidden", "tokens", "dtypes", "tied", "options", "implementations", "modes", "note")
+ENTRY_KEYS = ("name", "vocab", "dim", "hidden", "tokens", "dtypes", "tied", "options", "implementations", "modes",
+              "note")
+# Keys a case file's ``options`` table takes: the options and their older names, and the reduction.
+OPTION_KEYS = ("reduction", *(key for option in OPTION_DECLARATIONS for key in (option.name, *option.aliases)))
 
 
 @dataclass(frozen=True)
-class CaseOptions:
-    """The loss options of a case: ``LossSpec`` fields, plus whether a bias / class weights are used.
-
-    Tensors (bias, class weights) are made by the worker from a fixed seed; a case file only says
-    whether they are there.
-    """
-
-    reduction: str = "mean"
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-    z_loss_multiplier: float = 0.0
-    softcap: float | None = None
-    loss_div_factor: float = 1.0
-    bias: bool = False
-    class_weight: bool = False
-
-    def spec(self, class_weight=None) -> LossSpec:
-        """The ``LossSpec`` of these options (``class_weight`` is the tensor when the case has one)."""
-        return LossSpec(
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss_multiplier=self.z_loss_multiplier,
-            softcap=self.softcap,
-            loss_div_factor=self.loss_div_factor,
-            class_weight=class_weight,
-        )
-
-    def describe(self) -> str:
-        """The ``options`` column: ``LossSpec.describe()`` plus ``, bias`` when a bias is used."""
-        text = self.spec().describe()
-        if self.class_weight:
-            text += ", class_weight=<tensor>"
-        if self.bias:
-            text += ", bias"
-        return text
-
-
-OPTION_KEYS = tuple(f.name for f in dataclasses.fields(CaseOptions))
-FLOAT_OPTIONS = ("label_smoothing", "z_loss_multiplier", "softcap", "loss_div_factor")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One measured configuration: a head shape, a token count, a dtype and loss options."""
+class SweepCase:
+    """One measured configuration: a named ``Case`` from a case file, and what the sweep runs on it."""
 
     name: str  # unique within a sweep, e.g. "llama3-8b/N=8192/bfloat16"
-    shape: str  # the entry it came from, e.g. "llama3-8b" or "vocab-sweep"
-    vocab: int
-    hidden: int
-    tokens: int
-    dtype: str
-    tied: bool = False
-    options: CaseOptions = CaseOptions()
+    entry: str  # the case-file entry it came from, e.g. "llama3-8b" or "vocab-sweep"
+    case: Case
+    tied: bool = False  # the model ties its head to its embedding (recorded: the head's cost is the same)
     implementations: tuple[str, ...] | None = None  # None: every implementation the sweep runs
     modes: tuple[str, ...] | None = None  # None: every mode the sweep measures
     source: str = ""  # the case file
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "case": format_case(self.case)}
 
     @staticmethod
-    def from_json(data: dict) -> Case:
-        data = dict(data)
-        data["options"] = CaseOptions(**data["options"])
+    def from_json(data: dict) -> SweepCase:
+        data = dict(data, case=parse_case(data["case"]))
         for key in ("implementations", "modes"):
             if data[key] is not None:
                 data[key] = tuple(data[key])
-        return Case(**data)
-
-    @property
-    def logits_bytes(self) -> int:
-        """Bytes of the N x V logits in the input dtype."""
-        return self.tokens * self.vocab * DTYPES[self.dtype].itemsize
-
-    @property
-    def gradient_bytes(self) -> int:
-        """The lower bound on memory (Cut Cross-Entropy paper): the gradients of hidden and weight."""
-        elements = self.tokens * self.hidden + self.vocab * self.hidden + (self.vocab if self.options.bias else 0)
-        return elements * DTYPES[self.dtype].itemsize
-
-    def unsupported_reason(self, impl, device: str) -> str | None:
-        """Why ``impl`` says it cannot run this case on ``device`` ("cpu" or "cuda"), or None."""
-        # A stand-in class-weight tensor: only its presence matters for what is supported.
-        class_weight = torch.ones(self.vocab) if self.options.class_weight else None
-        return impl.unsupported_reason(
-            self.options.spec(class_weight), dtype=DTYPES[self.dtype], device=device, has_bias=self.options.bias
-        )
-
-    def matmul_flops(self, mode: str) -> int:
-        """Matmul work: 2*N*D*V forward (the logits), 6*N*D*V forward+backward (plus both gradients)."""
-        per_pass = 2 * self.tokens * self.hidden * self.vocab
-        return {"forward": per_pass, "forward_backward": 3 * per_pass}[mode]
+        return SweepCase(**data)
 
 
 def available_case_files() -> list[str]:
@@ -216,34 +146,29 @@ class _EntryReader:
             self.fail(f"'modes' must be a non-empty list among {', '.join(MODES)}, got {value!r}")
         return tuple(m for m in MODES if m in value)
 
-    def options(self) -> CaseOptions:
+    def options(self) -> tuple[str, OptionValues]:
+        """The reduction and the option values of the entry's ``options`` table."""
         value = self.table.get("options", {})
         if not isinstance(value, dict):
             self.fail(f"'options' must be a table such as {{ softcap = 30.0 }}, got {value!r}")
         unknown = sorted(set(value) - set(OPTION_KEYS))
         if unknown:
             self.fail(f"unknown option {unknown[0]!r}; expected one of {', '.join(OPTION_KEYS)}")
-        for key, item in value.items():
-            if key == "reduction":
-                ok = item in REDUCTIONS
-            elif key in ("bias", "class_weight"):
-                ok = isinstance(item, bool)
-            elif key == "ignore_index":
-                ok = isinstance(item, int) and not isinstance(item, bool)
-            else:
-                ok = isinstance(item, (int, float)) and not isinstance(item, bool)
-            if not ok:
-                self.fail(f"option {key!r} has a bad value {item!r}")
-        floats = {key: float(item) for key, item in value.items() if key in FLOAT_OPTIONS}
-        options = CaseOptions(**{**value, **floats})
-        try:
-            options.spec()  # LossSpec's own range checks (e.g. softcap > 0)
-        except HarnessError as exc:
-            self.fail(str(exc))
-        return options
+        reduction = value.get("reduction", "mean")
+        if reduction not in REDUCTIONS:
+            self.fail(f"option 'reduction' has a bad value {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+        values = {}
+        for option in OPTION_DECLARATIONS:
+            for key in (option.name, *option.aliases):
+                if key in value:
+                    try:
+                        values[option.name] = option.from_toml(value[key])
+                    except ValueError as exc:
+                        self.fail(f"option {key!r} has a bad value {value[key]!r} ({exc})")
+        return reduction, OptionValues.of(**values)
 
 
-def load_case_file(path: Path) -> list[Case]:
+def load_case_file(path: Path) -> list[SweepCase]:
     """Every case of one file, in file order; ``HarnessError`` naming file, entry and problem."""
     where = _display_path(path)
     try:
@@ -263,7 +188,7 @@ def load_case_file(path: Path) -> list[Case]:
     default_dtypes = defaults.dtypes(None) if "dtypes" in data else None
     default_impls = defaults.implementations(None)
 
-    cases: list[Case] = []
+    cases: list[SweepCase] = []
     seen_entries: set[str] = set()
     for index, entry in enumerate(entries, start=1):
         name = entry.get("name")
@@ -276,8 +201,10 @@ def load_case_file(path: Path) -> list[Case]:
         unknown = sorted(set(entry) - set(ENTRY_KEYS))
         if unknown:
             reader.fail(f"unknown key {unknown[0]!r}; expected one of {', '.join(ENTRY_KEYS)}")
+        if "dim" in entry and "hidden" in entry:
+            reader.fail("give D once: 'dim' (or its older name 'hidden'), not both")
         vocabs = reader.positive_ints("vocab")
-        hiddens = reader.positive_ints("hidden")
+        dims = reader.positive_ints("hidden" if "hidden" in entry else "dim")
         tokens = reader.positive_ints("tokens", default_tokens)
         dtypes = reader.dtypes(default_dtypes)
         tied = entry.get("tied", False)
@@ -285,53 +212,44 @@ def load_case_file(path: Path) -> list[Case]:
             reader.fail(f"'tied' must be true or false, got {tied!r}")
         if "note" in entry and not isinstance(entry["note"], str):
             reader.fail("'note' must be a string")
-        options = reader.options()
+        reduction, options = reader.options()
         implementations = reader.implementations(default_impls)
         modes = reader.modes()
-        for vocab, hidden, n, dtype in itertools.product(vocabs, hiddens, tokens, dtypes):
+        for vocab, dim, n, dtype in itertools.product(vocabs, dims, tokens, dtypes):
             parts = [name]
             if len(vocabs) > 1:
                 parts.append(f"V={vocab}")
-            if len(hiddens) > 1:
-                parts.append(f"D={hidden}")
+            if len(dims) > 1:
+                parts.append(f"D={dim}")
             parts += [f"N={n}", dtype]
-            cases.append(
-                Case(
-                    name="/".join(parts),
-                    shape=name,
-                    vocab=vocab,
-                    hidden=hidden,
-                    tokens=n,
-                    dtype=dtype,
-                    tied=tied,
-                    options=options,
-                    implementations=implementations,
-                    modes=modes,
-                    source=where,
-                )
-            )
+            try:
+                case = Case(tokens=(n,), dim=dim, vocab=vocab, dtype=dtype, reduction=reduction, options=options,
+                            seed=INPUT_SEED)
+            except HarnessError as exc:  # the options' own range checks (e.g. softcap > 0)
+                reader.fail(str(exc))
+            cases.append(SweepCase("/".join(parts), name, case, tied, implementations, modes, where))
     return cases
 
 
-def load_cases(names: list[str]) -> list[Case]:
+def load_cases(names: list[str]) -> list[SweepCase]:
     """The cases of several files (paths or names in cases/), each case name unique.
 
     ``FILE:ENTRY[,ENTRY...]`` keeps only the named entries of a file, e.g. ``models:llama3-8b``.
     """
-    cases: dict[str, Case] = {}
+    cases: dict[str, SweepCase] = {}
     for name in names:
         file_name, _, entry_filter = (name, "", "") if Path(name).is_file() else name.partition(":")
         path = find_case_file(file_name)
         loaded = load_case_file(path)
         if entry_filter:
             wanted = [e for e in entry_filter.split(",") if e]
-            known = {case.shape for case in loaded}
+            known = {case.entry for case in loaded}
             missing = [e for e in wanted if e not in known]
             if missing:
                 raise HarnessError(
                     f"{_display_path(path)}: no entry {missing[0]!r}; entries: {', '.join(sorted(known))}"
                 )
-            loaded = [case for case in loaded if case.shape in wanted]
+            loaded = [case for case in loaded if case.entry in wanted]
         for case in loaded:
             previous = cases.get(case.name)
             if previous is not None and previous != case:
@@ -340,13 +258,13 @@ def load_cases(names: list[str]) -> list[Case]:
     return list(cases.values())
 
 
-def with_dtypes(cases: list[Case], dtypes: list[str]) -> list[Case]:
+def with_dtypes(cases: list[SweepCase], dtypes: list[str]) -> list[SweepCase]:
     """The same cases in other dtypes (``--dtype``), renamed to match."""
-    renamed: dict[str, Case] = {}
+    renamed: dict[str, SweepCase] = {}
     for case in cases:
         stem = case.name.rsplit("/", 1)[0]
         for dtype in dtypes:
-            new = dataclasses.replace(case, name=f"{stem}/{dtype}", dtype=dtype)
+            new = dataclasses.replace(case, name=f"{stem}/{dtype}", case=case.case.replace(dtype=dtype))
             renamed.setdefault(new.name, new)
     return list(renamed.values())
 

@@ -37,11 +37,10 @@ import numpy as np
 import torch
 
 from harness.adapter import Implementation
+from harness.case import Inputs
 from harness.errors import UnsupportedCase
-from harness.spec import DTYPES, LossSpec
-from harness.sweep.cases import Case
+from harness.spec import DTYPES
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
-INPUT_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -61,49 +60,11 @@ class TimingSettings:
         return {"measure_time": self.measure_time, "min_repeats": self.min_repeats, "gpu_warmup": self.gpu_warmup}
 
 
-@dataclass
-class CaseInputs:
-    """The tensors of one case, already on the device: the baseline every memory figure is above."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    labels: torch.Tensor
-    bias: torch.Tensor | None
-    spec: LossSpec
-    grad_output: torch.Tensor | None  # per-token upstream gradient for reduction="none"
-
-    @property
-    def leaves(self) -> list[torch.Tensor]:
-        return [t for t in (self.hidden, self.weight, self.bias) if t is not None]
-
-    def reset_grads(self) -> None:
-        for tensor in self.leaves:
-            tensor.grad = None
-
-
-def make_inputs(case: Case, device: str) -> CaseInputs:
-    """Seeded inputs: unit-variance hidden states and a head scaled so the logits are about N(0, 1)."""
-    dtype = DTYPES[case.dtype]
-    generator = torch.Generator(device=device).manual_seed(INPUT_SEED)
-
-    def random(*shape, scale=1.0):
-        values = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
-        return (values * scale).to(dtype).requires_grad_()
-
-    hidden = random(case.tokens, case.hidden)
-    weight = random(case.vocab, case.hidden, scale=case.hidden**-0.5)
-    labels = torch.randint(0, case.vocab, (case.tokens,), generator=generator, device=device)
-    bias = random(case.vocab, scale=0.01) if case.options.bias else None
-    class_weight = None
-    if case.options.class_weight:
-        class_weight = torch.rand(case.vocab, generator=generator, device=device) + 0.5
-    spec = case.options.spec(class_weight)
-    grad_output = torch.ones(case.tokens, device=device, dtype=torch.float32) if spec.reduction == "none" else None
-    return CaseInputs(hidden, weight, labels, bias, spec, grad_output)
-
-
-def mode_function(impl: Implementation, inputs: CaseInputs, mode: str):
+def mode_function(impl: Implementation, inputs: Inputs, mode: str):
     """The callable one repetition of ``mode`` runs."""
+    grad_output = None  # reduction "none": the per-token upstream gradient, on the device
+    if inputs.upstream is not None:
+        grad_output = inputs.upstream.to(inputs.hidden.device, torch.float32)
 
     def forward():
         return impl.loss(inputs.hidden, inputs.weight, inputs.labels, inputs.spec, bias=inputs.bias, validate=False)
@@ -114,16 +75,16 @@ def mode_function(impl: Implementation, inputs: CaseInputs, mode: str):
 
         def forward_backward():
             out = forward()
-            loss = out.loss if inputs.grad_output is None else out.loss.float()
-            loss.backward(inputs.grad_output)
+            loss = out.loss if grad_output is None else out.loss.float()
+            loss.backward(grad_output)
 
         return forward_backward
     if mode == "backward":
         out = forward()
-        loss = out.loss if inputs.grad_output is None else out.loss.float()
+        loss = out.loss if grad_output is None else out.loss.float()
 
         def backward():
-            loss.backward(inputs.grad_output, retain_graph=True)
+            loss.backward(grad_output, retain_graph=True)
 
         return backward
     raise ValueError(f"unknown mode {mode!r}")
@@ -218,7 +179,7 @@ class _ResidentMemory:
         return self._status_bytes("VmHWM")
 
 
-def peak_memory(fn, inputs: CaseInputs, device: str) -> tuple[int | None, float]:
+def peak_memory(fn, inputs: Inputs, device: str) -> tuple[int | None, float]:
     """(Peak bytes above the baseline during one call or None where unmeasurable, the call's seconds)."""
     inputs.reset_grads()
     if device.startswith("cuda"):
@@ -240,7 +201,7 @@ def peak_memory(fn, inputs: CaseInputs, device: str) -> tuple[int | None, float]
     return max(0, int(peak)), seconds
 
 
-def measure_mode(impl: Implementation, inputs: CaseInputs, mode: str, device: str, timing: TimingSettings) -> dict:
+def measure_mode(impl: Implementation, inputs: Inputs, mode: str, device: str, timing: TimingSettings) -> dict:
     """The raw metrics of one mode: first_call, peak_memory, time_median, time_p20, time_p80."""
     fn = mode_function(impl, inputs, mode)
     inputs.reset_grads()
@@ -248,7 +209,7 @@ def measure_mode(impl: Implementation, inputs: CaseInputs, mode: str, device: st
         fn = _retained_backward_or_unsupported(fn)
     first_call = time_first_call(fn, device)
     peak, call_seconds = peak_memory(fn, inputs, device)
-    median, p20, p80 = time_repeated(fn, inputs.leaves, device, timing, call_seconds)
+    median, p20, p80 = time_repeated(fn, list(inputs.gradient_inputs.values()), device, timing, call_seconds)
     inputs.reset_grads()
     metrics = {"first_call": first_call * 1000, "time_median": median, "time_p20": p20, "time_p80": p80}
     if peak is not None:
@@ -283,7 +244,7 @@ def matmul_tflops(dtype_name: str, device: str, timing: TimingSettings) -> float
     a hundred times slower in bfloat16 than in float32.
     """
     dtype = DTYPES[dtype_name]
-    generator = torch.Generator(device=device).manual_seed(INPUT_SEED)
+    generator = torch.Generator(device=device).manual_seed(0)
     size = 8192 if device.startswith("cuda") else 512
     while True:
         a = torch.randn(size, size, generator=generator, device=device).to(dtype)

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.results import METRICS
-from harness.sweep.cases import Case
+from harness.case import Case
+from harness.sweep.cases import SweepCase
 from harness.sweep.isolation import ChildOutcome
 
 
@@ -31,7 +32,7 @@ RATED_MODES = ("forward", "forward_backward")  # modes whose matmul work is well
 class Job:
     """One (case, implementation) pair; ``reference`` is what the registry resolves (a name or module:attr)."""
 
-    case: Case
+    case: SweepCase
     implementation: str
     reference: str
 
@@ -90,17 +91,17 @@ def job_rows(
     device: str,
     matmul_tflops: dict[str, float],
 ) -> list[dict]:
-    case = job.case
+    case = job.case.case
     common = {
         "run_id": run_id,
-        "case": case.name,
-        "shape": case.shape,
+        "case": job.case.name,
+        "shape": job.case.entry,
         "vocab": case.vocab,
-        "hidden": case.hidden,
-        "tokens": case.tokens,
+        "hidden": case.dim,
+        "tokens": case.num_tokens,
         "dtype": case.dtype,
-        "tied": case.tied,
-        "options": case.options.describe(),
+        "tied": job.case.tied,
+        "options": case.describe_options(),
         "implementation": job.implementation,
         "device": device,
     }

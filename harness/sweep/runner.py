@@ -25,7 +25,8 @@ from rich.progress import (
 from harness.errors import HarnessError
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
-from harness.sweep.cases import PROJECT_ROOT, Case
+from harness.environment import PROJECT_ROOT
+from harness.sweep.cases import SweepCase
 from harness.sweep.isolation import run_isolated
 from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
@@ -55,7 +56,7 @@ class SweepCounts:
         return sum(self.statuses[s] for s in FAILURE_STATUSES)
 
 
-def plan_jobs(cases: list[Case], implementations: list[str] | None) -> list[Job]:
+def plan_jobs(cases: list[SweepCase], implementations: list[str] | None) -> list[Job]:
     """Every (case, implementation) pair; ``implementations`` (from --impl) overrides the case files."""
     resolved: dict[str, str] = {}  # reference -> implementation name
 
@@ -74,7 +75,7 @@ def plan_jobs(cases: list[Case], implementations: list[str] | None) -> list[Job]
     jobs, seen = [], set()
     for case in cases:
         if case.implementations is not None and not implementations:
-            where = f"{case.source}: entry {case.shape!r}"
+            where = f"{case.source}: entry {case.entry!r}"
             pairs = [(ref, name_of(ref, where)) for ref in case.implementations]
         else:
             pairs = references
@@ -96,7 +97,7 @@ def declared_unsupported(job: Job, device: str) -> str | None:
     Checked in the sweep process so that such a case costs no worker process; the worker checks
     again, and an implementation that only finds out while running still reports unsupported.
     """
-    return job.case.unsupported_reason(resolve(job.reference), device)
+    return job.case.case.unsupported_reason(resolve(job.reference), device)
 
 
 def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:

@@ -26,9 +26,10 @@ import torch
 import harness  # noqa: F401  (sets TRITON_INTERPRET before anything imports triton)
 from harness.errors import HarnessError, UnsupportedCase
 from harness.registry import resolve
-from harness.sweep.cases import Case
-from harness.sweep.environment import device_environment
-from harness.sweep.measure import TimingSettings, make_inputs, matmul_tflops, measure_mode
+from harness.case import make_inputs
+from harness.sweep.cases import SweepCase
+from harness.environment import device_environment
+from harness.sweep.measure import TimingSettings, matmul_tflops, measure_mode
 
 # Messages after which the CUDA context cannot be used again in this process.
 FATAL_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address")
@@ -73,7 +74,7 @@ def free_memory(device: str) -> None:
 
 
 def run_case(job: dict, out: ResultFile) -> int:
-    case = Case.from_json(job["case"])
+    case = SweepCase.from_json(job["case"]).case
     device = job["device"]
     timing = TimingSettings(**job["timing"])
     modes = job["modes"]
@@ -88,7 +89,7 @@ def run_case(job: dict, out: ResultFile) -> int:
         all_modes("unsupported", reason)
         return 0
     try:
-        inputs = make_inputs(case, device)
+        inputs = make_inputs(case, device=device, draw_on_device=True)
     except Exception as exc:  # e.g. the inputs alone do not fit in memory
         status, reason, fatal = classify(exc)
         all_modes(status, f"while creating the inputs: {reason}")

@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from harness.adapter import Implementation
-from harness.check.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
-from harness.check.tolerance import underflow, unit_roundoff
+from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
 from harness.errors import HarnessError
-from harness.semantics import apply_softcap, reference_loss
-from harness.spec import LossOutput
+from harness.semantics import logits_with_terms, reference_loss
+from harness.spec import LossOutput, LossSpec, underflow, unit_roundoff
 
 
 class CheckFailure(AssertionError):
@@ -109,35 +108,14 @@ def run_implementation(impl: Implementation, case: Case, *, device: str = "cpu",
     return evaluate(implementation_loss(impl), make_inputs(case, device=device), **kwargs)
 
 
-def _logits_with_terms(hidden, weight, bias, softcap, dtype, hidden_terms=None):
-    """(logits, the size of their terms, softcap slope or None, the size of the slope's terms or None).
-
-    ``hidden_terms``: the size of the terms of the hidden states when they are computed (a tied
-    model's trunk), not given; by default ``|hidden|``. With a softcap, ``x / cap`` computed in
-    ``dtype`` may underflow: up to ``underflow(dtype)`` lost, ``cap`` times that in the logit.
-    """
-    raw = F.linear(hidden, weight, bias)
-    hidden_terms = hidden.abs() if hidden_terms is None else hidden_terms
-    size = F.linear(hidden_terms, weight.abs(), None if bias is None else bias.abs())
-    if softcap is None:
-        return raw, size, None, None
-    tanh = torch.tanh(raw / softcap)
-    slope = 1 - tanh.square()
-    logits = softcap * tanh
-    lost_to_underflow = softcap * underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
-    return logits, size * slope + logits.abs() + lost_to_underflow, slope, slope + 2 * tanh.square()
-
-
-def logit_terms(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_terms(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 logits of ``hidden`` (any shape ``(..., D)``) and the size of their terms when
-    computed in ``dtype`` (see ``term_magnitudes``)."""
+    computed in ``dtype`` (see ``harness.semantics.logits_with_terms``)."""
     with torch.no_grad():
         bias = None if bias is None else bias.detach().double()
-        logits, size, _, _ = _logits_with_terms(hidden.detach().double(), weight.detach().double(), bias, softcap,
-                                                dtype)
-    return logits, size
+        terms = logits_with_terms(hidden.detach().double(), weight.detach().double(), bias, spec, dtype)
+    return terms.logits, terms.size
 
 
 def term_magnitudes(
@@ -148,8 +126,8 @@ def term_magnitudes(
     A rounding error is a fraction of the terms a result is computed from, not of the result. The
     model, element by element (``x`` the raw logits, ``z`` the soft-capped ones, ``p = softmax(z)``):
 
-    - a logit: ``L = |h| . |w| + |b|`` (the terms of its dot product), times the softcap's slope,
-      plus ``|z|`` for the tanh's own rounding; for a tied model's computed hidden states ``h =
+    - a logit: ``L = |h| . |w| + |b|`` (the terms of its dot product), then through the head's
+      options as ``harness.semantics.logits_with_terms`` models them; for a tied model's computed hidden states ``h =
       tanh(layer(e))``, ``|h|`` is replaced by the terms of ``h``: ``(1 - h^2) (|W_layer| . |e| +
       |b_layer|) + |h|``;
     - ``logsumexp(z)``: ``E = sum_j p_j L_j + |logsumexp(z)|``;
@@ -158,8 +136,8 @@ def term_magnitudes(
       its z-loss ``m lse^2``: ``2 m |lse| E``;
     - a logit gradient ``s (p_j c - c' [j = y] - eps w_j / V) + 2 m s' lse p_j``: every term taken
       positive, with ``p_j`` counted as ``p_j (1 + L_j + E)`` (an error in a logit or in the
-      logsumexp is a relative error of every probability), and through the softcap its slope plus
-      ``2 tanh^2`` (the slope ``1 - tanh^2`` evaluated near saturation is off by roundoffs of 1);
+      logsumexp is a relative error of every probability), and back through the head's options
+      times the terms of their derivative (``LogitTerms.chain_terms``);
     - a logit gradient rounded to the case's ``dtype`` may also lose up to ``underflow(dtype)``
       outright, whatever its size: that is ``underflow / u`` in units of the terms;
     - the gradients of hidden, weight and bias sum the logit gradients' terms against ``|W|``,
@@ -180,8 +158,8 @@ def term_magnitudes(
             pre_activation = F.linear(embedded.abs(), layer.weight.detach().double().abs(),
                                       layer.bias.detach().double().abs())
             hidden_terms = (1 - hidden.square()) * pre_activation + hidden.abs()
-        logits, logit_size, slope, slope_terms = _logits_with_terms(hidden, weight, bias, spec.softcap, dtype,
-                                                                       hidden_terms)
+        head = logits_with_terms(hidden, weight, bias, spec, dtype, hidden_terms)
+        logits, logit_size = head.logits, head.size
         probs, lse = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)
         lse_terms = (probs * logit_size).sum(-1) + lse.abs()
         vocab = logits.shape[-1]
@@ -221,8 +199,8 @@ def term_magnitudes(
                                  + eps / vocab * class_weight[None, :] * valid[:, None])
             + (z_scale * 2 * z_mult)[:, None] * (lse.abs()[:, None] * prob_terms + probs * lse_terms[:, None])
         )
-        if slope is not None:
-            logit_grad = logit_grad * slope_terms
+        if head.chain_terms is not None:  # back through the head's options to the raw logits
+            logit_grad = logit_grad * head.chain_terms
         logit_grad = logit_grad + underflow(dtype) / unit_roundoff(dtype)
         grad_hidden = logit_grad @ weight.abs()
         terms["grad_hidden"] = grad_hidden.reshape(inputs.hidden.shape)

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from hypothesis import given, reject, seed
 
 from harness.adapter import Implementation
-from harness.check.case import Case
+from harness.case import Case
 from harness.check.examples import fitted_examples
-from harness.check.known import known_failures, known_limitations
-from harness.check.outcome import CheckFailure
+from harness.check.known_failures import known_failures, known_limitations
+from harness.check.evaluation import CheckFailure
 from harness.check.profiles import Profile
 from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
 from harness.check.strategies import cases, fit_to
-from harness.check.support import Support
+from harness.check.support_probe import Support
 from harness.errors import HarnessError, UnsupportedCase
 
 # Statuses of a property result (the "status" column of properties.csv).

@@ -1,4 +1,4 @@
-"""What a run's ``meta.json`` records about where and how it was measured.
+"""Where a run happens: the device it uses, and what a run's ``meta.json`` records about it.
 
 ``host_environment`` runs in the sweep's own process and never touches the GPU (so the parent
 holds no CUDA context while cases run). ``device_environment`` runs in a child process, like a
@@ -19,9 +19,14 @@ from pathlib import Path
 
 import torch
 
-from harness.sweep.cases import PROJECT_ROOT
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "triton", "liger-kernel", "cut-cross-entropy", "numpy", "pandas")
+
+
+def local_device() -> str:
+    """The device runs use by default: the GPU when torch sees one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def package_versions() -> dict[str, str | None]:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.check.case import Case
-from harness.check.tolerance import Allowance, mismatch, unit_roundoff
+from harness.case import Case
+from harness.check.tolerance import Allowance, mismatch
+from harness.spec import unit_roundoff
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def _softcap_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
     roundings of every capped logit, so of the terms of every result."""
     tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
     sides = _sides(m, tensors, ("bfloat16", "float16"))
-    if not sides or m.case.softcap is None:
+    if not sides or m.case.option("softcap") is None:
         return None
     return sides * 3 * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
 

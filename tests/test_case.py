@@ -1,12 +1,12 @@
-"""A check case is one line that determines every input tensor: what failures print and --case reads."""
+"""A case is one line that determines every input tensor: what failures print and --case reads."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 
-from harness.check.case import Case, format_case, make_inputs, parse_case
+from harness.case import Case, format_case, make_inputs, parse_case
 from harness.check.strategies import cases
-from harness.check.support import Support
+from harness.check.support_probe import Support
 from harness.errors import HarnessError
 from harness.spec import OPTIONS
 
@@ -20,8 +20,8 @@ def test_every_drawn_case_survives_its_one_line_form(case):
 
 
 def test_the_one_line_form_names_only_what_differs_from_the_defaults():
-    case = Case(tokens=(7,), dim=5, vocab=65537, dtype="bfloat16", label_smoothing=0.1, bias=True, seed=123)
-    assert str(case) == "N=7,D=5,V=65537,dtype=bfloat16,reduction=mean,label_smoothing=0.1,bias=1,seed=123"
+    case = Case.build(tokens=(7,), dim=5, vocab=65537, dtype="bfloat16", label_smoothing=0.1, bias=True, seed=123)
+    assert str(case) == "N=7,D=5,V=65537,dtype=bfloat16,reduction=mean,bias=1,label_smoothing=0.1,seed=123"
 
 
 def test_three_d_inputs_are_written_as_batch_and_time():
@@ -76,7 +76,7 @@ def test_the_reference_sees_exactly_the_candidates_inputs_in_float64():
 
 @pytest.mark.parametrize("ignore_index", [-100, -1, 0])
 def test_ignore_patterns_mark_none_some_or_all_tokens(ignore_index):
-    base = Case(tokens=(40,), dim=3, vocab=5, ignore_index=ignore_index, seed=3)
+    base = Case.build(tokens=(40,), dim=3, vocab=5, ignore_index=ignore_index, seed=3)
     none = make_inputs(base.replace(ignored="none")).labels
     some = make_inputs(base.replace(ignored="some")).labels
     every = make_inputs(base.replace(ignored="all")).labels
@@ -115,5 +115,5 @@ def test_a_tied_case_takes_its_hidden_states_from_a_model_whose_head_is_its_embe
 def test_some_ignored_never_ignores_every_token():
     """Every token ignored with reduction=mean is 0/0: the behaviour matrix's business, not equivalence's."""
     for seed in range(50):
-        labels = make_inputs(Case(tokens=(1,), dim=2, vocab=5, ignored="some", seed=seed)).labels
+        labels = make_inputs(Case.build(tokens=(1,), dim=2, vocab=5, ignored="some", seed=seed)).labels
         assert (labels != -100).any()

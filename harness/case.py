@@ -1,9 +1,14 @@
-"""One checked case: a small frozen description that determines every input tensor from its seed.
+"""One case: a small frozen description of a head's inputs that determines every tensor from its seed.
 
-A ``Case`` is what Hypothesis draws, what a failure prints and what ``--case`` parses back, so
-a reproducer is one line:
+The correctness gate, the behaviour matrix and the sweep all describe their work with ``Case``.
+It is what Hypothesis draws, what a failure prints and what ``--case`` parses back, so a
+reproducer is one line:
 
     N=7,D=5,V=65537,dtype=bfloat16,reduction=mean,label_smoothing=0.1,bias=1,seed=123
+
+The loss options are those declared in ``harness.spec.OPTION_DECLARATIONS``, by the same names
+(``case.option("softcap")``, ``Case.build(..., softcap=5.0)``, ``softcap=5`` in a case line), so
+a new option needs no change here.
 
 ``make_inputs(case)`` builds the tensors: hidden states, head weight, optional bias, labels (with
 the requested ignore pattern), class weights and the upstream gradient of per-token losses. With
@@ -21,7 +26,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.model import TinyLM
-from harness.spec import DTYPES, REDUCTIONS, LossSpec, parse_dtype
+from harness.spec import DTYPES, OPTION_BY_NAME, OPTION_DECLARATIONS, OPTIONS, REDUCTIONS, LossSpec, parse_dtype, parse_flag
 
 IGNORE_PATTERNS = ("none", "some", "all")
 GRADIENT_INPUTS = ("hidden", "weight", "bias")
@@ -31,22 +36,47 @@ SOME_IGNORED_FRACTION = 0.3
 
 
 @dataclass(frozen=True)
+class OptionValues:
+    """The options a case turns on: ``(name, value)`` pairs of the non-default ones, in ``OPTIONS`` order."""
+
+    items: tuple[tuple[str, object], ...] = ()
+
+    @staticmethod
+    def of(**values) -> OptionValues:
+        unknown = [name for name in values if name not in OPTION_BY_NAME]
+        if unknown:
+            raise HarnessError(f"unknown option {unknown[0]!r}; expected one of {', '.join(OPTIONS)}")
+        return OptionValues(tuple((name, values[name]) for name in OPTIONS
+                                  if name in values and values[name] != OPTION_BY_NAME[name].default))
+
+    def get(self, name: str) -> object:
+        return dict(self.items).get(name, OPTION_BY_NAME[name].default)
+
+    def replace(self, **changes) -> OptionValues:
+        return OptionValues.of(**{**dict(self.items), **changes})
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The options in use (every one listed is, as defaults are dropped)."""
+        return frozenset(name for name, _ in self.items)
+
+    def spec(self, reduction: str, class_weight: torch.Tensor | None = None) -> LossSpec:
+        """The ``LossSpec`` (``class_weight``: the tensor, when the case has class weights)."""
+        fields = {option.spec_field: self.get(option.name) for option in OPTION_DECLARATIONS if option.spec_field}
+        return LossSpec(reduction=reduction, class_weight=class_weight, **fields)
+
+
+@dataclass(frozen=True)
 class Case:
-    """Shape, dtype, loss options and seed of one check; see the module docstring for the syntax."""
+    """Shape, dtype, loss options and seed of one case; see the module docstring for the syntax."""
 
     tokens: tuple[int, ...]  # (N,) for (N, D) inputs or (B, T) for (B, T, D) inputs
-    dim: int
-    vocab: int
+    dim: int  # D
+    vocab: int  # V
     dtype: str = "float32"
     reduction: str = "mean"
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    loss_div_factor: float = 1.0
-    class_weight: bool = False
-    bias: bool = False
-    tied: bool = False
+    options: OptionValues = OptionValues()
+    tied: bool = False  # the hidden states come from a model whose embedding is the head weight
     ignored: str = "none"  # which labels are ignore_index: none, some or all
     scale: float = 1.0  # standard deviation of the logits (untied heads)
     grads: tuple[str, ...] = GRADIENT_INPUTS  # inputs that require grad
@@ -80,6 +110,22 @@ class Case:
             raise HarnessError(f"case scale must be a positive number, got {self.scale}")
         self.spec()  # the loss options raise their own one-line errors
 
+    @staticmethod
+    def build(**fields) -> Case:
+        """A case from its fields and its options by name: ``Case.build(tokens=(7,), dim=5, vocab=9, softcap=5.0)``."""
+        return Case(tokens=fields.pop("tokens"), dim=fields.pop("dim"), vocab=fields.pop("vocab")).replace(**fields)
+
+    def replace(self, **changes) -> Case:
+        """A copy with fields and options (by name) changed."""
+        options = {name: changes.pop(name) for name in list(changes) if name in OPTION_BY_NAME}
+        if options:
+            changes["options"] = changes.get("options", self.options).replace(**options)
+        return dataclasses.replace(self, **changes)
+
+    def option(self, name: str) -> object:
+        """The value of one option (its default when the case does not use it)."""
+        return self.options.get(name)
+
     @property
     def num_tokens(self) -> int:
         return math.prod(self.tokens)
@@ -89,23 +135,39 @@ class Case:
         return DTYPES[self.dtype]
 
     def spec(self, class_weight: torch.Tensor | None = None) -> LossSpec:
-        return LossSpec(
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss_multiplier=self.z_loss,
-            softcap=self.softcap,
-            loss_div_factor=self.loss_div_factor,
-            class_weight=class_weight,
-        )
+        return self.options.spec(self.reduction, class_weight)
 
     def options_used(self) -> frozenset[str]:
         """The ``harness.spec.OPTIONS`` this case exercises."""
-        marker = torch.ones(1) if self.class_weight else None
-        return self.spec(marker).options_used(has_bias=self.bias)
+        return self.options.names
 
-    def replace(self, **changes) -> Case:
-        return dataclasses.replace(self, **changes)
+    def describe_options(self) -> str:
+        """The reduction and the options in use, e.g. ``reduction=mean, softcap=30.0, bias``."""
+        marker = torch.ones(self.vocab) if self.option("class_weight") else None
+        return self.spec(marker).describe() + (", bias" if self.option("bias") else "")
+
+    def unsupported_reason(self, impl, device: str) -> str | None:
+        """Why ``impl`` says it cannot run this case on ``device`` ("cpu" or "cuda"), or None."""
+        # A stand-in class-weight tensor: only its presence matters for what is supported.
+        marker = torch.ones(self.vocab) if self.option("class_weight") else None
+        return impl.unsupported_reason(self.spec(marker), dtype=self.torch_dtype, device=device,
+                                       has_bias=bool(self.option("bias")))
+
+    @property
+    def logits_bytes(self) -> int:
+        """Bytes of the N x V logits in the input dtype."""
+        return self.num_tokens * self.vocab * self.torch_dtype.itemsize
+
+    @property
+    def gradient_bytes(self) -> int:
+        """The lower bound on memory (Cut Cross-Entropy paper): the gradients of hidden and weight (and bias)."""
+        bias = self.vocab if self.option("bias") else 0
+        return (self.num_tokens * self.dim + self.vocab * self.dim + bias) * self.torch_dtype.itemsize
+
+    def matmul_flops(self, mode: str) -> int:
+        """Matmul work: 2*N*D*V forward (the logits), 6*N*D*V forward+backward (plus both gradients)."""
+        per_pass = 2 * self.num_tokens * self.dim * self.vocab
+        return {"forward": per_pass, "forward_backward": 3 * per_pass}[mode]
 
     def __str__(self) -> str:
         return format_case(self)
@@ -113,38 +175,32 @@ class Case:
 
 # --- the one-line syntax -----------------------------------------------------------------------
 
-_KEYS = {
-    # key -> (Case field, parser)
+# key -> (Case field, parser); the options' keys are their names (see OPTION_DECLARATIONS).
+_FIELD_KEYS = {
     "D": ("dim", int),
     "V": ("vocab", int),
     "dtype": ("dtype", str),
     "reduction": ("reduction", str),
-    "ignore_index": ("ignore_index", int),
-    "label_smoothing": ("label_smoothing", float),
-    "z_loss": ("z_loss", float),
-    "softcap": ("softcap", lambda v: None if v.lower() == "none" else float(v)),
-    "loss_div_factor": ("loss_div_factor", float),
-    "class_weight": ("class_weight", lambda v: _parse_flag(v)),
-    "bias": ("bias", lambda v: _parse_flag(v)),
-    "tied": ("tied", lambda v: _parse_flag(v)),
+    "tied": ("tied", parse_flag),
     "ignored": ("ignored", str),
     "scale": ("scale", float),
     "grads": ("grads", lambda v: tuple(v.split("+"))),
     "chunk": ("chunk", lambda v: None if v.lower() == "none" else int(v)),
     "keep": ("keep", int),
-    "strided": ("strided", lambda v: _parse_flag(v)),
+    "strided": ("strided", parse_flag),
     "seed": ("seed", int),
 }
-CASE_KEYS = ("N", "B", "T", *_KEYS)
+_OPTION_KEYS = {key: option for option in OPTION_DECLARATIONS for key in (option.name, *option.aliases)}
+CASE_KEYS = ("N", "B", "T", *_FIELD_KEYS, *OPTIONS)
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Case) if f.default is not dataclasses.MISSING}
 
 
-def _parse_flag(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes"):
-        return True
-    if lowered in ("0", "false", "no"):
-        return False
-    raise ValueError(f"expected 0 or 1, got {value!r}")
+def _format_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, tuple):
+        return "+".join(value)
+    return str(value)
 
 
 def format_case(case: Case) -> str:
@@ -154,18 +210,11 @@ def format_case(case: Case) -> str:
     else:
         parts = [f"B={case.tokens[0]}", f"T={case.tokens[1]}"]
     parts += [f"D={case.dim}", f"V={case.vocab}", f"dtype={case.dtype}", f"reduction={case.reduction}"]
-    defaults = {f.name: f.default for f in dataclasses.fields(Case) if f.default is not dataclasses.MISSING}
-    for key, (name, _) in _KEYS.items():
-        if key in ("D", "V", "dtype", "reduction", "seed"):
-            continue
+    parts += [f"{name}={_format_value(value)}" for name, value in case.options.items]
+    for key, (name, _) in _FIELD_KEYS.items():
         value = getattr(case, name)
-        if value == defaults[name]:
-            continue
-        if isinstance(value, bool):
-            value = int(value)
-        elif isinstance(value, tuple):
-            value = "+".join(value)
-        parts.append(f"{key}={value}")
+        if key not in ("D", "V", "dtype", "reduction", "seed") and value != _FIELD_DEFAULTS[name]:
+            parts.append(f"{key}={_format_value(value)}")
     parts.append(f"seed={case.seed}")
     return ",".join(parts)
 
@@ -173,6 +222,7 @@ def format_case(case: Case) -> str:
 def parse_case(text: str) -> Case:
     """Parse the one-line form; a malformed string raises a one-line ``HarnessError``."""
     fields: dict = {}
+    options: dict = {}
     shape: dict[str, int] = {}
     for item in text.replace(" ", "").split(","):
         if not item:
@@ -183,9 +233,11 @@ def parse_case(text: str) -> Case:
         try:
             if key in ("N", "B", "T"):
                 shape[key] = int(value)
-            elif key in _KEYS:
-                name, parse = _KEYS[key]
+            elif key in _FIELD_KEYS:
+                name, parse = _FIELD_KEYS[key]
                 fields[name] = parse(value)
+            elif key in _OPTION_KEYS:
+                options[_OPTION_KEYS[key].name] = _OPTION_KEYS[key].parse(value)
             else:
                 raise HarnessError(f"unknown --case key {key!r}; expected one of {', '.join(CASE_KEYS)}")
         except ValueError as exc:
@@ -203,7 +255,7 @@ def parse_case(text: str) -> Case:
         raise HarnessError(f"--case needs {' and '.join(missing)} (e.g. N=7,D=5,V=257,seed=1)")
     if fields.get("reduction", "mean") not in REDUCTIONS:
         raise HarnessError(f"unknown reduction {fields['reduction']!r}; expected one of {', '.join(REDUCTIONS)}")
-    return Case(**fields)
+    return Case(options=OptionValues.of(**options), **fields)
 
 
 # --- the tensors -------------------------------------------------------------------------------
@@ -222,10 +274,14 @@ class Inputs:
     bias: torch.Tensor | None
     labels: torch.Tensor
     spec: LossSpec
-    upstream: torch.Tensor | None  # gradient of per-token losses (reduction "none"), float64
+    upstream: torch.Tensor | None  # gradient of per-token losses (reduction "none"), float64, CPU
     gradient_inputs: dict[str, torch.Tensor]
     model: TinyLM | None = None  # tied cases: the model, and the tokens it embeds
     token_ids: torch.Tensor | None = None
+
+    def reset_grads(self) -> None:
+        for tensor in self.gradient_inputs.values():
+            tensor.grad = None
 
 
 def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
@@ -235,6 +291,7 @@ def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
     Kernels get the edges of the vocabulary wrong (a mask off by one, a last partial block): a
     label at each edge puts the one-hot part of the gradient there.
     """
+    ignore_index = case.option("ignore_index")
     labels = torch.randint(0, case.vocab, case.tokens, generator=generator)
     if case.ignored == "all":
         ignored = torch.ones(case.tokens, dtype=torch.bool)
@@ -251,17 +308,23 @@ def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
     if len(kept) >= 2:
         first, last = kept[torch.randperm(len(kept), generator=generator)[:2]]
         labels.view(-1)[first], labels.view(-1)[last] = 0, case.vocab - 1
-    if 0 <= case.ignore_index < case.vocab:  # an in-range ignore_index must only mark ignored tokens
-        labels[labels == case.ignore_index] = (case.ignore_index + 1) % case.vocab
-    return labels.masked_fill(ignored, case.ignore_index)
+    if 0 <= ignore_index < case.vocab:  # an in-range ignore_index must only mark ignored tokens
+        labels[labels == ignore_index] = (ignore_index + 1) % case.vocab
+    return labels.masked_fill(ignored, ignore_index)
 
 
-def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False) -> Inputs:
-    """Build the case's tensors from its seed; ``reference=True`` gives their exact float64 copies."""
+def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, draw_on_device: bool = False) -> Inputs:
+    """Build the case's tensors from its seed; ``reference=True`` gives their exact float64 copies.
+
+    The hidden states and the head are drawn in float64 on the CPU, so a case line gives the same
+    tensors on every machine. ``draw_on_device=True`` draws them in float32 on ``device`` instead:
+    other values, but made in milliseconds at a benchmark's sizes (a Gemma-2 head in float64 is
+    4.7 GB drawn on one CPU core). It has no reference and no tied model.
+    """
     generator = torch.Generator().manual_seed(case.seed)
     dtype = case.torch_dtype
     labels = make_labels(case, generator)
-    class_weight = torch.rand(case.vocab, generator=generator) * 1.5 + 0.5 if case.class_weight else None
+    class_weight = torch.rand(case.vocab, generator=generator) * 1.5 + 0.5 if case.option("class_weight") else None
     upstream = None
     if case.reduction == "none":  # multiples of 1/4: exact in every dtype, so all see the same upstream
         upstream = torch.randint(-8, 9, case.tokens, generator=generator).double() / 4
@@ -269,9 +332,12 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False) -> 
         class_weight = class_weight.to(device, torch.float64 if reference else torch.float32)
     spec = case.spec(class_weight)
     labels = labels.to(device)
+    has_bias = bool(case.option("bias"))
 
     if case.tied:
-        model = TinyLM(case.vocab, case.dim, tied=True, bias=case.bias, dtype=dtype, seed=case.seed)
+        if draw_on_device:
+            raise HarnessError("a tied case is drawn on the CPU (its model is seeded there): use draw_on_device=False")
+        model = TinyLM(case.vocab, case.dim, tied=True, bias=has_bias, dtype=dtype, seed=case.seed)
         if reference:
             model = model.double()
         model = model.to(device)
@@ -285,13 +351,18 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False) -> 
             hidden, model.head_weight, model.head_bias, labels, spec, upstream, gradient_inputs, model, token_ids
         )
 
-    work_dtype = torch.float64 if reference else dtype
-    hidden = torch.randn(*case.tokens, case.dim, generator=generator, dtype=torch.float64)
-    weight = torch.randn(case.vocab, case.dim, generator=generator, dtype=torch.float64) * (case.scale / case.dim**0.5)
-    bias = torch.randn(case.vocab, generator=generator, dtype=torch.float64) * (case.scale / 2) if case.bias else None
-    # Round to the case's dtype first, so the reference sees exactly the candidate's inputs.
-    hidden, weight = (t.to(dtype).to(device, work_dtype) for t in (hidden, weight))
-    bias = None if bias is None else bias.to(dtype).to(device, work_dtype)
+    if draw_on_device:
+        if reference:
+            raise HarnessError("inputs drawn on the device have no reference copy: use draw_on_device=False")
+        hidden, weight, bias = _draw_on_device(case, device, has_bias)
+    else:
+        work_dtype = torch.float64 if reference else dtype
+        hidden = torch.randn(*case.tokens, case.dim, generator=generator, dtype=torch.float64)
+        weight = torch.randn(case.vocab, case.dim, generator=generator, dtype=torch.float64) * (case.scale / case.dim**0.5)
+        bias = torch.randn(case.vocab, generator=generator, dtype=torch.float64) * (case.scale / 2) if has_bias else None
+        # Round to the case's dtype first, so the reference sees exactly the candidate's inputs.
+        hidden, weight = (t.to(dtype).to(device, work_dtype) for t in (hidden, weight))
+        bias = None if bias is None else bias.to(dtype).to(device, work_dtype)
     if case.strided and not reference:
         hidden, weight, bias, labels = (None if t is None else strided_copy(t) for t in (hidden, weight, bias, labels))
     tensors = {"hidden": hidden, "weight": weight, "bias": bias}
@@ -301,6 +372,20 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False) -> 
             tensor.requires_grad_()
             gradient_inputs[name] = tensor
     return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs)
+
+
+def _draw_on_device(case: Case, device: str, has_bias: bool):
+    """Hidden states, head and bias with the distributions of the CPU draw, in float32 on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(case.seed)
+
+    def draw(*shape, std):
+        values = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
+        return (values * std).to(case.torch_dtype)
+
+    hidden = draw(*case.tokens, case.dim, std=1.0)
+    weight = draw(case.vocab, case.dim, std=case.scale / case.dim**0.5)
+    bias = draw(case.vocab, std=case.scale / 2) if has_bias else None
+    return hidden, weight, bias
 
 
 def strided_copy(tensor: torch.Tensor) -> torch.Tensor:

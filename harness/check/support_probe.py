@@ -12,21 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.adapter import Implementation
-from harness.check.case import Case, make_inputs
+from harness.case import Case, make_inputs
 from harness.errors import UnsupportedCase
-from harness.spec import OPTIONS, REDUCTIONS, dtype_name
-
-# A tiny case per probe: 3 tokens, D = 4, V = 5; one option at a time.
-PROBE_OPTIONS = {
-    "bias": {"bias": True},
-    "ignore_index": {"ignore_index": -1, "ignored": "some"},
-    "label_smoothing": {"label_smoothing": 0.1},
-    "z_loss": {"z_loss": 1e-3},
-    "softcap": {"softcap": 5.0},
-    "loss_div_factor": {"loss_div_factor": 2.0},
-    "class_weight": {"class_weight": True},
-}
-
+from harness.spec import OPTION_DECLARATIONS, REDUCTIONS, dtype_name
 
 @dataclass(frozen=True)
 class Support:
@@ -101,11 +89,14 @@ def discover_support(impl: Implementation, device: str) -> Support:
             if reason:
                 reductions.remove(reduction)
                 why_not[reduction] = reason
-        for option in OPTIONS:
-            if option in options:
-                reason = _probe(impl, base.replace(**PROBE_OPTIONS[option]), device)
+        for option in OPTION_DECLARATIONS:  # one at a time, at its first strong value
+            if option.name in options:
+                probe = base.replace(**{option.name: option.values[0]})
+                if option.acts_on_ignored_tokens:
+                    probe = probe.replace(ignored="some")
+                reason = _probe(impl, probe, device)
                 if reason:
-                    options.discard(option)
-                    why_not[option] = reason
+                    options.discard(option.name)
+                    why_not[option.name] = reason
     return Support(True, tuple(dtypes), tuple(reductions), frozenset(options), why_not)
 
