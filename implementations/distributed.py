@@ -91,6 +91,7 @@ class VocabParallel(Implementation):
 
     family = "distributed"
     has_logits_path = False  # the point is never to gather the (N, V) logits; generation is another path
+    torchrun_module = "implementations.vocab_parallel.torchrun"  # the sweep's job: one process per rank
     rank_family = ""
     split = "balanced"
 

@@ -45,7 +45,7 @@ EXPLICIT_CASES_TIMEOUT_S = 600  # per (case, implementation) when case files are
 MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start
 # Arguments stored in meta.json, so that --resume RUN alone re-creates the sweep.
 RESUMABLE = ("cases", "impl", "dtype", "mode", "device", "preset", "timeout", "max_memory", "measure_time",
-             "min_repeats")
+             "min_repeats", "nproc_per_node")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time spent on timed repetitions per mode (default: the preset's)")
     parser.add_argument("--min-repeats", type=int, metavar="N",
                         help="on a CPU, time at least N repetitions per mode (default: the preset's)")
+    parser.add_argument("--nproc-per-node", type=int, metavar="P",
+                        help="ranks of each job of a distributed (vocab-parallel) implementation, started with "
+                             "torchrun --nproc-per-node P (default: 2)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where runs are written (default: results)")
     parser.add_argument("--resume", metavar="RUN",
                         help="finish an interrupted run (run id or folder): skip what it recorded, append the rest")
@@ -166,6 +169,8 @@ def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -
         raise HarnessError("--timeout must be > 0 seconds")
     if choice["max_memory"] is not None and choice["max_memory"] < 0:
         raise HarnessError("--max-memory must be >= 0 GiB (0: no limit)")
+    if choice["nproc_per_node"] is not None and choice["nproc_per_node"] < 1:
+        raise HarnessError("--nproc-per-node must be at least 1")
     visible = None
     if kind == "cuda" and (ranks.world_size > 1 or index is not None):
         visible = visible_device_for(ranks.local_rank if ranks.world_size > 1 else index)
@@ -177,6 +182,7 @@ def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -
         max_memory_bytes=default_memory_limit() if choice["max_memory"] is None
         else int(choice["max_memory"] * 2**30) or None,
         child_env=child_environment(visible),
+        world_size=choice["nproc_per_node"] or 2,
     )
     jobs = [job for job in plan_jobs(cases, choice["impl"]) if job_modes(job, settings)]
     arguments = {

@@ -21,7 +21,7 @@ the head weight (and of the bias and class weights). Three ways to compute the l
 A label that no rank owns (out of range) makes every rank raise the same ``IndexError``, after the
 all-reduce that finds it, so no rank is left waiting in a collective.
 
-``CommCounter`` counts what a rank hands to collectives (torch.distributed's eager ops and the
+``CommCounter`` counts what a rank hands to collectives (torch.distributed's eager ones and the
 functional ones DTensor issues): the bytes of each collective's input on that rank, not the wire
 traffic (a ring all-reduce of B bytes sends about 2 (P - 1) / P x B per rank).
 """
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.spec import LossSpec
 
@@ -219,9 +218,12 @@ def chunked_loss(request: Request, where: Group) -> Reply:
     if need_h:
         _all_reduce(grad_h, dist.ReduceOp.SUM, where)
     reduce = (lambda t: t) if spec.reduction == "none" else (lambda t: t.sum())
+    loss, z_loss = reduce(ce_all + z_all), reduce(z_all)
+    if spec.reduction == "mean" and num_tokens == 0:  # 0 / 0, as PyTorch: no token scale was ever formed
+        loss, z_loss = loss * math.nan, z_loss * math.nan
     return Reply(
-        loss=reduce(ce_all + z_all),
-        z_loss=reduce(z_all),
+        loss=loss,
+        z_loss=z_loss,
         grad_hidden=None if grad_h is None else grad_h.to(hidden.dtype),
         grad_weight=None if grad_w is None else grad_w.to(weight.dtype),
         grad_bias=None if grad_b is None else grad_b.to(bias.dtype),
@@ -346,34 +348,64 @@ def compute(request: Request, where: Group) -> Reply:
 
 # --- counting what the collectives carry ---------------------------------------------------------
 
-# Which argument of a c10d op holds this rank's input (the rest: the first).
-_INPUT_ARGUMENT = {"allgather_": 1, "_allgather_base_": 1, "allgather_into_tensor_coalesced_": 1,
-                   "reduce_scatter_": 1, "_reduce_scatter_base_": 1, "alltoall_base_": 1, "alltoall_": 1}
-_NOT_COLLECTIVES = ("wait_tensor", "barrier", "monitored_barrier")
+# The collectives a rank may issue, as (module, function, index of this rank's input argument):
+# torch.distributed's eager ones (the chunked loss, the hidden-state gradient) and the functional
+# ones DTensor issues (loss_parallel, redistributions). They are wrapped, not watched with a
+# dispatch mode: a mode does not see the collectives DTensor issues inside its own dispatch.
+_EAGER = (("all_reduce", 0), ("broadcast", 0), ("all_gather", 1), ("all_gather_into_tensor", 1),
+          ("reduce_scatter_tensor", 1), ("all_to_all_single", 1))
+_FUNCTIONAL = (("all_reduce", 0), ("all_reduce_coalesced", 0), ("all_gather_tensor", 0),
+               ("all_gather_tensor_autograd", 0), ("all_gather_into_tensor_coalesced", 0),
+               ("reduce_scatter_tensor", 0), ("reduce_scatter_tensor_autograd", 0),
+               ("reduce_scatter_tensor_coalesced", 0), ("all_to_all_single", 0), ("all_to_all_single_autograd", 0),
+               ("broadcast", 0), ("all_gather_single", 0), ("reduce_scatter_single", 0), ("all_gather_inplace", 1))
 
 
 def _tensor_bytes(value) -> int:
     if isinstance(value, torch.Tensor):
+        if hasattr(value, "to_local"):  # a DTensor: this rank's part
+            value = value.to_local()
         return value.numel() * value.element_size()
     if isinstance(value, (list, tuple)):
         return sum(_tensor_bytes(v) for v in value)
     return 0
 
 
-class CommCounter(TorchDispatchMode):
-    """Counts the collectives this rank issues while active, and the bytes of their inputs."""
+class CommCounter:
+    """While active (``with``), counts the collectives this rank issues and the bytes of their
+    inputs on this rank. A collective called from inside another counted one is not counted again."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.calls = 0
         self.bytes = 0
+        self._saved: list[tuple[object, str, object]] = []
+        self._depth = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        namespace = func.namespace
-        name = func._schema.name.split("::")[-1]
-        if namespace in ("c10d", "_c10d_functional") and name not in _NOT_COLLECTIVES:
-            index = _INPUT_ARGUMENT.get(name, 0) if namespace == "c10d" else 0
-            if index < len(args):
+    def _wrap(self, function, index: int):
+        def counted(*args, **kwargs):
+            if self._depth == 0:
                 self.calls += 1
-                self.bytes += _tensor_bytes(args[index])
-        return func(*args, **(kwargs or {}))
+                self.bytes += _tensor_bytes(args[index] if index < len(args) else next(iter(kwargs.values()), None))
+            self._depth += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def __enter__(self) -> CommCounter:
+        import torch.distributed._functional_collectives as funcol
+
+        for module, table in ((dist, _EAGER), (funcol, _FUNCTIONAL)):
+            for name, index in table:
+                original = getattr(module, name, None)
+                if original is not None:
+                    self._saved.append((module, name, original))
+                    setattr(module, name, self._wrap(original, index))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved.clear()
