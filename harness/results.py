@@ -57,6 +57,14 @@ ROW_COLUMNS = (
     "device",
 )
 
+# Only distributed implementations' jobs (torchrun) have these; their peak_memory is the largest rank's.
+DISTRIBUTED_METRICS = {
+    "comm_bytes": "bytes",  # handed to collectives in one call by the busiest rank
+    "comm_calls": "count",  # collectives that rank issued in one call
+    "world_size": "ranks",
+    **{f"peak_memory_rank{rank}": "bytes" for rank in range(8)},
+}
+
 # metric name -> unit
 METRICS = {
     "time_median": "ms",
@@ -68,6 +76,7 @@ METRICS = {
     "matmul_fraction": "ratio",  # tflops / the device's measured matmul rate in this dtype
     "memory_over_lower_bound": "ratio",  # peak / (bytes of grad_hidden + grad_weight)
     "memory_over_logits": "ratio",  # peak / (bytes of the N x V logits in the input dtype)
+    **DISTRIBUTED_METRICS,
 }
 
 STATUSES = ("ok", "unsupported", "oom", "timeout", "crash", "error")

@@ -9,6 +9,7 @@ import torch
 from harness.adapter import Implementation
 from implementations.cce import CutCrossEntropy
 from implementations.chunked import Chunked
+from implementations.distributed import ChunkedVocabParallel, DTensorLossParallel, MegatronVocabParallel
 from implementations.liger import Liger
 from implementations.torch_linear_ce import TorchLinearCrossEntropy
 from implementations.torch_native import TorchCompile, TorchEager
@@ -25,4 +26,7 @@ def builtin_implementations() -> tuple[Implementation, ...]:
         Liger("liger-fp32-accum", accum_dtype=torch.float32),
         CutCrossEntropy("cce"),
         CutCrossEntropy("cce-exact", exact=True),
+        DTensorLossParallel(),
+        ChunkedVocabParallel(),
+        MegatronVocabParallel(),
     )

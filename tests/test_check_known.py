@@ -98,7 +98,7 @@ def test_a_precision_signature_excuses_its_own_error_size_only():
     ids=lambda k: f"{k.implementations[0]}-{k.properties[0]}",
 )
 def test_known_limitation_is_reported_as_unsupported_with_its_error(known):
-    result = _run(known.implementations[0], known.properties[0], "N=6,D=5,V=33,seed=10")
+    result = _run(known.implementations[0], known.properties[0], known.case)
     assert result.status == UNSUPPORTED
     assert known.reason in result.detail and f"({known.error_type})" in result.detail
 

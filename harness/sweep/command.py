@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time spent on timed repetitions per mode (default: the preset's)")
     parser.add_argument("--min-repeats", type=int, metavar="N",
                         help="on a CPU, time at least N repetitions per mode (default: the preset's)")
+    parser.add_argument("--nproc-per-node", type=int, metavar="P",
+                        help="ranks of each job of a distributed (vocab-parallel) implementation, started with "
+                             "torchrun --nproc-per-node P (default: 2)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where runs are written (default: results)")
     parser.add_argument("--resume", metavar="RUN",
                         help="finish an interrupted run (run id or folder): skip what it recorded, append the rest")

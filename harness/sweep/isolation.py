@@ -117,18 +117,27 @@ def run_isolated(
     timeout_s: float,
     max_memory_bytes: int | None = None,
     env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
 ) -> ChildOutcome:
     """Run ``job`` in ``python -m harness.sweep.worker``; never raises for anything the child does.
 
+    ``launcher``: another command to run instead (``torchrun ... -m MODULE``, for the ranks of a
+    distributed implementation), given RESULT_FILE and a file holding the job as its arguments.
+    The memory limit then watches the launcher's own process only.
     ``KeyboardInterrupt`` (Ctrl-C) kills the child and is re-raised.
     """
     with tempfile.TemporaryDirectory(prefix="lmhead-sweep-") as tmp:
         result_path = Path(tmp) / "result.jsonl"
         log_path = Path(tmp) / "log.txt"
+        command = [sys.executable, "-m", "harness.sweep.worker", str(result_path)]
+        if launcher is not None:
+            job_path = Path(tmp) / "job.json"
+            job_path.write_text(json.dumps(job))
+            command = [*launcher, str(result_path), str(job_path)]
         start = time.monotonic()
         with open(log_path, "w") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "harness.sweep.worker", str(result_path)],
+                command,
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,

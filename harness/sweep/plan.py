@@ -27,7 +27,7 @@ EXPLICIT_CASES_TIMEOUT_S = 600  # per (case, implementation) when case files are
 MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start
 # Arguments stored in meta.json, so that --resume RUN alone re-creates the sweep.
 RESUMABLE = ("cases", "impl", "dtype", "mode", "device", "preset", "timeout", "max_memory", "measure_time",
-             "min_repeats")
+             "min_repeats", "nproc_per_node")
 
 
 def parse_device(text: str | None) -> tuple[str, int | None]:
@@ -102,6 +102,8 @@ def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -
         raise HarnessError("--timeout must be > 0 seconds")
     if choice["max_memory"] is not None and choice["max_memory"] < 0:
         raise HarnessError("--max-memory must be >= 0 GiB (0: no limit)")
+    if choice["nproc_per_node"] is not None and choice["nproc_per_node"] < 1:
+        raise HarnessError("--nproc-per-node must be at least 1")
     visible = None
     if kind == "cuda" and (ranks.world_size > 1 or index is not None):
         visible = visible_device_for(ranks.local_rank if ranks.world_size > 1 else index)
@@ -113,6 +115,7 @@ def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -
         max_memory_bytes=default_memory_limit() if choice["max_memory"] is None
         else int(choice["max_memory"] * 2**30) or None,
         child_env=child_environment(visible),
+        world_size=choice["nproc_per_node"] or 2,
     )
     jobs = [job for job in plan_jobs(cases, choice["impl"]) if job_modes(job, settings)]
     arguments = {

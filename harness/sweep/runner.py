@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class SweepSettings:
     timeout_s: float
     max_memory_bytes: int | None
     child_env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    world_size: int = 2  # ranks of a distributed implementation's job (torchrun --nproc-per-node)
 
 
 @dataclass
@@ -98,6 +100,16 @@ def declared_unsupported(job: Job, device: str) -> str | None:
     again, and an implementation that only finds out while running still reports unsupported.
     """
     return job.case.case.unsupported_reason(resolve(job.reference), device)
+
+
+def torchrun_launcher(reference: str, settings: SweepSettings) -> list[str] | None:
+    """For an implementation that runs as P ranks (the ``distributed`` family, which names its
+    rank module), the torchrun command that starts them; None for the others."""
+    module = getattr(resolve(reference), "torchrun_module", None)
+    if module is None:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(settings.world_size), "-m", module]
 
 
 def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
@@ -187,11 +199,15 @@ def run_jobs(
             }
             reason = declared_unsupported(job, settings.device)
             if reason is None:
+                launcher = torchrun_launcher(job.reference, settings)
+                if launcher is not None:
+                    payload["world_size"] = settings.world_size
                 outcome = run_isolated(
                     payload,
                     timeout_s=settings.timeout_s,
                     max_memory_bytes=settings.max_memory_bytes,
                     env=settings.child_env,
+                    launcher=launcher,
                 )
                 results, seconds = mode_results(outcome, modes), outcome.seconds
             else:  # known without starting a process

@@ -1,0 +1,123 @@
+"""The vocab-parallel (``distributed``) implementations: shards, the gate's view of them, the sweep's.
+
+They run P = 2 or 3 gloo rank processes on this machine (P = 2 for an even token count, 3 for an
+odd one); the pools are started once per test process and closed at its exit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.case import Case, parse_case
+from harness.check.run_property import FAIL, PASS, Target, run_case
+from harness.check.properties import find_property
+from harness.errors import UnsupportedCase
+from harness.registry import resolve
+from harness.spec import LossSpec
+from harness.sweep.cases import SweepCase
+from harness.sweep.isolation import run_isolated
+from harness.sweep.measure import TimingSettings
+from harness.sweep.runner import SweepSettings, torchrun_launcher
+from implementations.distributed import world_size_for
+from implementations.vocab_parallel.shards import split_vocab
+
+
+def _sizes(vocab, world_size, how):
+    return [s.size for s in split_vocab(vocab, world_size, how)]
+
+
+def test_shards_are_contiguous_and_cover_the_vocabulary_under_both_conventions():
+    assert _sizes(7, 3, "balanced") == [3, 2, 2]
+    assert _sizes(7, 3, "ceil") == [3, 3, 1]
+    assert _sizes(4, 3, "ceil") == [2, 2, 0]  # DTensor's split leaves the last rank empty
+    for how in ("balanced", "ceil"):
+        shards = split_vocab(4097, 3, how)
+        assert shards[0].start == 0 and shards[-1].stop == 4097
+        assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    with pytest.raises(ValueError, match="unknown vocabulary split"):
+        split_vocab(7, 2, "round-robin")
+
+
+def test_both_world_sizes_occur_chosen_by_the_token_count():
+    assert [world_size_for(n) for n in (1, 2, 7, 64)] == [3, 2, 3, 2]
+
+
+EVERY_OPTION = "D=5,V={V},reduction={reduction},label_smoothing=0.1,z_loss=0.001,softcap=5.0,class_weight=1,bias=1," \
+               "ignored=some,scale=16.0,seed=3"
+
+
+@pytest.mark.parametrize("tokens", [6, 7], ids=["P=2", "P=3"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_vocab_parallel_computes_the_reference_with_every_option_on_uneven_shards(tokens, reduction):
+    case = parse_case(f"N={tokens}," + EVERY_OPTION.format(V=13, reduction=reduction))  # 13 = 7 + 6 = 5 + 4 + 4
+    for property_id in ("equivalence/float32", "equivalence/bfloat16", "autograd/retain-graph"):
+        dtype = property_id.split("/")[1] if property_id.startswith("equivalence") else "float32"
+        result = run_case(Target("chunked-vocab-parallel", resolve("chunked-vocab-parallel")),
+                          find_property(property_id), case.replace(dtype=dtype), "cpu")
+        assert result.status == PASS, f"{property_id}: {result.detail}"
+
+
+def test_the_gate_fails_a_vocab_parallel_loss_that_is_wrong_on_one_shard():
+    """The gate compares the gathered gradients: a rank whose weight rows came back scaled shows."""
+    from implementations.distributed import ChunkedVocabParallel
+
+    class OneShardWrong(ChunkedVocabParallel):
+        name = "one-shard-wrong"
+
+        def _run(self, *args):
+            loss, z_loss, (grad_h, grad_w, grad_b) = super()._run(*args)
+            if grad_w is not None:
+                grad_w = grad_w.clone()
+                grad_w[-1] *= 1.01  # the last class: the last rank's rows
+            return loss, z_loss, (grad_h, grad_w, grad_b)
+
+    case = parse_case("N=7,D=5,V=13,seed=1")
+    result = run_case(Target("one-shard-wrong", OneShardWrong()), find_property("equivalence/float32"), case, "cpu")
+    assert result.status == FAIL and "grad_weight" in result.detail
+
+
+def test_a_label_no_rank_owns_raises_on_every_rank_instead_of_a_silent_loss():
+    impl = resolve("chunked-vocab-parallel")
+    hidden, weight = torch.randn(4, 3), torch.randn(9, 3)
+    with pytest.raises(IndexError, match="label 9 at position 2 is outside every rank's vocabulary shard"):
+        impl.loss(hidden, weight, torch.tensor([0, 1, 9, 2]), LossSpec(), validate=False)
+    # The pool is still in step: the next call works.
+    assert torch.isfinite(impl.loss(hidden, weight, torch.tensor([0, 1, 8, 2])).loss)
+
+
+def test_dtensor_refuses_a_split_that_leaves_a_rank_without_classes_with_the_reason():
+    impl = resolve("dtensor-loss-parallel")
+    with pytest.raises(UnsupportedCase, match="loss_parallel.. fails on a rank that holds no class"):
+        impl.loss(torch.randn(3, 2), torch.randn(4, 2), torch.tensor([0, 1, 3]))  # P = 3, shards 2, 2, 0
+
+
+def test_dtensor_declares_label_smoothing_unsupported_with_the_reason():
+    reasons = resolve("dtensor-loss-parallel").capabilities("cpu").reasons()
+    assert set(reasons) == {"label_smoothing"} and "loss_parallel" in reasons["label_smoothing"]
+
+
+def test_torchrun_sweep_job_records_time_per_rank_memory_and_bytes_communicated():
+    """P = 3 ranks under torchrun; the chunked loss's collectives are known exactly: the class-weight
+    and owner all-reduce (2 (N + 1) floats), per chunk the max (N) and the packed sums (3 N), and the
+    hidden-state gradient (N x D), all float32."""
+    tokens, hidden = 24, 16
+    case = SweepCase("vp", "vp", Case(tokens=(tokens,), dim=hidden, vocab=1001))
+    settings = SweepSettings(modes=("forward", "forward_backward", "backward"), device="cpu",
+                             timing=TimingSettings(measure_time=0.05, min_repeats=2), timeout_s=300,
+                             max_memory_bytes=None, world_size=3)
+    launcher = torchrun_launcher("chunked-vocab-parallel", settings)
+    assert launcher is not None and torchrun_launcher("chunked", settings) is None
+    job = {"kind": "case", "case": case.to_json(), "implementation": "chunked-vocab-parallel",
+           "modes": list(settings.modes), "device": "cpu", "timing": settings.timing.to_json(), "world_size": 3}
+    outcome = run_isolated(job, timeout_s=300, launcher=launcher)
+    results = {m["mode"]: m for m in outcome.messages if m.get("event") == "result"}
+    assert outcome.failure is None, outcome.log_tail[-2000:]
+    assert results["backward"]["status"] == "unsupported"
+    forward, both = results["forward"]["metrics"], results["forward_backward"]["metrics"]
+    assert forward["world_size"] == both["world_size"] == 3
+    assert forward["comm_bytes"] == 4 * (2 * (tokens + 1) + 4 * tokens)
+    assert both["comm_bytes"] == forward["comm_bytes"] + 4 * tokens * hidden
+    assert both["time_p20"] <= both["time_median"] <= both["time_p80"]
+    peaks = [both[f"peak_memory_rank{rank}"] for rank in range(3)]
+    assert both["peak_memory"] == max(peaks) and all(peak >= 0 for peak in peaks)
