@@ -138,12 +138,31 @@ def _logits_matmul(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
         out.copy_(torch.nn.functional.linear(hidden, weight, bias))
 
 
-def _accumulate_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
-    """grad_w (float32) += grad.T @ hidden, accumulated in float32."""
+def _accumulate_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor, first: bool) -> None:
+    """grad_w (float32) += grad.T @ hidden, accumulated in float32; the first chunk overwrites
+    (no separate pass to zero the (V, D) accumulator)."""
     if grad.dtype == grad_w.dtype and hidden.dtype == grad_w.dtype:
-        grad_w.addmm_(grad.t(), hidden)
-    else:  # CUDA: the matmul accumulates into float32 itself
+        if first:
+            torch.mm(grad.t(), hidden, out=grad_w)
+        else:
+            grad_w.addmm_(grad.t(), hidden)
+    elif first:  # CUDA: the matmul accumulates into float32 itself
+        torch.mm(grad.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
+    else:
         torch.addmm(grad_w, grad.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
+
+
+def _rows_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec):
+    """logsumexp of a few rows' logits, recomputed from scratch."""
+    logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    _logits_matmul(logits, hidden, weight, bias)
+    _to_logits_(logits, spec, None)
+    return torch.logsumexp(logits, 1)
+
+
+# Below this, p at the label has lost precision to float32's subnormals (or underflowed to 0), so
+# the token's logsumexp is recomputed from its logits instead of read off p at the label.
+TINY_PROBABILITY = 1e-30
 
 
 def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_scale=None):
@@ -158,7 +177,9 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_sc
     ce_all = torch.empty(num_tokens, dtype=torch.float32, device=device)
     z_all = torch.empty_like(ce_all)
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+    # Zeros only for an empty batch: otherwise the first chunk's matmul overwrites them.
+    new_accumulator = torch.zeros if num_tokens == 0 else torch.empty
+    grad_w = new_accumulator(weight.shape, dtype=torch.float32, device=device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     if num_tokens == 0:
         return ce_all, z_all, grad_h, grad_w, grad_b
@@ -183,22 +204,24 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_sc
         _logits_matmul(z, hidden[start:end], weight, bias)
         scale, factor = _to_logits_(z, spec, None if factor_buf is None else factor_buf[: end - start])
 
-        # Row statistics. softmax in place computes each exp once; 1 / sum(exp(z - max)) is p at
-        # the max, so logsumexp = max + log(sum) needs no pass of its own.
+        # Row statistics: softmax in place (each exp computed once); logsumexp = z_y - log p_y.
         y = batch.safe_labels[start:end, None]
         z_y = z.gather(1, y).squeeze(1)
-        z_max, argmax = z.max(1)
         weight_y = 1.0 if cw is None else cw[y.squeeze(1)]
-        if eps:  # -sum_j w_j log p_j = sum(w) log(sum) - sum_j w_j (z_j - max): shifted, so no large sums cancel
-            z.sub_(z_max[:, None])
-            shifted_dot = z @ batch.smoothing_weights
+        if eps:  # -sum_j w_j log p_j = sum(w) (lse - max) - sum_j w_j (z_j - max): shifted, so no large sums cancel
+            shift = z.amax(1)
+            shifted_dot = z.sub_(shift[:, None]) @ batch.smoothing_weights
         torch.softmax(z, 1, out=z)
-        log_sum = -z.gather(1, argmax[:, None]).squeeze(1).log()
-        lse = z_max + log_sum
-        log_p_y = (z_y - z_max) - log_sum
+        log_p_y = z.gather(1, y).squeeze(1).log()
+        tiny = (log_p_y < math.log(TINY_PROBABILITY)).nonzero().squeeze(1)
+        if tiny.numel():
+            token = tiny + start
+            lse_tiny = _rows_logsumexp(hidden[token], weight, bias, spec)
+            log_p_y[tiny] = z_y[tiny] - lse_tiny
+        lse = z_y - log_p_y
         ce = (1 - eps) * weight_y * -log_p_y
         if eps:
-            ce = ce + eps / vocab * (weight_sum * log_sum - shifted_dot)
+            ce = ce + eps / vocab * (weight_sum * ((z_y - shift) - log_p_y) - shifted_dot)
         ce_all[start:end] = ce
         z_all[start:end] = m * lse.square()
         if not want_grad:
@@ -214,25 +237,36 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_sc
         if token_scale is not None:
             upstream = token_scale[start:end].float()
             ce_scale, z_scale = ce_scale * upstream, z_scale * upstream
+        # d(loss)/dz = alpha * p - beta at the label - gamma * w. The buffer holds it divided by
+        # alpha, which is applied on the matmuls' small operands instead of in a pass of its own.
         alpha = scale * (ce_scale * ((1 - eps) * weight_y + eps / vocab * weight_sum) + 2 * m * lse * z_scale)
+        nonzero = alpha != 0
+        inverse = torch.where(nonzero, 1 / torch.where(nonzero, alpha, 1.0), 0.0)
         beta = scale * ce_scale * (1 - eps) * weight_y
 
-        # The gradient, in place: alpha * p - beta at the label - gamma * w, times the chain rule.
-        grad = z.mul_(alpha[:, None])
-        grad.scatter_add_(1, y, -beta[:, None])
+        grad = z  # p, turned in place into the gradient over alpha
+        grad.scatter_add_(1, y, -(beta * inverse)[:, None])
         if eps:
-            grad.addr_(scale * ce_scale * (eps / vocab), batch.smoothing_weights, alpha=-1)
+            grad.addr_(scale * ce_scale * (eps / vocab) * inverse, batch.smoothing_weights, alpha=-1)
         if factor is not None:
             grad.mul_(factor)
 
         if need_b:
-            grad_b += grad.sum(0)
-        matmul_grad = grad if grad_buf is None else grad_buf[: end - start].copy_(grad)
-        if need_h:
-            torch.mm(matmul_grad, weight, out=grad_h[start:end])
-        if need_w:
-            _accumulate_weight_grad(grad_w, grad if hidden_for_w.dtype == torch.float32 else matmul_grad,
-                                    hidden_for_w[start:end])
+            grad_b.addmv_(grad.t(), alpha)
+        if grad_buf is not None:  # the copy to the input dtype applies alpha on the way
+            matmul_grad = torch.mul(grad, alpha[:, None], out=grad_buf[: end - start])
+            if need_h:
+                torch.mm(matmul_grad, weight, out=grad_h[start:end])
+            if need_w:
+                on_cuda = hidden_for_w.dtype != torch.float32
+                _accumulate_weight_grad(grad_w, matmul_grad if on_cuda else grad,
+                                        hidden[start:end] if on_cuda else hidden_for_w[start:end] * alpha[:, None],
+                                        first=start == 0)
+        else:
+            if need_h:
+                torch.mm(grad, weight, out=grad_h[start:end]).mul_(alpha[:, None])
+            if need_w:
+                _accumulate_weight_grad(grad_w, grad, hidden[start:end] * alpha[:, None], first=start == 0)
     return ce_all, z_all, grad_h, grad_w, grad_b
 
 
