@@ -49,8 +49,14 @@ from harness.spec import LossOutput, LossSpec
 # matmuls alone ran at 0.91 of the square-matmul rate with 256-token chunks and 0.96 with 512.
 CHUNK_BUDGET_FRACTION = 1.0
 
-# Below this many tokens per chunk the matmuls turn skinny and the (V, D) weight-gradient
-# accumulator is re-read once per few tokens; a case whose budget allows fewer takes the memory.
+# Small cases get at least this much: each chunk costs a few threaded passes and a pass over the
+# (V, D) weight-gradient accumulator, which small chunks do not repay. On the 2-core CPU machine
+# under load, V = 16384, D = 64, N = 1024 took 275 ms in 15 chunks and 133 ms in 2 (torch-eager
+# 315 ms); V = 128256, D = 64, N = 1024 took 1.46 s in 16 chunks of 64 tokens (torch-eager 1.99 s).
+MIN_CHUNK_BUFFER_BYTES = 32 * 2**20
+
+# Below this many tokens per chunk the matmuls turn skinny; a case whose budget allows fewer takes
+# the memory.
 MIN_CHUNK_TOKENS = 16
 
 
@@ -74,7 +80,10 @@ def default_chunk_size(
     num_tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, spec: LossSpec, has_bias: bool, want_grad: bool
 ) -> int:
     """Tokens per chunk: as many as the budget allows, split evenly over the chunks that needs."""
-    budget = CHUNK_BUDGET_FRACTION * lower_bound_bytes(num_tokens, vocab, dim, dtype.itemsize, has_bias)
+    budget = max(
+        CHUNK_BUDGET_FRACTION * lower_bound_bytes(num_tokens, vocab, dim, dtype.itemsize, has_bias),
+        MIN_CHUNK_BUFFER_BYTES,
+    )
     most = max(MIN_CHUNK_TOKENS, int(budget // buffer_bytes_per_token(vocab, dtype, spec, want_grad)))
     chunks = max(1, math.ceil(num_tokens / most))
     # Even chunks: a last chunk of a few tokens would be a skinny, slow matmul of its own.
@@ -292,10 +301,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             hidden, weight, bias, batch, spec, chunk_size, (False, False, False) if defer else needs
         )
         loss, z_loss = _reduce(ce, z, batch, spec)
-        if defer:
-            ctx.save_for_backward(hidden, weight, bias, labels)
-        else:
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # The inputs are saved (references, no memory) for a recomputation; the forward's gradients
+        # are kept outside save_for_backward, to be handed over to the first backward.
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.grads = None if defer else (grad_h, grad_w, grad_b)
         ctx.spec, ctx.chunk_size, ctx.needs, ctx.defer = spec, chunk_size, needs, defer
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(z_loss)
@@ -303,21 +312,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z_loss):
-        if ctx.defer:
-            hidden, weight, bias, labels = ctx.saved_tensors
+        hidden, weight, bias, labels = ctx.saved_tensors
+        if ctx.grads is not None:
+            # The first backward takes the forward's gradients over: no copy, and autograd may
+            # keep them as .grad, which later backwards accumulate into in place, so ctx lets go.
+            grads, ctx.grads = ctx.grads, None
+        else:  # reduction="none" (a per-token upstream gradient), or again through a retained graph
             batch = _Batch.of(labels, ctx.spec, weight.shape[0])
-            _, _, grad_h, grad_w, grad_b = _chunked_pass(
-                hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, token_scale=grad_loss
+            upstream = grad_loss if ctx.defer else None
+            _, _, *grads = _chunked_pass(
+                hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, token_scale=upstream
             )
-        else:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            # A plain loss.backward() hands the saved gradients over as they are (autograd copies
-            # them only if the graph is retained). Otherwise scale without touching the saved
-            # buffers, so a retained graph can run backward again.
-            if not bool(grad_loss == 1):
-                grad_h = None if grad_h is None else grad_h * grad_loss
-                grad_w = None if grad_w is None else grad_w * grad_loss
-                grad_b = None if grad_b is None else grad_b * grad_loss
+        grad_h, grad_w, grad_b = grads
+        if not ctx.defer:  # in place: these buffers belong to this backward alone now
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss)
         weight_dtype, bias_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(weight_dtype)
         grad_b = None if grad_b is None else grad_b.to(bias_dtype)
