@@ -4,9 +4,12 @@ Tokens are processed in chunks. Each chunk's logits are written by the matmul in
 buffer, which two steps turn, in place, into the gradient of the logits:
 
 1. row statistics: the options that change the logits (``_to_logits_``), then an in-place
-   ``log_softmax``, from which the loss, the z-loss and the log-sum-exp are read per token;
-2. the gradient: ``exp``, one scale per token, the label's and the smoothing's terms, and the
-   chain rule of the options that changed the logits.
+   ``softmax`` (one exp per logit), from which the loss, the z-loss and the log-sum-exp are read
+   per token (logsumexp = z_y - log p_y);
+2. the gradient, divided by its per-token scale alpha: the label's and the smoothing's terms and
+   the chain rule of the options that changed the logits. alpha itself is applied on the
+   matmuls' small operands (rows of grad_hidden; a scaled (tokens, D) copy of the chunk's hidden
+   for the weight gradient), not in a pass over the buffer.
 
 The gradient is then projected onto the gradients of hidden, weight and bias (float32
 accumulators for weight and bias). Peak extra memory is the chunk's buffers, sized from a budget
