@@ -1,153 +1,296 @@
 """The project's own memory-efficient LM-head loss in pure PyTorch.
 
-Tokens are processed in chunks. For each chunk the logits are computed in float32, turned into
-the loss and, in the same pass, into the gradient of the logits, which is immediately projected
-onto the gradients of hidden, weight and bias. Peak extra memory is therefore one chunk of logits
-(plus the gradients themselves), not N x V. Every option of ``LossSpec`` is supported, on CPU
-and GPU.
+Tokens are processed in chunks. Each chunk's logits are written by the matmul into one float32
+buffer, which two steps turn, in place, into the gradient of the logits:
+
+1. row statistics: the options that change the logits (``_to_logits_``), then an in-place
+   ``softmax`` (one exp per logit), from which the loss, the z-loss and the log-sum-exp are read
+   per token (logsumexp = z_y - log p_y);
+2. the gradient, divided by its per-token scale alpha: the label's and the smoothing's terms and
+   the chain rule of the options that changed the logits. alpha itself is applied on the
+   matmuls' small operands (rows of grad_hidden; a scaled (tokens, D) copy of the chunk's hidden
+   for the weight gradient), not in a pass over the buffer.
+
+The gradient is then projected onto the gradients of hidden, weight and bias (float32
+accumulators for weight and bias). Peak extra memory is the chunk's buffers, sized from a budget
+relative to the lower bound (the gradients of hidden and weight), plus the gradients themselves.
 
 With ``reduction="mean"``/``"sum"`` the gradients are computed in the forward (the upstream
 gradient is a scalar, applied in backward). With ``reduction="none"`` the upstream gradient is
-per token, so backward recomputes each chunk with it (as Liger-Kernel does).
+per token, so the forward computes the losses only and backward recomputes each chunk with it
+(as Liger-Kernel does).
 
-Gradient of the per-token loss with respect to the (soft-capped) logits z, with p = softmax(z),
-target y, class weights w (all ones without ``class_weight``), smoothing eps, V classes and
-z-loss multiplier m:
+Gradient of the per-token loss with respect to the logits z, with p = softmax(z), target y, class
+weights w (all ones without ``class_weight``), smoothing eps, V classes and z-loss multiplier m:
 
     d/dz_j = p_j * ((1 - eps) * w_y + eps / V * sum(w)) - (1 - eps) * w_y * [j == y] - eps / V * w_j
              + 2 * m * logsumexp(z) * p_j
 
-and the softcap chain rule multiplies by 1 - tanh(x / cap)^2.
+then multiplied by d(logits)/d(raw matmul output): 1 - tanh(raw / cap)^2 with a softcap.
+
+Low-precision inputs (bfloat16, float16): statistics and gradient are computed in the float32
+buffer; the gradient is written into a buffer of the input dtype for the two gradient matmuls.
+On CUDA the logits matmul writes float32 directly and the weight gradient is accumulated in
+float32 by the matmul itself (``out_dtype``); PyTorch's CPU matmuls have no ``out_dtype``, so
+there the logits are rounded to the input dtype first (as torch-eager's are) and the weight
+gradient is accumulated from the float32 buffer and a float32 copy of hidden made once per pass.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from harness.adapter import Capabilities, Implementation
-from harness.semantics import apply_softcap
 from harness.spec import LossOutput, LossSpec
 
+# The chunk's buffers may take this fraction of the lower bound (the bytes of the gradients of
+# hidden and weight), so peak memory stays near twice the lower bound. Larger chunks make the
+# matmuls faster: on the 2-core CPU machine (float32, N = 4096, D = 512, V = 32000) the three
+# matmuls alone ran at 0.91 of the square-matmul rate with 256-token chunks and 0.96 with 512.
+CHUNK_BUDGET_FRACTION = 1.0
 
-# Smallest float32 logits chunk worth making. Tiny chunks make skinny matmuls and re-read the
-# (V, D) float32 weight-gradient accumulator once per chunk: with D = 256, V = 32768, N = 2048 on
-# the 2-core CPU machine, 16-token chunks took 13.6 s for forward+backward, 256-token chunks 5.4 s.
-MIN_CHUNK_LOGITS_BYTES = 64 * 2**20
+# Small cases get at least this much: each chunk costs a few threaded passes and a pass over the
+# (V, D) weight-gradient accumulator, which small chunks do not repay. On the 2-core CPU machine
+# under load, V = 16384, D = 64, N = 1024 took 275 ms in 15 chunks and 133 ms in 2 (torch-eager
+# 315 ms); V = 128256, D = 64, N = 1024 took 1.46 s in 16 chunks of 64 tokens (torch-eager 1.99 s).
+MIN_CHUNK_BUFFER_BYTES = 32 * 2**20
 
-
-def default_chunk_size(num_tokens: int, vocab: int, dim: int) -> int:
-    """Tokens per chunk: one chunk of logits about the size of the hidden states, but not smaller
-    than ``MIN_CHUNK_LOGITS_BYTES`` of float32 logits; a power of 2.
-
-    The first part is the aspect-ratio rule of Liger-Kernel and PyTorch's chunked path.
-    """
-    chunks = max(1, math.ceil(vocab / max(dim, 1)))
-    by_aspect_ratio = math.ceil(num_tokens / chunks)
-    by_budget = MIN_CHUNK_LOGITS_BYTES // (4 * max(vocab, 1))
-    tokens = max(1, by_aspect_ratio, by_budget)
-    return 1 << math.ceil(math.log2(tokens))
+# Below this many tokens per chunk the matmuls turn skinny; a case whose budget allows fewer takes
+# the memory.
+MIN_CHUNK_TOKENS = 16
 
 
-class _Totals:
-    """Per-batch normalisers, computed once from the labels before any chunk is processed."""
+def lower_bound_bytes(num_tokens: int, vocab: int, dim: int, itemsize: int, has_bias: bool) -> int:
+    """The gradients of hidden, weight (and bias) in the input dtype: what no implementation can avoid."""
+    return (num_tokens * dim + vocab * dim + (vocab if has_bias else 0)) * itemsize
 
-    def __init__(self, labels: torch.Tensor, spec: LossSpec):
+
+def buffer_bytes_per_token(vocab: int, dtype: torch.dtype, spec: LossSpec, want_grad: bool) -> int:
+    """Bytes of chunk buffers per token: float32 logits, plus (with gradients) the softcap's chain-rule
+    factor in float32 and, for low-precision inputs, the gradient in the input dtype."""
+    per_class = 4
+    if want_grad and spec.softcap is not None:
+        per_class += 4
+    if want_grad and dtype != torch.float32:
+        per_class += dtype.itemsize
+    return per_class * vocab
+
+
+def default_chunk_size(
+    num_tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, spec: LossSpec, has_bias: bool, want_grad: bool
+) -> int:
+    """Tokens per chunk: as many as the budget allows, split evenly over the chunks that needs."""
+    budget = max(
+        CHUNK_BUDGET_FRACTION * lower_bound_bytes(num_tokens, vocab, dim, dtype.itemsize, has_bias),
+        MIN_CHUNK_BUFFER_BYTES,
+    )
+    most = max(MIN_CHUNK_TOKENS, int(budget // buffer_bytes_per_token(vocab, dtype, spec, want_grad)))
+    chunks = max(1, math.ceil(num_tokens / most))
+    # Even chunks: a last chunk of a few tokens would be a skinny, slow matmul of its own.
+    return max(1, math.ceil(num_tokens / chunks))
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What every chunk needs from the whole batch, computed once from the labels before any chunk."""
+
+    valid: torch.Tensor  # (N,) bool: the label is not ignore_index
+    safe_labels: torch.Tensor  # (N,) int64: ignored labels replaced by 0, so they can index
+    num_valid: torch.Tensor  # z-loss's mean denominator
+    ce_denominator: torch.Tensor  # cross-entropy's mean denominator (the labels' class weights)
+    class_weight: torch.Tensor | None  # float32, on the device
+    smoothing_weights: torch.Tensor | None  # (V,) float32: w, or ones; only with label smoothing
+
+    @staticmethod
+    def of(labels: torch.Tensor, spec: LossSpec, vocab: int) -> _Batch:
         valid = labels != spec.ignore_index
-        self.num_valid = valid.sum().to(torch.float32)
-        if spec.class_weight is not None:
-            safe = torch.where(valid, labels, 0)
-            self.ce_denominator = (spec.class_weight.float()[safe] * valid).sum()
+        safe = torch.where(valid, labels, 0).long()
+        num_valid = valid.sum().to(torch.float32)
+        class_weight = None if spec.class_weight is None else spec.class_weight.to(labels.device, torch.float32)
+        ce_denominator = num_valid if class_weight is None else (class_weight[safe] * valid).sum()
+        smoothing = None
+        if spec.label_smoothing:
+            smoothing = class_weight if class_weight is not None else torch.ones(vocab, device=labels.device)
+        return _Batch(valid, safe, num_valid, ce_denominator, class_weight, smoothing)
+
+
+def _to_logits_(raw: torch.Tensor, spec: LossSpec, factor: torch.Tensor | None):
+    """Turn the matmul's output into the logits the softmax sees, in place, and return the chain
+    rule d(logits)/d(raw) as (a scalar, an elementwise factor or None).
+
+    Every option that changes the logits is applied here and nowhere else; ``factor`` is the
+    buffer for the elementwise part (None when no gradient is wanted).
+    """
+    scale = 1.0
+    if spec.softcap is None:
+        return scale, None
+    tanh = raw.mul_(1 / spec.softcap).tanh_()
+    if factor is not None:
+        # d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2, in one pass.
+        torch.addcmul(torch.ones((), device=raw.device), tanh, tanh, value=-1, out=factor)
+    raw.mul_(spec.softcap)
+    return scale, factor
+
+
+def _logits_matmul(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``out`` (float32) = hidden @ weight.T + bias."""
+    if hidden.dtype == out.dtype:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=out)
         else:
-            self.ce_denominator = self.num_valid
+            torch.addmm(bias, hidden, weight.t(), out=out)
+    elif out.is_cuda:
+        torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
+        if bias is not None:
+            out.add_(bias)
+    else:  # no mixed-dtype matmul on the CPU: round to the input dtype first, as torch-eager does
+        out.copy_(torch.nn.functional.linear(hidden, weight, bias))
 
 
-def _chunk_loss_and_grad(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    spec: LossSpec,
-    totals: _Totals,
-    token_scale: torch.Tensor | None,
-    want_grad: bool,
-):
-    """Loss, z-loss (per token, already scaled for the reduction) and d(loss)/d(raw logits)."""
-    raw = F.linear(hidden, weight, bias).float()
-    logits = apply_softcap(raw, spec.softcap)
-    lse = torch.logsumexp(logits, dim=-1)
-    log_probs = logits - lse[:, None]
-    valid = labels != spec.ignore_index
-    safe = torch.where(valid, labels, 0).long()
-    eps = spec.label_smoothing
-    vocab = logits.shape[-1]
-
-    class_weight = None if spec.class_weight is None else spec.class_weight.float()
-    weight_y = torch.ones_like(lse) if class_weight is None else class_weight[safe]
-    nll = -log_probs.gather(1, safe[:, None]).squeeze(1)
-    ce = (1 - eps) * weight_y * nll
-    if eps:
-        smooth = -(log_probs.sum(-1) if class_weight is None else log_probs @ class_weight)
-        ce = ce + eps / vocab * smooth
-    z = spec.z_loss_multiplier * lse.square()
-
-    # Reduction scaling, per token: mean divides the CE by the (weighted) token count and the
-    # z-loss by the plain token count; "none" takes the upstream gradient per token.
-    if spec.reduction == "mean":
-        ce_scale = valid / totals.ce_denominator
-        z_scale = valid / totals.num_valid
+def _accumulate_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor, first: bool) -> None:
+    """grad_w (float32) += grad.T @ hidden, accumulated in float32; the first chunk overwrites
+    (no separate pass to zero the (V, D) accumulator)."""
+    if grad.dtype == grad_w.dtype and hidden.dtype == grad_w.dtype:
+        if first:
+            torch.mm(grad.t(), hidden, out=grad_w)
+        else:
+            grad_w.addmm_(grad.t(), hidden)
+    elif first:  # CUDA: the matmul accumulates into float32 itself
+        torch.mm(grad.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
     else:
-        ce_scale = z_scale = valid.float()
-    ce, z = ce * ce_scale, z * z_scale
-    if not want_grad:
-        return ce, z, None
-
-    if token_scale is not None:
-        ce_scale, z_scale = ce_scale * token_scale, z_scale * token_scale
-    probs = log_probs.exp()
-    weight_sum = vocab if class_weight is None else class_weight.sum()
-    grad = probs * ((ce_scale * ((1 - eps) * weight_y + eps / vocab * weight_sum))[:, None])
-    grad.scatter_add_(1, safe[:, None], (-(1 - eps) * weight_y * ce_scale)[:, None])
-    if eps:
-        per_class = torch.ones(vocab, device=grad.device) if class_weight is None else class_weight
-        grad -= (eps / vocab) * ce_scale[:, None] * per_class[None, :]
-    if spec.z_loss_multiplier:
-        grad += (2 * spec.z_loss_multiplier * lse * z_scale)[:, None] * probs
-    if spec.softcap is not None:
-        grad *= 1 - (logits / spec.softcap).square()
-    return ce, z, grad
+        torch.addmm(grad_w, grad.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
 
 
-def _chunked_pass(hidden, weight, bias, labels, spec, chunk_size, needs, token_scale=None):
-    """Run every chunk; return per-token (ce, z) and the requested gradients (float32 accumulators)."""
-    num_tokens = hidden.shape[0]
-    totals = _Totals(labels, spec)
+def _rows_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec):
+    """logsumexp of a few rows' logits, recomputed from scratch."""
+    logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    _logits_matmul(logits, hidden, weight, bias)
+    _to_logits_(logits, spec, None)
+    return torch.logsumexp(logits, 1)
+
+
+# Below this, p at the label has lost precision to float32's subnormals (or underflowed to 0), so
+# the token's logsumexp is recomputed from its logits instead of read off p at the label.
+TINY_PROBABILITY = 1e-30
+
+
+def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_scale=None):
+    """Run every chunk; return per-token (ce, z) before any reduction and the requested gradients
+    (float32 accumulators for weight and bias)."""
+    # One contiguous copy per pass, if any, instead of a strided matmul (or a copy) per chunk.
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
     need_h, need_w, need_b = needs
     want_grad = need_h or need_w or need_b
-    ce_all = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+    ce_all = torch.empty(num_tokens, dtype=torch.float32, device=device)
     z_all = torch.empty_like(ce_all)
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-    for start in range(0, num_tokens, chunk_size):
-        end = min(start + chunk_size, num_tokens)
-        h = hidden[start:end]
-        scale = None if token_scale is None else token_scale[start:end].float()
-        ce, z, grad = _chunk_loss_and_grad(h, weight, bias, labels[start:end], spec, totals, scale, want_grad)
+    # Zeros only for an empty batch: otherwise the first chunk's matmul overwrites them.
+    new_accumulator = torch.zeros if num_tokens == 0 else torch.empty
+    grad_w = new_accumulator(weight.shape, dtype=torch.float32, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    if num_tokens == 0:
+        return ce_all, z_all, grad_h, grad_w, grad_b
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            num_tokens, vocab, hidden.shape[1], dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad
+        )
+    rows = min(chunk_size, num_tokens)
+    # The chunk's buffers, allocated once and reused by every chunk.
+    logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    factor_buf = torch.empty_like(logits_buf) if want_grad and spec.softcap is not None else None
+    low_precision = dtype != torch.float32
+    grad_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if want_grad and low_precision else None
+    hidden_for_w = hidden.float() if need_w and low_precision and device.type != "cuda" else hidden
+
+    eps, m = spec.label_smoothing, spec.z_loss_multiplier
+    cw = batch.class_weight
+    weight_sum = vocab if cw is None else cw.sum()
+    for start in range(0, num_tokens, rows):
+        end = min(start + rows, num_tokens)
+        z = logits_buf[: end - start]
+        _logits_matmul(z, hidden[start:end], weight, bias)
+        scale, factor = _to_logits_(z, spec, None if factor_buf is None else factor_buf[: end - start])
+
+        # Row statistics: softmax in place (each exp computed once); logsumexp = z_y - log p_y.
+        y = batch.safe_labels[start:end, None]
+        z_y = z.gather(1, y).squeeze(1)
+        weight_y = 1.0 if cw is None else cw[y.squeeze(1)]
+        if eps:  # -sum_j w_j log p_j = sum(w) (lse - max) - sum_j w_j (z_j - max): shifted, so no large sums cancel
+            shift = z.amax(1)
+            shifted_dot = z.sub_(shift[:, None]) @ batch.smoothing_weights
+        torch.softmax(z, 1, out=z)
+        log_p_y = z.gather(1, y).squeeze(1).log()
+        tiny = (log_p_y < math.log(TINY_PROBABILITY)).nonzero().squeeze(1)
+        if tiny.numel():
+            token = tiny + start
+            lse_tiny = _rows_logsumexp(hidden[token], weight, bias, spec)
+            log_p_y[tiny] = z_y[tiny] - lse_tiny
+        lse = z_y - log_p_y
+        ce = (1 - eps) * weight_y * -log_p_y
+        if eps:
+            ce = ce + eps / vocab * (weight_sum * ((z_y - shift) - log_p_y) - shifted_dot)
         ce_all[start:end] = ce
-        z_all[start:end] = z
-        if grad is None:
+        z_all[start:end] = m * lse.square()
+        if not want_grad:
             continue
-        if need_h:
-            grad_h[start:end] = grad.to(weight.dtype) @ weight
-        if need_w:
-            grad_w.addmm_(grad.t(), h.float())
+
+        # Per-token scale of each loss term: the reduction, and the upstream gradient with "none".
+        valid = batch.valid[start:end]
+        if spec.reduction == "mean":
+            ce_scale = torch.where(valid, 1 / batch.ce_denominator, 0.0)
+            z_scale = torch.where(valid, 1 / batch.num_valid, 0.0)
+        else:
+            ce_scale = z_scale = valid.float()
+        if token_scale is not None:
+            upstream = token_scale[start:end].float()
+            ce_scale, z_scale = ce_scale * upstream, z_scale * upstream
+        # d(loss)/dz = alpha * p - beta at the label - gamma * w. The buffer holds it divided by
+        # alpha, which is applied on the matmuls' small operands instead of in a pass of its own.
+        alpha = scale * (ce_scale * ((1 - eps) * weight_y + eps / vocab * weight_sum) + 2 * m * lse * z_scale)
+        nonzero = alpha != 0
+        inverse = torch.where(nonzero, 1 / torch.where(nonzero, alpha, 1.0), 0.0)
+        beta = scale * ce_scale * (1 - eps) * weight_y
+
+        grad = z  # p, turned in place into the gradient over alpha
+        grad.scatter_add_(1, y, -(beta * inverse)[:, None])
+        if eps:
+            grad.addr_(scale * ce_scale * (eps / vocab) * inverse, batch.smoothing_weights, alpha=-1)
+        if factor is not None:
+            grad.mul_(factor)
+
         if need_b:
-            grad_b += grad.sum(0)
-        del grad
+            grad_b.addmv_(grad.t(), alpha)
+        if grad_buf is not None:  # the copy to the input dtype applies alpha on the way
+            matmul_grad = torch.mul(grad, alpha[:, None], out=grad_buf[: end - start])
+            if need_h:
+                torch.mm(matmul_grad, weight, out=grad_h[start:end])
+            if need_w:
+                on_cuda = hidden_for_w.dtype != torch.float32
+                _accumulate_weight_grad(grad_w, matmul_grad if on_cuda else grad,
+                                        hidden[start:end] if on_cuda else hidden_for_w[start:end] * alpha[:, None],
+                                        first=start == 0)
+        else:
+            if need_h:
+                torch.mm(grad, weight, out=grad_h[start:end]).mul_(alpha[:, None])
+            if need_w:
+                _accumulate_weight_grad(grad_w, grad, hidden[start:end] * alpha[:, None], first=start == 0)
     return ce_all, z_all, grad_h, grad_w, grad_b
+
+
+def _reduce(ce, z, batch: _Batch, spec: LossSpec):
+    """The loss and z-loss from per-token terms, as ``harness.semantics.loss_from_logits`` reduces them."""
+    ce = torch.where(batch.valid, ce, 0.0)
+    z = z * batch.valid
+    if spec.reduction == "sum":
+        ce, z = ce.sum(), z.sum()
+    elif spec.reduction == "mean":  # an empty or all-ignored batch gives 0/0 = NaN, as the reference
+        ce, z = ce.sum() / batch.ce_denominator, z.sum() / batch.num_valid
+    return (ce + z if spec.z_loss_multiplier else ce), z
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -156,15 +299,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         needs = tuple(n and compute_grads for n in needs)
         defer = spec.reduction == "none"
+        batch = _Batch.of(labels, spec, weight.shape[0])
         ce, z, grad_h, grad_w, grad_b = _chunked_pass(
-            hidden, weight, bias, labels, spec, chunk_size, (False, False, False) if defer else needs
+            hidden, weight, bias, batch, spec, chunk_size, (False, False, False) if defer else needs
         )
-        if spec.reduction == "none":
-            loss, z_loss = ce + z, z
-            ctx.save_for_backward(hidden, weight, bias, labels)
-        else:
-            loss, z_loss = (ce + z).sum(), z.sum()
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        loss, z_loss = _reduce(ce, z, batch, spec)
+        # The inputs are saved (references, no memory) for a recomputation; the forward's gradients
+        # are kept outside save_for_backward, to be handed over to the first backward.
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.grads = None if defer else (grad_h, grad_w, grad_b)
         ctx.spec, ctx.chunk_size, ctx.needs, ctx.defer = spec, chunk_size, needs, defer
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(z_loss)
@@ -172,17 +315,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z_loss):
-        if ctx.defer:
-            hidden, weight, bias, labels = ctx.saved_tensors
-            _, _, grad_h, grad_w, grad_b = _chunked_pass(
-                hidden, weight, bias, labels, ctx.spec, ctx.chunk_size, ctx.needs, token_scale=grad_loss
+        hidden, weight, bias, labels = ctx.saved_tensors
+        if ctx.grads is not None:
+            # The first backward takes the forward's gradients over: no copy, and autograd may
+            # keep them as .grad, which later backwards accumulate into in place, so ctx lets go.
+            grads, ctx.grads = ctx.grads, None
+        else:  # reduction="none" (a per-token upstream gradient), or again through a retained graph
+            batch = _Batch.of(labels, ctx.spec, weight.shape[0])
+            upstream = grad_loss if ctx.defer else None
+            _, _, *grads = _chunked_pass(
+                hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, token_scale=upstream
             )
-        else:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            # Scale without touching the saved buffers, so a retained graph can run backward again.
-            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_loss
-            grad_b = None if grad_b is None else grad_b * grad_loss
+        grad_h, grad_w, grad_b = grads
+        if not ctx.defer:  # in place: these buffers belong to this backward alone now
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss)
         weight_dtype, bias_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(weight_dtype)
         grad_b = None if grad_b is None else grad_b.to(bias_dtype)
@@ -207,10 +355,8 @@ class Chunked(Implementation):
         return Capabilities(supported_options=SUPPORTED)
 
     def compute(self, hidden, weight, labels, spec, bias):
-        num_tokens = hidden.shape[0]
-        chunk_size = self.chunk_size or default_chunk_size(num_tokens, weight.shape[0], weight.shape[1])
-        # An all-ignored batch with "mean" gives 0/0 = NaN, as in PyTorch: no special case needed.
+        chunk_size = None if self.chunk_size is None else max(1, self.chunk_size)
         loss, z_loss = _ChunkedLinearCrossEntropy.apply(
-            hidden, weight, bias, labels, spec, max(1, chunk_size), torch.is_grad_enabled()
+            hidden, weight, bias, labels, spec, chunk_size, torch.is_grad_enabled()
         )
         return LossOutput(loss, z_loss)

@@ -1,0 +1,114 @@
+"""The project's own ``chunked`` implementation: what its chunking promises, beyond the gate's properties.
+
+The gate (``python -m harness check --impl chunked``) compares it with the float64 reference on
+drawn cases; these are the fixed cases of its own design: the chunk-size budget, the NaN of an
+empty batch, and the tokens whose label probability underflows float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.registry import resolve
+from harness.semantics import reference_result
+from harness.spec import LossSpec
+from implementations.chunked import (
+    CHUNK_BUDGET_FRACTION,
+    MIN_CHUNK_BUFFER_BYTES,
+    MIN_CHUNK_TOKENS,
+    buffer_bytes_per_token,
+    default_chunk_size,
+    lower_bound_bytes,
+)
+
+SHAPES = [  # (N, V, D): issue 10's floor case and the CPU preset's shapes
+    (4096, 32000, 512),
+    (64, 2048, 256),
+    (1024, 128256, 64),
+    (2048, 16384, 256),
+    (256, 16384, 128),
+    (1000, 50257, 768),
+]
+SPECS = [LossSpec(), LossSpec(softcap=30.0), LossSpec(label_smoothing=0.1, z_loss_multiplier=1e-4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("spec", SPECS, ids=["plain", "softcap", "smoothing+z"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"N={n},V={v},D={d}" for n, v, d in SHAPES])
+def test_chunk_buffers_stay_within_the_budget_and_chunks_are_even(shape, spec, dtype):
+    tokens, vocab, dim = shape
+    rows = default_chunk_size(tokens, vocab, dim, dtype=dtype, spec=spec, has_bias=False, want_grad=True)
+    buffers = rows * buffer_bytes_per_token(vocab, dtype, spec, want_grad=True)
+    budget = max(
+        CHUNK_BUDGET_FRACTION * lower_bound_bytes(tokens, vocab, dim, dtype.itemsize, has_bias=False),
+        MIN_CHUNK_BUFFER_BYTES,
+    )
+    assert 1 <= rows <= tokens
+    assert buffers <= budget or rows <= MIN_CHUNK_TOKENS
+    chunks = math.ceil(tokens / rows)
+    assert tokens - (chunks - 1) * rows >= rows - chunks + 1  # even chunks: the last is no stub
+
+
+def test_the_floor_case_runs_in_eight_chunks_of_512_tokens():
+    rows = default_chunk_size(4096, 32000, 512, dtype=torch.float32, spec=LossSpec(), has_bias=False, want_grad=True)
+    assert rows == 512
+
+
+def test_a_softcap_halves_the_chunk_for_its_chain_rule_buffer():
+    plain = default_chunk_size(4096, 32000, 512, dtype=torch.float32, spec=LossSpec(), has_bias=False, want_grad=True)
+    capped = default_chunk_size(
+        4096, 32000, 512, dtype=torch.float32, spec=LossSpec(softcap=30.0), has_bias=False, want_grad=True
+    )
+    assert capped < plain
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_an_empty_batch_with_mean_is_nan_as_the_reference(z_loss):
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long)
+    spec = LossSpec(z_loss_multiplier=z_loss)
+    out = resolve("chunked").loss(hidden, weight, labels, spec)
+    ref = reference_result(hidden, weight, labels, spec)
+    assert torch.isnan(ref.loss) and torch.isnan(out.loss)
+    assert torch.isnan(out.z_loss) == torch.isnan(ref.z_loss)
+    out.loss.backward()
+    assert hidden.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss_multiplier": 1e-3, "softcap": 500.0}],
+                         ids=["plain", "options"])
+def test_tokens_whose_label_probability_underflows_match_the_reference(reduction, options):
+    """Logits in the hundreds: p at the label underflows float32, so logsumexp is recomputed for those tokens."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(20, 8, generator=gen) * 30).requires_grad_()
+    weight = torch.randn(50, 8, generator=gen).requires_grad_()
+    labels = torch.randint(0, 50, (20,), generator=gen)
+    labels[3] = -100
+    spec = LossSpec(reduction=reduction, **options)
+    out = resolve("chunked").with_chunk_size(6).loss(hidden, weight, labels, spec)
+    upstream = torch.rand(out.loss.shape, generator=gen) if reduction == "none" else torch.tensor(1.0)
+    (out.loss * upstream).sum().backward()
+    ref = reference_result(hidden, weight, labels, spec, grad_output=upstream.double())
+    assert bool((ref.loss.abs() > 100).any())  # the case does reach the fallback
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden.grad.double(), ref.grad_hidden, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), ref.grad_weight, rtol=1e-4, atol=1e-5)
+
+
+def test_a_scaled_loss_leaves_a_retained_graph_intact():
+    """backward hands its saved gradients over unscaled only when the upstream gradient is 1."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(9, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(33, 6, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 33, (9,), generator=gen)
+    loss = resolve("chunked").loss(hidden, weight, labels).loss
+    loss.backward(retain_graph=True)
+    once = weight.grad.clone()
+    (3 * loss).backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(weight.grad, 5 * once)
