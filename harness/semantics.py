@@ -24,7 +24,10 @@ def apply_softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def transform_logits(raw: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """What the head's options do to its raw logits ``hidden @ weight.T + bias``: the softcap."""
+    """What the head's options do to its raw logits ``hidden @ weight.T + bias``: the logit scale
+    (Cohere, Granite), then the softcap."""
+    if spec.logit_scale != 1.0:
+        raw = raw * spec.logit_scale
     return apply_softcap(raw, spec.softcap)
 
 
@@ -100,7 +103,8 @@ def logits_with_terms(
     """The logits of float64 inputs and their terms, step by step as ``transform_logits`` computes them.
 
     A raw logit's terms are those of its dot product, ``|h| . |w| + |b|`` (``hidden_terms`` replaces
-    ``|h|`` for hidden states that are themselves computed). The softcap ``cap tanh(x / cap)``
+    ``|h|`` for hidden states that are themselves computed). The logit scale ``s`` scales them by
+    ``|s|`` and adds ``|s x|`` for the product's own rounding. The softcap ``cap tanh(x / cap)``
     scales them by its slope ``1 - tanh^2`` and adds ``|z|`` for its own rounding; ``x / cap``
     computed in ``dtype`` may underflow, up to ``underflow(dtype)`` lost, ``cap`` times that in
     the logit; near saturation the slope is off by roundoffs of ``2 tanh^2``.
@@ -109,6 +113,10 @@ def logits_with_terms(
     logits = F.linear(hidden, weight, bias)
     size = F.linear(hidden_terms, weight.abs(), None if bias is None else bias.abs())
     chain = chain_terms = None
+    if spec.logit_scale != 1.0:
+        logits = logits * spec.logit_scale
+        size = size * abs(spec.logit_scale) + logits.abs()
+        chain, chain_terms = spec.logit_scale, abs(spec.logit_scale)
     if spec.softcap is not None:
         tanh = torch.tanh(logits / spec.softcap)
         slope = 1 - tanh.square()

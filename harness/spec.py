@@ -81,6 +81,8 @@ OPTION_DECLARATIONS = (
     Option("z_loss", "float", 0.0, (1e-3, 1e-2), "adds `m · logsumexp(logits)²` per token not ignored, reduced like "
            "the loss (never class-weighted); also reported separately", spec_field="z_loss_multiplier",
            aliases=("z_loss_multiplier",)),
+    Option("logit_scale", "float", 1.0, (0.125, 4.0), "multiplies the logits after the bias, before the softcap "
+           "(Cohere's `logit_scale`; Granite divides by `logits_scaling`)", spec_field="logit_scale"),
     Option("softcap", "optional_float", None, (5.0, 30.0), "logits become `cap · tanh(logits / cap)` before the "
            "softmax (Gemma 2: 30)", spec_field="softcap"),
     Option("loss_div_factor", "float", 1.0, (3.0, 0.5), "divides the reduced loss (gradient accumulation, HF's "
@@ -145,6 +147,7 @@ class LossSpec:
     softcap: float | None = None
     loss_div_factor: float = 1.0
     class_weight: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -153,6 +156,8 @@ class LossSpec:
             raise HarnessError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         if not math.isfinite(self.z_loss_multiplier) or self.z_loss_multiplier < 0:
             raise HarnessError(f"z_loss_multiplier must be finite and >= 0, got {self.z_loss_multiplier}")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise HarnessError(f"logit_scale must be a positive number, got {self.logit_scale}")
         if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
             raise HarnessError(f"softcap must be a positive number or None, got {self.softcap}")
         if not (math.isfinite(self.loss_div_factor) and self.loss_div_factor > 0):

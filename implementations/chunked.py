@@ -26,7 +26,8 @@ weights w (all ones without ``class_weight``), smoothing eps, V classes and z-lo
     d/dz_j = p_j * ((1 - eps) * w_y + eps / V * sum(w)) - (1 - eps) * w_y * [j == y] - eps / V * w_j
              + 2 * m * logsumexp(z) * p_j
 
-then multiplied by d(logits)/d(raw matmul output): 1 - tanh(raw / cap)^2 with a softcap.
+then multiplied by d(logits)/d(raw matmul output): the logit scale s, and 1 - tanh(s raw / cap)^2
+with a softcap.
 
 Low-precision inputs (bfloat16, float16): statistics and gradient are computed in the float32
 buffer; the gradient is written into a buffer of the input dtype for the two gradient matmuls.
@@ -124,10 +125,12 @@ def _to_logits_(raw: torch.Tensor, spec: LossSpec, factor: torch.Tensor | None):
     Every option that changes the logits is applied here and nowhere else; ``factor`` is the
     buffer for the elementwise part (None when no gradient is wanted).
     """
-    scale = 1.0
+    scale = spec.logit_scale
     if spec.softcap is None:
+        if scale != 1.0:
+            raw.mul_(scale)
         return scale, None
-    tanh = raw.mul_(1 / spec.softcap).tanh_()
+    tanh = raw.mul_(scale / spec.softcap).tanh_()  # the logit scale, then the softcap: one pass
     if factor is not None:
         # d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2, in one pass.
         torch.addcmul(torch.ones((), device=raw.device), tanh, tanh, value=-1, out=factor)
@@ -337,7 +340,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-SUPPORTED = ("bias", "ignore_index", "label_smoothing", "z_loss", "softcap", "loss_div_factor", "class_weight")
+SUPPORTED = ("bias", "ignore_index", "label_smoothing", "z_loss", "logit_scale", "softcap", "loss_div_factor",
+             "class_weight")
 
 
 class Chunked(Implementation):

@@ -46,6 +46,7 @@ from implementations.vocab_parallel.shards import split_vocab
 WORLD_SIZES = (2, 3)
 # The options each adapter here implements; the peers' gaps are in their UNSUPPORTED tables below.
 SUPPORTED = ORIGINAL_OPTIONS
+CHUNKED_SUPPORTED = (*ORIGINAL_OPTIONS, "logit_scale")  # the project's own loss: every option
 
 
 def world_size_for(num_tokens: int) -> int:
@@ -168,7 +169,7 @@ class ChunkedVocabParallel(VocabParallel):
     split = "balanced"
 
     def capabilities(self, device):
-        return Capabilities(supported_options=SUPPORTED)
+        return Capabilities(supported_options=CHUNKED_SUPPORTED)
 
     def with_chunk_size(self, chunk_size):
         return ChunkedVocabParallel(chunk_size=chunk_size)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from harness.semantics import transform_logits
 from harness.spec import LossSpec
 
 FAMILIES = ("chunked", "dtensor", "megatron")
@@ -164,9 +165,7 @@ def chunked_loss(request: Request, where: Group) -> Reply:
         end = min(begin + step, num_tokens)
         h = hidden[begin:end]
         rows = end - begin
-        logits = F.linear(h, weight, bias).float()
-        if spec.softcap is not None:
-            logits = spec.softcap * torch.tanh(logits / spec.softcap)
+        logits = transform_logits(F.linear(h, weight, bias).float(), spec)  # logit scale, softcap
         if shard_vocab:
             peak = logits.max(dim=-1).values
         else:  # an empty shard (V < P): nothing of this rank's is the maximum
@@ -208,6 +207,8 @@ def chunked_loss(request: Request, where: Group) -> Reply:
             grad += (2 * spec.z_loss_multiplier * lse * z_scale)[:, None] * probs
         if spec.softcap is not None:
             grad *= 1 - (logits / spec.softcap).square()
+        if spec.logit_scale != 1.0:
+            grad *= spec.logit_scale
         if need_h:
             grad_h[begin:end] = grad @ weight32
         if need_w:
