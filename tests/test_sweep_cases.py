@@ -19,6 +19,7 @@ MODEL_HEADS = {
     "qwen2.5-7b": (152064, 3584, False),
     "olmo2-7b": (100352, 4096, False),
     "gemma2-2b": (256000, 2304, True),
+    "command-r": (256000, 8192, True),
 }
 
 
@@ -40,6 +41,7 @@ def test_gemma2_head_is_soft_capped_at_30_and_the_others_are_not():
     cases = load_case_file(CASES_DIR / "models.toml")
     for case in cases:
         assert case.case.option("softcap") == (30.0 if case.entry == "gemma2-2b" else None)
+        assert case.case.option("logit_scale") == (0.0625 if case.entry == "command-r" else 1.0)
 
 
 def test_vocabulary_sweep_varies_only_the_vocabulary():
