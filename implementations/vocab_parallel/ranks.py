@@ -251,16 +251,23 @@ def _reduce_like_loss(per_token: torch.Tensor, valid: torch.Tensor, reduction: s
     return per_token.sum() / valid.sum()
 
 
+def _leaves(request: Request):
+    """(needs, hidden, weight, bias): detached copies requiring the gradients this request wants
+    (none when it has no upstream gradient, i.e. a forward alone), for a peer's autograd."""
+    needs = request.needs if request.upstream is not None else (False, False, False)
+    hidden = request.hidden.detach().requires_grad_(needs[0])
+    weight = request.weight.detach().requires_grad_(needs[1])
+    bias = None if request.bias is None else request.bias.detach().requires_grad_(needs[2])
+    return needs, hidden, weight, bias
+
+
 def dtensor_loss(request: Request, where: Group) -> Reply:
     """torch's ``loss_parallel()`` over this rank's logits as a class-sharded DTensor."""
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import loss_parallel
 
     spec = request.spec
-    need_h, need_w, need_b = request.needs if request.upstream is not None else (False, False, False)
-    hidden = request.hidden.detach().requires_grad_(need_h)
-    weight = request.weight.detach().requires_grad_(need_w)
-    bias = None if request.bias is None else request.bias.detach().requires_grad_(need_b)
+    (need_h, need_w, need_b), hidden, weight, bias = _leaves(request)
     labels = request.labels.long()
     num_tokens = hidden.shape[0]
     grad_enabled = need_h or need_w or need_b
@@ -316,10 +323,7 @@ def megatron_loss(request: Request, where: Group) -> Reply:
 
     _use_megatron_group(where)
     spec = request.spec
-    need_h, need_w, need_b = request.needs if request.upstream is not None else (False, False, False)
-    hidden = request.hidden.detach().requires_grad_(need_h)
-    weight = request.weight.detach().requires_grad_(need_w)
-    bias = None if request.bias is None else request.bias.detach().requires_grad_(need_b)
+    (need_h, need_w, need_b), hidden, weight, bias = _leaves(request)
     labels = request.labels.long()
     valid = labels != spec.ignore_index
     grad_enabled = need_h or need_w or need_b
