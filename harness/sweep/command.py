@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from harness.errors import HarnessError
+from harness.isolation import child_environment
 from harness.results import RESULTS_DIR, new_run_id, read_meta, write_json_atomic
 from harness.spec import DTYPES
 from harness.sweep.cases import MODES, canonical_case_argument, load_cases, with_dtypes
@@ -33,7 +34,6 @@ from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
 from harness.sweep.rows import Job
 from harness.sweep.runner import (
     SweepSettings,
-    child_environment,
     job_modes,
     measure_environment,
     plan_jobs,

@@ -7,7 +7,7 @@ already done, and ``resume`` skips exactly those (whatever their status).
 from __future__ import annotations
 
 import collections
-import os
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,10 @@ from rich.progress import (
 )
 
 from harness.errors import HarnessError
+from harness.isolation import ChildOutcome, Limits, run_child
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
-from harness.sweep.cases import PROJECT_ROOT, Case
-from harness.sweep.isolation import run_isolated
+from harness.sweep.cases import Case
 from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
 
@@ -105,22 +105,16 @@ def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
     return set(zip(rows["case"].astype(str), rows["implementation"].astype(str)))
 
 
-def child_environment(cuda_visible_devices: str | None) -> dict[str, str]:
-    """The children's environment: the project (and the current directory, for plugins) importable."""
-    env = dict(os.environ)
-    paths = [str(PROJECT_ROOT), os.getcwd(), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys(paths) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    if cuda_visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
-    return env
+def run_job(job: dict, settings: SweepSettings) -> ChildOutcome:
+    """One job in a fresh ``harness.sweep.worker`` process, within the sweep's limits."""
+    limits = Limits(timeout_s=settings.timeout_s, max_memory_bytes=settings.max_memory_bytes)
+    return run_child("harness.sweep.worker", [], limits=limits, stdin=json.dumps(job), env=settings.child_env)
 
 
 def measure_environment(settings: SweepSettings, dtypes: list[str]) -> dict:
     """The device's description and matmul rate per dtype, measured in a child like a case."""
     job = {"kind": "environment", "device": settings.device, "dtypes": dtypes, "timing": settings.timing.to_json()}
-    outcome = run_isolated(job, timeout_s=settings.timeout_s, max_memory_bytes=settings.max_memory_bytes,
-                           env=settings.child_env)
+    outcome = run_job(job, settings)
     for message in outcome.messages:
         if message.get("event") == "environment":
             return message
@@ -186,12 +180,7 @@ def run_jobs(
             }
             reason = declared_unsupported(job, settings.device)
             if reason is None:
-                outcome = run_isolated(
-                    payload,
-                    timeout_s=settings.timeout_s,
-                    max_memory_bytes=settings.max_memory_bytes,
-                    env=settings.child_env,
-                )
+                outcome = run_job(payload, settings)
                 results, seconds = mode_results(outcome, modes), outcome.seconds
             else:  # known without starting a process
                 results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}
