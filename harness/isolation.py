@@ -31,7 +31,8 @@ Two ways to use it:
   before each (the time limit is per item: the clock restarts there), ``{"case": CASE}`` before
   each case of it if it has cases, and ``{"item": ITEM, ...}`` when the item is done. When the
   child dies or is stopped, the item it was running is reported with the failure (and its last
-  case), and the remaining items run in a fresh child.
+  case), and the remaining items run in a fresh child; one that stopped itself after reporting a
+  fatal error loses no item, the rest just run in a fresh child.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def test_a_child_that_stops_after_reporting_a_fatal_error_loses_no_item_and_the_
 def test_a_child_holding_more_memory_than_the_limit_is_stopped_as_oom():
     got = outcomes(["hog", "ok-1"], Limits(timeout_s=60, max_memory_bytes=2**30))
     assert got["hog"].failure == "oom"
-    assert got["hog"].detail.startswith("resident memory reached ") and "above the limit of 1.00 GiB" in got["hog"].detail
+    assert got["hog"].detail.startswith("resident memory reached ")
+    assert "above the limit of 1.00 GiB" in got["hog"].detail
     assert got["ok-1"].record is not None
 
 
