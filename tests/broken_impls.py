@@ -216,3 +216,45 @@ def aborts_the_process(
         time.sleep(60)
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+
+
+FATAL_CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
+
+
+class LosesItsCudaContext(_Eager):
+    """Raises the error an illegal memory access surfaces as, on float16 inputs of more than 3 tokens
+    (the probes of what it supports have 3, and pass) or on an out-of-range label (as a device-side
+    assert would). As on a GPU, its process is spoiled from then on: every later call raises the
+    same error, so that only a fresh process gives the next property or edge case a fair run."""
+
+    name = "loses-its-cuda-context"
+
+    def __init__(self):
+        self.context_lost = False  # the stand-in for a CUDA context, which is per process
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        valid = labels != spec.ignore_index
+        out_of_range = bool(((labels < 0) | (labels >= weight.shape[0]))[valid].any())
+        tokens = hidden.numel() // hidden.shape[-1]
+        if self.context_lost or out_of_range or (hidden.dtype == torch.float16 and tokens > 3):
+            self.context_lost = True
+            raise RuntimeError(FATAL_CUDA_ERROR)
+        return self.loss_of(hidden, weight, labels, spec, bias)
+
+
+class HangsOnFloat16(_Eager):
+    """Never returns on float16 inputs of more than 3 tokens, as a deadlocked kernel would; correct
+    otherwise."""
+
+    name = "hangs-on-float16"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        import time
+
+        if hidden.dtype == torch.float16 and hidden.numel() // hidden.shape[-1] > 3:
+            time.sleep(3600)
+        return self.loss_of(hidden, weight, labels, spec, bias)
+
+
+loses_its_cuda_context = LosesItsCudaContext()
+hangs_on_float16 = HangsOnFloat16()

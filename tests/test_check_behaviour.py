@@ -7,6 +7,7 @@ run in a child process).
 
 from harness.check.behaviour import EDGE_CASE_IDS, EDGE_CASES, probe, run_behaviour
 from harness.cli import main
+from harness.isolation import Limits
 from harness.registry import resolve
 
 EDGES = {e.id: e for e in EDGE_CASES}
@@ -31,12 +32,25 @@ def test_an_empty_batch_is_described_even_when_it_differs_from_the_reference():
 
 
 def test_a_crash_or_a_hang_on_one_edge_case_is_recorded_and_the_others_still_run():
-    rows = {r.edge_case: r for r in run_behaviour("tests.broken_impls:aborts_the_process", "cpu", timeout_s=20)}
+    rows = {r.edge_case: r for r in run_behaviour("tests.broken_impls:aborts_the_process", "cpu",
+                                                   limits=Limits(timeout_s=20))}
     assert set(rows) == set(EDGE_CASE_IDS)
     assert rows["label-equals-vocab"].behaviour == "crash"
     assert rows["label-negative"].behaviour == "crash"
     assert rows["inf-in-hidden"].behaviour == "timeout"
     assert rows["nan-in-hidden"].behaviour == "loss nan; grads nan"
+    assert rows["label-negative"].detail.startswith("killed by SIGABRT at tests/broken_impls.py:")
+    assert rows["inf-in-hidden"].detail == "exceeded the time limit of 20 s"
+
+
+def test_after_an_edge_case_that_poisons_the_cuda_context_the_others_run_in_a_fresh_process():
+    """The out-of-range label raises an illegal memory access, after which every call in that
+    process would raise it too; the edge cases after it are still described as they are."""
+    rows = {r.edge_case: r for r in run_behaviour("tests.broken_impls:loses_its_cuda_context", "cpu")}
+    assert rows["label-equals-vocab"].behaviour == "error (RuntimeError)"
+    assert "illegal memory access" in rows["label-equals-vocab"].detail
+    assert rows["nan-in-hidden"].behaviour == "loss nan; grads nan"
+    assert rows["empty-batch"].behaviour.startswith("loss ")
 
 
 def test_a_kernel_that_kills_its_process_fails_the_property_it_crashed_in_with_a_reproducer(capsys, tmp_path):
@@ -45,5 +59,6 @@ def test_a_kernel_that_kills_its_process_fails_the_property_it_crashed_in_with_a
                    "--no-behaviour", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert status == 1
-    assert out.count("crash: the process exited") == 2, "both properties crash, each in its own process"
+    assert out.count("crash: killed by SIGABRT at tests/broken_impls.py:") == 2, "each crashes in its own process"
     assert "--case 'N=1,D=1,V=2,dtype=float32" in out
+

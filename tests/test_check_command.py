@@ -1,4 +1,5 @@
-"""``python -m harness check``: exit status, reproducers, one-line errors and the run folder.
+"""``python -m harness check``: exit status, reproducers, one-line errors, the run folder, and
+what a hang or a lost CUDA context does to the rest of the check (nothing).
 
 Every deliberately broken plugin of ``tests/broken_impls.py`` makes the check exit non-zero
 and print a reproducer that, run as printed, fails again on just that case. Correct
@@ -11,8 +12,14 @@ import shlex
 
 import pytest
 
+from harness.check import gate
+from harness.check.run_property import FAIL, Target, run_property
+from harness.check.profiles import get_profile
+from harness.check.properties import find_property
+from harness.check.support_probe import discover_support
 from harness.cli import main
 from harness.results import BEHAVIOUR_COLUMNS, PROPERTY_COLUMNS
+from tests.broken_impls import LosesItsCudaContext
 
 
 def run_check(capsys, *args):
@@ -111,9 +118,58 @@ def test_the_run_folder_holds_meta_properties_and_behaviour(capsys, tmp_path):
         (["--case", "N=7,D=5,V=9"], "error: --case needs --impl"),
         (["--impl", "torch-eager", "--property", "invariance/chunk-size", "--case", "N=7,D=5,V=9,chunk=2"],
          "error: torch-eager has no chunk size"),
+        (["--impl", "torch-eager", "--timeout", "0"], "error: --timeout must be > 0 seconds"),
+        (["--impl", "torch-eager", "--max-memory", "-1"], "error: --max-memory must be >= 0 GiB"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(capsys, tmp_path, args, message):
     status, _, err = run_check(capsys, *args, "--out", str(tmp_path))
     assert status == 2
     assert err.strip().startswith(message) and len(err.strip().splitlines()) == 1
+
+
+def test_after_an_illegal_memory_access_the_remaining_properties_run_in_a_fresh_process(capsys, tmp_path):
+    """float16 raises the error; in that process every later call would too. float32 and bfloat16
+    come after it, and pass: their worker is a fresh one."""
+    status = main(["check", "--profile", "ci", "--max-examples", "2", "--impl",
+                   "tests.broken_impls:loses_its_cuda_context", "--property", "equivalence/float16",
+                   "--property", "equivalence/float32", "--property", "equivalence/bfloat16",
+                   "--no-behaviour", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1 and "1 properties failed" in out
+    assert "- tests.broken_impls:loses_its_cuda_context equivalence/float16: raised RuntimeError: CUDA error: an " \
+           "illegal memory access was encountered" in out
+    assert "--property equivalence/float16 --case 'N=" in out
+    assert _statuses(tmp_path) == {"equivalence/float16": "fail", "equivalence/float32": "pass",
+                                   "equivalence/bfloat16": "pass"}
+
+
+def test_a_property_that_hangs_times_out_with_its_last_case_and_the_rest_still_run(capsys, tmp_path):
+    status = main(["check", "--profile", "ci", "--max-examples", "2", "--timeout", "30", "--impl",
+                   "tests.broken_impls:hangs_on_float16", "--property", "equivalence/float16",
+                   "--property", "equivalence/float32", "--no-behaviour", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "equivalence/float16: timeout: exceeded the time limit of 30 s" in out
+    assert "--property equivalence/float16 --case 'N=" in out and "dtype=float16" in out
+    assert _statuses(tmp_path) == {"equivalence/float16": "fail", "equivalence/float32": "pass"}
+
+
+def _statuses(out_dir) -> dict[str, str]:
+    (run_dir,) = out_dir.iterdir()
+    with open(run_dir / "properties.csv") as handle:
+        return {row["property"]: row["status"] for row in csv.DictReader(handle)}
+
+
+def test_a_drawn_case_that_loses_the_cuda_context_is_the_reproducer_and_nothing_runs_after_it(monkeypatch):
+    """Hypothesis would shrink the failure, on a context where every case now fails the same way,
+    and print a case that never failed on its own; the check stops at the first one instead."""
+    monkeypatch.setattr(gate, "fitted_examples", lambda *args: [])  # drawn cases only
+    impl = LosesItsCudaContext()  # its own, so that the plugin's lost context stays in this test
+    announced = []
+    result = run_property(Target("lost", impl), find_property("equivalence/float16"), discover_support(impl, "cpu"),
+                          get_profile("ci", max_examples=50), "cpu", on_case=announced.append)
+    assert result.status == FAIL and "illegal memory access" in result.detail
+    first_failing = next(i for i, case in enumerate(announced) if case.num_tokens > 3)
+    assert first_failing == len(announced) - 1, "no case ran after it"
+    assert result.reproducer.endswith(f"--case '{announced[-1]}'")

@@ -73,6 +73,8 @@ def test_crash_timeout_and_out_of_memory_become_rows_while_the_other_cases_are_r
     assert "time limit of 20 s" in reasons[("test-hang", "forward")]
     assert "OutOfMemoryError" in reasons[("test-oom", "forward")]
     assert "illegal memory access" in reasons[("test-illegal-access", "forward")]
+    assert reasons[("test-illegal-access", "backward")] == ("not measured: the process stopped after a fatal error "
+                                                            "in an earlier mode")
     assert "implements no loss" in reasons[(f"{PLUGINS}:not_implemented", "forward")]
 
     eager = rows[(rows["implementation"] == "torch-eager") & (rows["mode"] == "forward_backward")]

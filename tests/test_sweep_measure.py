@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from harness.errors import HarnessError, UnsupportedCase
+from harness.isolation import ChildOutcome, classify
 from harness.registry import resolve
 from harness.results import DISTRIBUTED_METRICS, METRICS, ROW_COLUMNS
 from harness.case import Case, make_inputs
 from harness.sweep.cases import SweepCase
 from harness.sweep.distributed import Ranks, ranks_from_environment, shard, visible_device_for
-from harness.sweep.isolation import ChildOutcome
 from harness.sweep.measure import TimingSettings, measure_mode
 from harness.sweep.rows import Job, derived_metrics, job_rows, mode_results
-from harness.sweep.worker import classify
 
 QUICK = TimingSettings(measure_time=0.01, min_repeats=2)
 MEASURED = {"first_call", "time_median", "time_p20", "time_p80", "peak_memory"}

@@ -16,9 +16,8 @@ from harness.errors import UnsupportedCase
 from harness.registry import resolve
 from harness.spec import ORIGINAL_OPTIONS, LossSpec
 from harness.sweep.cases import SweepCase
-from harness.sweep.isolation import run_isolated
 from harness.sweep.measure import TimingSettings
-from harness.sweep.runner import SweepSettings, torchrun_launcher
+from harness.sweep.runner import SweepSettings, run_job
 from implementations.distributed import world_size_for
 from implementations.vocab_parallel.shards import split_vocab
 
@@ -108,11 +107,9 @@ def test_torchrun_sweep_job_records_time_per_rank_memory_and_bytes_communicated(
     settings = SweepSettings(modes=("forward", "forward_backward", "backward"), device="cpu",
                              timing=TimingSettings(measure_time=0.05, min_repeats=2), timeout_s=300,
                              max_memory_bytes=None, world_size=3)
-    launcher = torchrun_launcher("chunked-vocab-parallel", settings)
-    assert launcher is not None and torchrun_launcher("chunked", settings) is None
     job = {"kind": "case", "case": case.to_json(), "implementation": "chunked-vocab-parallel",
-           "modes": list(settings.modes), "device": "cpu", "timing": settings.timing.to_json(), "world_size": 3}
-    outcome = run_isolated(job, timeout_s=300, launcher=launcher)
+           "modes": list(settings.modes), "device": "cpu", "timing": settings.timing.to_json()}
+    outcome = run_job(job, settings, reference="chunked-vocab-parallel")
     results = {m["mode"]: m for m in outcome.messages if m.get("event") == "result"}
     assert outcome.failure is None, outcome.log_tail[-2000:]
     assert results["backward"]["status"] == "unsupported"

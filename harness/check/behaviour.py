@@ -6,22 +6,23 @@ backward, and is described in a few words ("loss nan; grads nan", "error (IndexE
 finite = reference; grads finite"), with the details beside it.
 
 Edge cases run in a child process per implementation (``python -m harness.check.behaviour``,
-see ``harness.check.isolation``): an out-of-range label can crash a process or, on a GPU,
-poison its CUDA context; a crash or a timeout is then recorded as such, and the remaining edge
-cases run in a fresh child.
+see ``harness.isolation``): an out-of-range label can crash a process or, on a GPU, poison its
+CUDA context; a crash or a timeout is then recorded as such, a poisoned context ends the child
+after the edge case that poisoned it, and the remaining edge cases run in a fresh child.
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from harness.case import Inputs
-from harness.check.isolation import ReportChannel, run_items
 from harness.errors import UnsupportedCase
+from harness.isolation import FATAL_EXIT_STATUS, Limits, child_report, is_fatal, run_items
 from harness.semantics import reference_loss
 from harness.spec import LossSpec
 
@@ -171,10 +172,15 @@ def probe(impl, edge: EdgeCase, device: str) -> tuple[str, str]:
 # --- running in a child process ---------------------------------------------------------------
 
 
-def run_behaviour(given: str, device: str, *, timeout_s: float = EDGE_CASE_TIMEOUT_S) -> Iterator[BehaviourResult]:
-    """Yield the behaviour of implementation ``given`` on every edge case, as each finishes."""
+def run_behaviour(
+    given: str, device: str, *, limits: Limits = Limits(timeout_s=EDGE_CASE_TIMEOUT_S),
+    env: dict[str, str] | None = None, cancel: threading.Event | None = None,
+) -> Iterator[BehaviourResult]:
+    """Yield the behaviour of implementation ``given`` on every edge case, as each finishes (the
+    time limit is per edge case)."""
     args = ["--impl", given, "--device", device]
-    for outcome in run_items("harness.check.behaviour", args, list(EDGE_CASE_IDS), timeout_s=timeout_s):
+    edge_cases = list(EDGE_CASE_IDS)
+    for outcome in run_items("harness.check.behaviour", args, edge_cases, limits=limits, env=env, cancel=cancel):
         if outcome.record is None:
             yield BehaviourResult(given, outcome.item, outcome.failure, outcome.detail)
         else:
@@ -183,6 +189,7 @@ def run_behaviour(given: str, device: str, *, timeout_s: float = EDGE_CASE_TIMEO
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="behaviour-matrix worker (one implementation)")
+    parser.add_argument("report", help="the file the messages are appended to")
     parser.add_argument("--impl", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("edge_cases", nargs="+", choices=EDGE_CASE_IDS)
@@ -190,13 +197,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.registry import resolve
 
-    channel = ReportChannel()
+    report = child_report(args.report)
     impl = resolve(args.impl)
     by_id = {e.id: e for e in EDGE_CASES}
     for edge_id in args.edge_cases:
-        channel.send({"started": edge_id})
+        report.send({"started": edge_id})
         behaviour, detail = probe(impl, by_id[edge_id], args.device)
-        channel.send({"item": edge_id, "behaviour": behaviour, "detail": detail})
+        report.send({"item": edge_id, "behaviour": behaviour, "detail": detail})
+        if is_fatal(detail):  # e.g. a device-side assert on an out-of-range label: the rest need a fresh process
+            return FATAL_EXIT_STATUS
     return 0
 
 

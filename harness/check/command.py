@@ -12,6 +12,12 @@ they are produced; ``--junit-xml PATH`` also writes one JUnit test case per impl
 property for CI systems. Exit status 1 when a property fails (known failures excepted), 2 for
 bad input.
 
+Each property on an implementation has a time limit (derived from the profile, or ``--timeout``),
+and each child process a memory limit (``--max-memory``): a hang or a runaway allocation fails
+that property as a timeout or oom (``harness.isolation``). A worker that meets an error after which
+its CUDA context is unusable (illegal memory access, device-side assert) reports it and stops; the
+remaining properties run in a fresh process.
+
 ``--case`` reruns one case of a reproducer, without Hypothesis and without writing results.
 """
 
@@ -21,6 +27,7 @@ import argparse
 import importlib.metadata
 import os
 import queue
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.case import parse_case
-from harness.check.behaviour import EDGE_CASES, BehaviourResult, probe, run_behaviour
+from harness.check.behaviour import EDGE_CASE_TIMEOUT_S, EDGE_CASES, BehaviourResult, probe, run_behaviour
 from harness.check.run_property import (
     FAIL,
     KNOWN_FAILURE,
@@ -44,7 +51,6 @@ from harness.check.run_property import (
     run_case,
     run_property,
 )
-from harness.check.isolation import run_items
 from harness.check import tolerance
 from harness.check.junit import write_junit
 from harness.check.profiles import PROFILES, default_profile, get_profile
@@ -53,6 +59,7 @@ from harness.check.support_probe import Support, discover_support
 from harness.check.worker import SUPPORT_ITEM
 from harness.errors import HarnessError
 from harness.environment import local_device
+from harness.isolation import Limits, child_environment, run_items
 from harness.registry import builtin_names, resolve
 from harness.results import (
     BEHAVIOUR_COLUMNS,
@@ -64,8 +71,9 @@ from harness.results import (
     new_run_dir,
     write_json_atomic,
 )
-from harness.environment import device_environment, host_environment
+from harness.environment import device_environment, host_environment, memory_bytes
 
+MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start, over --jobs
 STATUS_STYLE = {PASS: "green", FAIL: "bold red", KNOWN_FAILURE: "yellow", UNSUPPORTED: "dim", NOT_APPLICABLE: "dim"}
 
 
@@ -96,9 +104,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="implementations checked at the same time, each in its own process (default: 2, or 1 on a GPU)",
     )
     parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS",
+        help="time limit of each property on each implementation, and of each behaviour edge case, after "
+        "which it fails as a timeout and the rest go on in a fresh process (default: derived from the "
+        "profile: 5 min plus twice its budget, e.g. 360 s for ci; edge cases: "
+        f"{EDGE_CASE_TIMEOUT_S} s)",
+    )
+    parser.add_argument(
+        "--max-memory", type=float, metavar="GIB",
+        help="stop a process that holds more resident host memory than this, failing its property as oom "
+        f"(default: {MEMORY_LIMIT_FRACTION:.0%} of the memory available at start, shared among --jobs; 0: no limit)",
+    )
+    parser.add_argument(
         "--in-process", action="store_true",
-        help="run everything in this process, one implementation after another: no crash isolation "
-        "(for a debugger, or a quick run of a plugin)",
+        help="run everything in this process, one implementation after another: no crash isolation, no "
+        "time or memory limit (for a debugger, or a quick run of a plugin)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: results/)")
 
@@ -221,21 +241,30 @@ def check_in_process(
             yield BehaviourResult(target.given, edge.id, *probe(target.impl, edge, device))
 
 
+@dataclass(frozen=True)
+class ChildLimits:
+    """The limits of ``check``'s child processes: per property, and per behaviour edge case."""
+
+    properties: Limits
+    edge_cases: Limits
+
+
 def check_implementation(
     given: str, property_ids: list[str], *, profile: str, max_examples: int | None, device: str,
-    threads: int, behaviour: bool,
+    threads: int, behaviour: bool, limits: ChildLimits, cancel: threading.Event | None = None,
 ) -> Iterator[PropertyResult | BehaviourResult | SupportResult]:
     """One implementation's results as they are produced: what it supports, its properties, then
     its behaviour matrix.
 
-    Both run in child processes (``harness.check.isolation``); a crash fails only the property
-    that was running, with the case it was running as the reproducer.
+    Both run in child processes (``harness.isolation``); a crash, a timeout or an oom fails only
+    the property that was running, with the case it was running as the reproducer.
     """
     args = ["--impl", given, "--profile", profile, "--device", device]
     if max_examples is not None:
         args += ["--max-examples", str(max_examples)]
     items = [SUPPORT_ITEM, *property_ids]
-    for outcome in run_items("harness.check.worker", args, items, timeout_s=None, threads=threads):
+    env = child_environment(threads=threads)
+    for outcome in run_items("harness.check.worker", args, items, limits=limits.properties, env=env, cancel=cancel):
         if outcome.item == SUPPORT_ITEM:
             if outcome.record is not None:
                 yield SupportResult(given, Support.from_json(outcome.record["support"]))
@@ -247,8 +276,25 @@ def check_implementation(
         if outcome.last_case:
             repro = reproducer(given, outcome.item, parse_case(outcome.last_case))
         yield PropertyResult(given, outcome.item, FAIL, 0, f"{outcome.failure}: {outcome.detail}", repro, 0.0)
-    if behaviour:
-        yield from run_behaviour(given, device)
+    if behaviour and not (cancel is not None and cancel.is_set()):
+        yield from run_behaviour(given, device, limits=limits.edge_cases, env=env, cancel=cancel)
+
+
+def child_limits(args: argparse.Namespace, profile_time_limit_s: float, jobs: int) -> ChildLimits:
+    """``--timeout`` and ``--max-memory``, or their defaults."""
+    if args.timeout is not None and args.timeout <= 0:
+        raise HarnessError("--timeout must be > 0 seconds")
+    if args.max_memory is not None and args.max_memory < 0:
+        raise HarnessError("--max-memory must be >= 0 GiB (0: no limit)")
+    if args.max_memory is None:
+        available = memory_bytes("MemAvailable")
+        memory = int(available * MEMORY_LIMIT_FRACTION / jobs) if available else None
+    else:
+        memory = int(args.max_memory * 2**30) or None
+    return ChildLimits(
+        properties=Limits(args.timeout or profile_time_limit_s, memory),
+        edge_cases=Limits(args.timeout or EDGE_CASE_TIMEOUT_S, memory),
+    )
 
 
 def print_not_checked(console: Console, results: list[PropertyResult], supports: list[SupportResult]) -> None:
@@ -309,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     device = local_device()
     jobs = 1 if args.in_process else min(args.jobs or default_jobs(), len(targets))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    limits = child_limits(args, profile.time_limit_s(), jobs)
 
     run_dir = new_run_dir(args.out, "-check")
     meta = {
@@ -316,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         "run_id": run_dir.name,
         "profile": profile_name,
         "budget_s": profile.budget_s,
+        "time_limit_s": limits.properties.timeout_s,
         "max_examples": args.max_examples,
         "implementations": [t.given for t in targets],
         "properties": [p.id for p in props],
@@ -344,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
     behaviour: list[BehaviourResult] = []
     supports: list[SupportResult] = []
     produced: queue.Queue = queue.Queue()
+    cancel = threading.Event()  # set when this thread stops early (Ctrl-C): the children are killed
 
     def pipeline(target: Target) -> None:
         behaviour = not args.no_behaviour and target.impl.availability().available
@@ -353,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
             if args.in_process:
                 items = check_in_process(target, property_ids, **options)
             else:
-                items = check_implementation(target.given, property_ids, threads=threads, **options)
+                items = check_implementation(target.given, property_ids, threads=threads, limits=limits,
+                                             cancel=cancel, **options)
             for item in items:
                 produced.put(item)
         finally:
@@ -363,22 +413,28 @@ def run(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(pipeline, target) for target in targets]
             finished = 0
-            while finished < len(targets):
-                item = produced.get()
-                if item is None:
-                    finished += 1
-                elif isinstance(item, PropertyResult):
-                    property_rows.append([item.row()])
-                    precision_rows.append(item.precision_rows())
-                    results.append(item)
-                    console.print(f"{item.implementation:<20} {item.property:<28} {item.seconds:6.1f} s  "
-                                  f"{_status_cell(item)}")
-                elif isinstance(item, SupportResult):
-                    not_checked_rows.append(item.not_checked_rows())
-                    supports.append(item)
-                else:
-                    behaviour_rows.append([item.row()])
-                    behaviour.append(item)
+            try:
+                while finished < len(targets):
+                    item = produced.get()
+                    if item is None:
+                        finished += 1
+                    elif isinstance(item, PropertyResult):
+                        property_rows.append([item.row()])
+                        precision_rows.append(item.precision_rows())
+                        results.append(item)
+                        console.print(f"{item.implementation:<20} {item.property:<28} {item.seconds:6.1f} s  "
+                                      f"{_status_cell(item)}")
+                    elif isinstance(item, SupportResult):
+                        not_checked_rows.append(item.not_checked_rows())
+                        supports.append(item)
+                    else:
+                        behaviour_rows.append([item.row()])
+                        behaviour.append(item)
+            except BaseException:
+                # The children have sessions of their own, so a Ctrl-C does not reach them: stop them
+                # here, or the pool would wait for every remaining property to finish.
+                cancel.set()
+                raise
             for future in futures:
                 future.result()  # a harness bug in a pipeline surfaces here instead of being lost
     finally:

@@ -19,6 +19,11 @@ explicit examples from its cache, and pays a compile per drawn case.
 ``--max-examples N`` replaces the budget by exactly N drawn cases per property. No profile has a
 Hypothesis deadline: Triton compiles (and its interpreter runs) a kernel the first time it sees a
 shape, which takes seconds.
+
+A property on one implementation has a time limit (``Profile.time_limit_s``, or ``check
+--timeout``), so that a hang fails it as a timeout instead of stopping the check: its share of the
+budget is far below it, but its explicit examples, first compiles and the shrinking of a failure
+are outside any budget, so the limit is generous.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ PROFILES = ("ci", "dev", "thorough")
 
 # Slow cases (Triton's interpreter, compiles) and large ones are the point, not a problem.
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+
+# The time limit of a property: what no budget bounds (explicit examples, compiles, shrinking), plus
+# the whole budget of the implementation twice over (a property's share of it is a deadline that
+# its first ``min_drawn`` cases may overrun). Under ``--max-examples`` there is no budget: a drawn
+# case is allowed 10 s, a compile and a Triton-interpreter run, about six times the slowest mean
+# seen on a 2-core CPU (torch.compile: 1.7 s a case).
+UNBUDGETED_S = 300.0
+SECONDS_PER_DRAWN_CASE = 10.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,12 @@ class Profile:
             print_blob=False,
             verbosity=Verbosity.quiet,
         )
+
+    def time_limit_s(self) -> float:
+        """Seconds one property may take on one implementation before it fails as a timeout."""
+        if self.max_examples is not None:
+            return UNBUDGETED_S + SECONDS_PER_DRAWN_CASE * self.max_examples
+        return UNBUDGETED_S + 2 * self.budget_s
 
     def seed_for(self, property_id: str) -> int | None:
         """The property's own seed in a seeded profile (stable across runs and machines)."""

@@ -31,6 +31,7 @@ from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, Err
 from harness.check.strategies import cases, fit_to
 from harness.check.support_probe import Support
 from harness.errors import HarnessError, UnsupportedCase
+from harness.isolation import is_fatal
 
 # Statuses of a property result (the "status" column of properties.csv).
 PASS, FAIL, KNOWN_FAILURE, UNSUPPORTED, NOT_APPLICABLE = "pass", "fail", "known-failure", "unsupported", "n/a"
@@ -115,6 +116,16 @@ def _precision_summary(errors: list[ErrorRecord]) -> list[dict]:
          "eager_error": record.eager_error, "case": str(record.case)}
         for (dtype, tensor), record in sorted(worst.items())
     ]
+
+
+class _ContextLost(BaseException):
+    """A fatal CUDA error (``harness.isolation.is_fatal``) in a drawn case. Not an ``Exception``, so
+    that Hypothesis lets it through at once: shrinking, or any further case, would run on a context
+    where everything now fails the same way."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Run:
@@ -219,8 +230,10 @@ def run_property(
             run.check(case)
         except CaseRejected:
             reject()
-        except BaseException:
+        except BaseException as exc:
             failed = True
+            if isinstance(exc, Exception) and is_fatal(str(exc)):
+                raise _ContextLost(exc) from exc
             raise
 
     if drawn:
@@ -231,6 +244,8 @@ def run_property(
             test = seed(property_seed)(test)
         try:
             test()
+        except _ContextLost as lost:  # the case that caused it is the reproducer, not a shrunk one
+            return result(FAIL, describe_failure(lost.error), reproducer(target.given, prop.id, run.last_case))
         except Exception as exc:  # noqa: BLE001
             case = run.last_case
             repro = reproducer(target.given, prop.id, case) if case is not None else ""

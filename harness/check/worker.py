@@ -1,11 +1,15 @@
-"""Child process of ``python -m harness check``: one implementation's properties, one JSON line each.
+"""Child process of ``python -m harness check``: one implementation's properties, one message each.
 
-    python -m harness.check.worker --impl NAME --profile ci [--max-examples N] [--device cpu] ITEM...
+    python -m harness.check.worker REPORT_FILE --impl NAME --profile ci [--max-examples N] [--device cpu] ITEM...
 
 Each ITEM is a property id, or ``support``: what the implementation supports here (its declared
 capabilities and, for a plain-function plugin, what probing found), so that the parent can say
-what was not checked. See ``harness.check.isolation`` for the protocol; ``harness.check.command``
-starts it.
+what was not checked. ``harness.isolation`` runs it and defines the protocol;
+``harness.check.command`` starts it.
+
+After an error that leaves the CUDA context unusable (illegal memory access, device-side assert),
+the worker reports the property it happened in and stops with ``FATAL_EXIT_STATUS``: every later
+property would fail with the same error, so the parent runs them in a fresh process.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ SUPPORT_ITEM = "support"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="check worker (one implementation)")
+    parser.add_argument("report", help="the file the messages are appended to")
     parser.add_argument("--impl", required=True)
     parser.add_argument("--profile", required=True)
     parser.add_argument("--max-examples", type=int)
@@ -26,29 +31,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import harness  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton
-    from harness.check.run_property import Target, run_property
-    from harness.check.isolation import ReportChannel
     from harness.check.profiles import get_profile
     from harness.check.properties import find_property
+    from harness.check.run_property import FAIL, Target, run_property
     from harness.check.support_probe import discover_support
+    from harness.isolation import FATAL_EXIT_STATUS, child_report, is_fatal
     from harness.registry import resolve
 
-    channel = ReportChannel()
+    report = child_report(args.report)
     target = Target(args.impl, resolve(args.impl))
     support = discover_support(target.impl, args.device)
     profile = get_profile(args.profile, args.max_examples)
     for property_id in args.properties:
-        channel.send({"started": property_id})
+        report.send({"started": property_id})
         if property_id == SUPPORT_ITEM:
-            channel.send({"item": SUPPORT_ITEM, "support": support.to_json()})
+            report.send({"item": SUPPORT_ITEM, "support": support.to_json()})
             continue
         prop = find_property(property_id)
 
-        def announce(case, property_id=property_id) -> None:
-            channel.send({"started": property_id, "case": str(case)})
+        def announce(case) -> None:
+            report.send({"case": str(case)})
 
         result = run_property(target, prop, support, profile, args.device, on_case=announce)
-        channel.send({"item": property_id, **dataclasses.asdict(result)})
+        report.send({"item": property_id, **dataclasses.asdict(result)})
+        if result.status == FAIL and is_fatal(result.detail):
+            return FATAL_EXIT_STATUS
     return 0
 
 

@@ -4,8 +4,8 @@
 - ``presets``: what a sweep without case files runs, chosen from the machine (GPU or CPU);
 - ``command``: the command line: runs the plan, builds the report;
 - ``plan``: what a sweep will do (also when resumed), and its ``meta.json``;
-- ``runner``: runs the (case, implementation) jobs one by one and appends their rows;
-- ``isolation``: one child process per job, with a time limit and a memory limit;
+- ``runner``: runs the (case, implementation) jobs one by one, each in a child process of its own
+  (``harness.isolation``: a time limit and a memory limit), and appends their rows;
 - ``worker``: the child process itself; ``measure``: timing and peak memory inside it;
 - ``rows``: a job's outcome as rows of the results table, with the derived figures;
 - ``distributed``: ``torchrun`` support (cases spread over GPUs, one run).

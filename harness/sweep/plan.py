@@ -14,6 +14,7 @@ from rich.console import Console
 
 from harness.environment import host_environment, memory_bytes
 from harness.errors import HarnessError
+from harness.isolation import child_environment
 from harness.results import MODES, new_run_dir, read_meta, write_json_atomic
 from harness.spec import DTYPES
 from harness.sweep.cases import canonical_case_argument, load_cases, with_dtypes
@@ -21,7 +22,7 @@ from harness.sweep.distributed import Ranks, visible_device_for
 from harness.sweep.measure import TimingSettings
 from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
 from harness.sweep.rows import Job
-from harness.sweep.runner import SweepSettings, child_environment, job_modes, measure_environment, plan_jobs
+from harness.sweep.runner import SweepSettings, job_modes, measure_environment, plan_jobs
 
 EXPLICIT_CASES_TIMEOUT_S = 600  # per (case, implementation) when case files are given
 MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.isolation import ChildOutcome
 from harness.results import METRICS
 from harness.case import Case
 from harness.sweep.cases import SweepCase
-from harness.sweep.isolation import ChildOutcome
 
 
 RATED_MODES = ("forward", "forward_backward")  # modes whose matmul work is well defined
@@ -64,6 +64,8 @@ def mode_results(outcome: ChildOutcome, modes: list[str]) -> dict[str, dict]:
             reason = f"not measured: {reason} during {running}"
         elif running is not None:
             reason = f"{reason} during {mode}"
+        elif started and outcome.failure is not None:  # it ended between modes: it stopped itself
+            reason = f"not measured: {reason} in an earlier mode"
         results[mode] = {"status": status, "reason": reason}
     return results
 

@@ -7,8 +7,7 @@ already done, and ``resume`` skips exactly those (whatever their status).
 from __future__ import annotations
 
 import collections
-import os
-import sys
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +23,10 @@ from rich.progress import (
 )
 
 from harness.errors import HarnessError
+from harness.isolation import ChildOutcome, Limits, run_child
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
-from harness.environment import PROJECT_ROOT
 from harness.sweep.cases import SweepCase
-from harness.sweep.isolation import run_isolated
 from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
 
@@ -102,38 +100,31 @@ def declared_unsupported(job: Job, device: str) -> str | None:
     return job.case.case.unsupported_reason(resolve(job.reference), device)
 
 
-def torchrun_launcher(reference: str, settings: SweepSettings) -> list[str] | None:
-    """For an implementation that runs as P ranks (the ``distributed`` family, which names its
-    rank module), the torchrun command that starts them; None for the others."""
-    module = getattr(resolve(reference), "torchrun_module", None)
-    if module is None:
-        return None
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(settings.world_size), "-m", module]
-
-
 def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
     """(case, implementation) pairs that already have rows in a run, whatever their status."""
     rows = read_rows(run_dir)
     return set(zip(rows["case"].astype(str), rows["implementation"].astype(str)))
 
 
-def child_environment(cuda_visible_devices: str | None) -> dict[str, str]:
-    """The children's environment: the project (and the current directory, for plugins) importable."""
-    env = dict(os.environ)
-    paths = [str(PROJECT_ROOT), os.getcwd(), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys(paths) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    if cuda_visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
-    return env
+def run_job(job: dict, settings: SweepSettings, reference: str | None = None) -> ChildOutcome:
+    """One job in a fresh ``harness.sweep.worker`` process, within the sweep's limits.
+
+    An implementation that runs as P ranks (the ``distributed`` family) names its own job module
+    (``torchrun_module``), which becomes torchrun in the same process: the limits cover its ranks.
+    """
+    limits = Limits(timeout_s=settings.timeout_s, max_memory_bytes=settings.max_memory_bytes)
+    module = None if reference is None else getattr(resolve(reference), "torchrun_module", None)
+    if module is not None:
+        job = {**job, "world_size": settings.world_size}
+        return run_child(module, [f"--nproc-per-node={settings.world_size}"], limits=limits,
+                         stdin=json.dumps(job), env=settings.child_env)
+    return run_child("harness.sweep.worker", [], limits=limits, stdin=json.dumps(job), env=settings.child_env)
 
 
 def measure_environment(settings: SweepSettings, dtypes: list[str]) -> dict:
     """The device's description and matmul rate per dtype, measured in a child like a case."""
     job = {"kind": "environment", "device": settings.device, "dtypes": dtypes, "timing": settings.timing.to_json()}
-    outcome = run_isolated(job, timeout_s=settings.timeout_s, max_memory_bytes=settings.max_memory_bytes,
-                           env=settings.child_env)
+    outcome = run_job(job, settings)
     for message in outcome.messages:
         if message.get("event") == "environment":
             return message
@@ -199,16 +190,7 @@ def run_jobs(
             }
             reason = declared_unsupported(job, settings.device)
             if reason is None:
-                launcher = torchrun_launcher(job.reference, settings)
-                if launcher is not None:
-                    payload["world_size"] = settings.world_size
-                outcome = run_isolated(
-                    payload,
-                    timeout_s=settings.timeout_s,
-                    max_memory_bytes=settings.max_memory_bytes,
-                    env=settings.child_env,
-                    launcher=launcher,
-                )
+                outcome = run_job(payload, settings, reference=job.reference)
                 results, seconds = mode_results(outcome, modes), outcome.seconds
             else:  # known without starting a process
                 results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}

@@ -1,11 +1,14 @@
 """The sweep's job for a vocab-parallel implementation, one process per rank under torchrun.
 
-    torchrun --standalone --nproc-per-node P -m implementations.vocab_parallel.torchrun RESULT_FILE JOB_FILE
+    python -m implementations.vocab_parallel.torchrun REPORT_FILE --nproc-per-node=P   (job on stdin)
 
-``harness.sweep.runner`` starts it (through ``python -m torch.distributed.run``) instead of
-``harness.sweep.worker`` for an implementation of the ``distributed`` family. The job is the
-worker's (``harness.sweep.worker``), plus ``world_size``; rank 0 appends the same events to
-RESULT_FILE, so a job's rows look like any other's. Every rank builds the case's inputs from the
+``harness.sweep.runner`` starts it, as a child of ``harness.isolation``, instead of
+``harness.sweep.worker`` for an implementation of the ``distributed`` family. It writes the job
+beside REPORT_FILE and becomes (``exec``) ``torchrun --standalone --nproc-per-node P -m
+implementations.vocab_parallel.torchrun REPORT_FILE JOB_FILE`` in the same process, so the
+sweep's time limit and group kill reach every rank. The job is the worker's
+(``harness.sweep.worker``), plus ``world_size``; rank 0 sends the same events to REPORT_FILE, so
+a job's rows look like any other's. Every rank builds the case's inputs from the
 same seed, keeps its own shard of the head and frees the rest before anything is measured. Then,
 per mode, the ranks run the rank-side computation (``vocab_parallel.ranks``) directly, without
 the pool and the autograd wrapper the gate uses:
@@ -39,7 +42,7 @@ from harness.registry import resolve
 from harness.case import Case, make_inputs
 from harness.sweep.cases import SweepCase
 from harness.sweep.measure import QUANTILES, TimingSettings, peak_memory
-from harness.sweep.worker import ResultFile, classify
+from harness.isolation import Report, child_report, classify
 from implementations.vocab_parallel.ranks import CommCounter, Group, Request, compute
 
 GROUP_TIMEOUT = dt.timedelta(minutes=30)  # a large case's first call may take minutes on a CPU
@@ -129,7 +132,7 @@ def combine(per_rank: list[dict], world_size: int) -> dict:
     return metrics
 
 
-def run(job: dict, out: ResultFile | None) -> int:
+def run(job: dict, out: Report | None) -> int:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if job["device"] == "cuda" else torch.device("cpu")
     where = Group(rank, world_size, dist.group.WORLD, device)
@@ -139,7 +142,7 @@ def run(job: dict, out: ResultFile | None) -> int:
 
     def emit(**message) -> None:
         if out is not None:
-            out.emit(**message)
+            out.send(message)
 
     try:
         forward, forward_backward = _request(impl, case, rank, world_size, device.type)
@@ -174,9 +177,21 @@ def run(job: dict, out: ResultFile | None) -> int:
     return 0
 
 
+def _become_torchrun(report_path: str, world_size: int) -> None:
+    """The sweep's child (job on stdin) hands over to torchrun, in this same process."""
+    child_report(report_path)  # die with the sweep, as every child does
+    job_path = f"{report_path}.job.json"
+    with open(job_path, "w") as handle:
+        handle.write(sys.stdin.read())
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={world_size}", "-m", __spec__.name, report_path, job_path])
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[2].startswith("--nproc-per-node="):
+        _become_torchrun(argv[1], int(argv[2].partition("=")[2]))
     if len(argv) != 3:
-        print("usage: torchrun --nproc-per-node P -m implementations.vocab_parallel.torchrun RESULT_FILE JOB_FILE",
+        print("usage: python -m implementations.vocab_parallel.torchrun REPORT_FILE --nproc-per-node=P (job on stdin)",
               file=sys.stderr)
         return 2
     with open(argv[2]) as handle:
@@ -187,7 +202,7 @@ def main(argv: list[str]) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
     try:
-        return run(job, ResultFile(argv[1]) if dist.get_rank() == 0 else None)
+        return run(job, Report(argv[1]) if dist.get_rank() == 0 else None)
     finally:
         dist.destroy_process_group()
 
