@@ -15,7 +15,7 @@ import torch
 from harness.errors import HarnessError, UnsupportedCase
 from harness.model import TinyLM
 from harness.registry import builtin_names, resolve, resolve_many
-from harness.semantics import reference_loss, reference_result
+from harness.semantics import loss_from_logits, reference_loss, reference_result
 from harness.spec import OPTION_DECLARATIONS, OPTIONS, LossSpec
 
 BUILTINS = ("torch-eager", "torch-compile", "torch-linear-ce", "chunked", "liger", "cce")
@@ -157,6 +157,22 @@ class TestReference:
         with_z = reference_loss(hidden, weight, labels, LossSpec(z_loss_multiplier=0.1))
         torch.testing.assert_close(with_z.loss, plain + with_z.z_loss)
         assert with_z.z_loss > 0
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_without_z_loss_no_logsumexp_is_computed_and_the_z_loss_is_zeros(self, reduction, monkeypatch):
+        """torch-eager and torch-compile run this code: a logsumexp for a z-loss multiplied by 0 would be
+        one more N x V pass and buffer in the baseline's time and memory."""
+        hidden, weight, _, labels = make_inputs()
+        logits = (hidden @ weight.T).float()
+        calls = []
+        logsumexp = torch.logsumexp
+        monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(a[0].shape) or logsumexp(*a, **k))
+        out = loss_from_logits(logits, labels, LossSpec(reduction=reduction))
+        assert calls == []
+        assert out.z_loss.shape == out.loss.shape and out.z_loss.dtype == torch.float32
+        assert bool((out.z_loss == 0).all())
+        loss_from_logits(logits, labels, LossSpec(reduction=reduction, z_loss_multiplier=0.1))
+        assert calls == [logits.shape]
 
     def test_mean_with_class_weights_divides_by_their_sum(self):
         hidden, weight, _, labels = make_inputs()
