@@ -325,3 +325,29 @@ def test_an_option_an_adapter_does_not_list_is_unsupported_with_a_reason():
     assert reasons["softcap"] == "no kernel"
     assert "declares it supports" in reasons["ignore_index"]
     assert "bias" not in reasons
+
+
+class TestCutCrossEntropyOnCuda:
+    """cut-cross-entropy 25.1.1's CUDA backward asserts bfloat16 or float16 embeddings; its CPU
+    torch_compile impl takes float32. A fake CUDA capability stands in for the GPU."""
+
+    @pytest.fixture
+    def fake_cuda(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    @pytest.mark.parametrize("name", ["cce", "cce-exact"])
+    def test_float32_is_declared_unsupported_on_cuda_only(self, name, fake_cuda):
+        impl = available(name)
+        spec = LossSpec()
+        assert impl.unsupported_reason(spec, dtype=torch.float32, device="cuda", has_bias=False) == (
+            f"{name} does not support float32 on cuda")
+        for dtype in (torch.bfloat16, torch.float16):
+            assert impl.unsupported_reason(spec, dtype=dtype, device="cuda", has_bias=False) is None
+        assert torch.float32 in impl.capabilities("cpu").dtypes
+
+    def test_its_known_cpu_failures_are_not_expected_on_cuda(self):
+        from harness.check.known_failures import known_failures, known_limitations
+
+        assert [k.properties for k in known_limitations("cce", "cpu")] == [("autograd/retain-graph",)]
+        assert known_limitations("cce", "cuda") == ()
+        assert known_failures("cce", "cuda") == ()
