@@ -23,6 +23,8 @@ COMMANDS = {
     "report": ("harness.report.command", "build the dashboard (plots, HTML, Markdown) for runs"),
     "compare": ("harness.report.compare", "regression gate: compare two runs' time and memory"),
 }
+# Commands that run implementations on this machine's device.
+DEVICE_COMMANDS = ("list", "check", "sweep")
 # The extra that provides what each command imports beyond the core dependencies.
 EXTRAS = {"check": "test", "report": "report", "compare": "report"}
 
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    if args.command in DEVICE_COMMANDS:
+        # A CUDA build of torch that sees no GPU would otherwise fall back to the CPU in silence.
+        from harness.environment import warn_if_gpu_missing
+
+        warn_if_gpu_missing()
     try:
         return importlib.import_module(args.module).run(args)
     except HarnessError as exc:
