@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-time", type=float, metavar="SECONDS",
                         help="time spent on timed repetitions per mode (default: the preset's)")
     parser.add_argument("--min-repeats", type=int, metavar="N",
-                        help="on a CPU, time at least N repetitions per mode (default: the preset's)")
+                        help="time at least N repetitions per mode, however slow a call (default: the preset's)")
     parser.add_argument("--nproc-per-node", type=int, metavar="P",
                         help="ranks of each job of a distributed (vocab-parallel) implementation, started with "
                              "torchrun --nproc-per-node P (default: 2)")
