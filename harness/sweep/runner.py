@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
 
 FAILURE_STATUSES = ("oom", "timeout", "crash", "error")
+# Each job compiles into caches of its own, so its first_call is a cold compilation whatever ran
+# before it: with shared caches it read cold for the first job to compile a kernel and warm for the
+# next ones, depending on the order of the jobs. Recorded in meta.json.
+COMPILE_CACHES = "per job: first_call includes cold Triton and inductor compilation"
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,12 @@ def child_environment(cuda_visible_devices: str | None) -> dict[str, str]:
     return env
 
 
+def job_environment(env: dict[str, str], cache_dir: str) -> dict[str, str]:
+    """``env`` with Triton's and inductor's on-disk caches in ``cache_dir`` (one per job)."""
+    return {**env, "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton"),
+            "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir, "inductor")}
+
+
 def measure_environment(settings: SweepSettings, dtypes: list[str]) -> dict:
     """The device's description and matmul rate per dtype, measured in a child like a case."""
     job = {"kind": "environment", "device": settings.device, "dtypes": dtypes, "timing": settings.timing.to_json()}
@@ -202,13 +213,14 @@ def run_jobs(
                 launcher = torchrun_launcher(job.reference, settings)
                 if launcher is not None:
                     payload["world_size"] = settings.world_size
-                outcome = run_isolated(
-                    payload,
-                    timeout_s=settings.timeout_s,
-                    max_memory_bytes=settings.max_memory_bytes,
-                    env=settings.child_env,
-                    launcher=launcher,
-                )
+                with tempfile.TemporaryDirectory(prefix="lmhead-bench-job-") as cache_dir:
+                    outcome = run_isolated(
+                        payload,
+                        timeout_s=settings.timeout_s,
+                        max_memory_bytes=settings.max_memory_bytes,
+                        env=job_environment(settings.child_env, cache_dir),
+                        launcher=launcher,
+                    )
                 results, seconds = mode_results(outcome, modes), outcome.seconds
             else:  # known without starting a process
                 results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}
