@@ -78,6 +78,13 @@ options = { softcap = 30, bias = true }
     assert cases[0].case.describe_options() == "reduction=mean, softcap=30.0, bias"
 
 
+def test_an_entry_measures_random_or_peaked_logits_and_names_the_peaked_ones(tmp_path):
+    path = write(tmp_path, "[[case]]\nname = 'x'\nvocab = 64\ndim = 8\ntokens = 4\ndtypes = ['float32']\n"
+                           "logits = ['random', 'peaked']\n", name="logits.toml")
+    cases = {case.name: case.case.logits for case in load_cases([str(path)])}
+    assert cases == {"x/N=4/float32": "random", "x/peaked/N=4/float32": "peaked"}
+
+
 def test_file_entry_filter_keeps_only_the_named_entries():
     cases = load_cases(["models:llama3-8b,gemma2-2b"])
     assert {case.entry for case in cases} == {"llama3-8b", "gemma2-2b"}
@@ -119,6 +126,8 @@ def test_lower_bound_and_logits_sizes_follow_the_definitions():
          "entry 'x': 'modes' must be"),
         ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\n"
          "[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']", "entry 'x': the name is used twice"),
+        ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\nlogits = 'sharp'",
+         "entry 'x': 'logits' must be among random, peaked"),
         ("[[case]]\nvocab = 8", "entry 1: 'name' must be"),
         ("title = 'x'", "unknown top-level key 'title'"),
         ("description = 'nothing'", "no [[case]] entries"),

@@ -7,7 +7,7 @@ import torch
 
 from harness.errors import HarnessError, UnsupportedCase
 from harness.registry import resolve
-from harness.results import DISTRIBUTED_METRICS, METRICS, ROW_COLUMNS
+from harness.results import DISTRIBUTED_METRICS, METRICS, ROW_COLUMNS, RowWriter, read_rows
 from harness.case import Case, make_inputs
 from harness.sweep.cases import SweepCase
 from harness.sweep.distributed import Ranks, ranks_from_environment, shard, visible_device_for
@@ -182,3 +182,18 @@ def test_each_timed_repetition_is_one_call_between_its_events_from_reset_gradien
     assert times == [1.0, 2.0, 3.0, 4.0]
     assert seen == [True] * 4 and flushes == [0, 1, 2, 3] and synchronized == [4]
     assert quantiles(times) == [2.5, pytest.approx(1.6), pytest.approx(3.4)]
+
+
+def test_rows_record_the_inputs_logits_and_runs_from_before_the_column_read_as_random(tmp_path):
+    job = Job(case=SweepCase("tiny/peaked/N=64/float32", "tiny", tiny_case(logits="peaked")),
+              implementation="torch-eager", reference="torch-eager")
+    rows = job_rows(job, {"forward": {"status": "unsupported", "reason": "r"}}, run_id="r", device="cpu",
+                    matmul_tflops={})
+    assert [row["logits"] for row in rows] == ["peaked"]
+
+    old = [column for column in ROW_COLUMNS if column != "logits"]
+    (tmp_path / "rows.csv").write_text(",".join(old) + "\n" + ",".join("x" if c == "case" else "" for c in old) + "\n")
+    RowWriter(tmp_path / "rows.csv").append([{**rows[0], "logits": "random"}])  # --resume of an older run
+    read = read_rows(tmp_path)
+    assert list(read["logits"]) == ["random", "random"]
+    assert list(read["case"]) == ["x", "tiny/peaked/N=64/float32"]  # appended under the file's own header
