@@ -7,7 +7,7 @@ import pytest
 from harness.errors import HarnessError
 from harness.case import Case, OptionValues
 from harness.sweep.cases import CASES_DIR, SweepCase, load_case_file, load_cases, with_dtypes
-from harness.sweep.presets import CPU_PRESET, GPU_PRESET, DeviceDescription, choose_preset
+from harness.sweep.presets import CPU_PRESET, GPU_FULL_PRESET, GPU_PRESET, PRESETS, DeviceDescription, choose_preset
 
 # The real model heads the issue asks for: name -> (vocab, hidden, tied).
 MODEL_HEADS = {
@@ -152,11 +152,27 @@ def test_unknown_entry_in_filter_is_named():
         load_cases(["models:llama9"])
 
 
-def test_gpu_machine_gets_the_real_model_shapes_and_cpu_machine_the_scaled_down_preset():
+def test_gpu_machine_gets_the_smoke_preset_and_cpu_machine_the_scaled_down_one():
     gpu = choose_preset(DeviceDescription(kind="cuda", name="NVIDIA H100 80GB HBM3", memory_bytes=80 * 2**30))
     cpu = choose_preset(DeviceDescription(kind="cpu", name="AMD EPYC"))
     assert gpu is GPU_PRESET and cpu is CPU_PRESET
-    gpu_cases = load_cases(list(gpu.case_files))
+    assert PRESETS["gpu-full"] is GPU_FULL_PRESET
+
+
+def test_the_gpu_smoke_preset_holds_the_cce_table_1_head_llama3_and_one_long_case_in_a_few_dozen_jobs():
+    cases = load_cases(list(GPU_PRESET.case_files))
+    shapes = {(c.case.vocab, c.case.dim, c.case.num_tokens, c.case.option("softcap"), c.case.logits) for c in cases}
+    assert {(256000, 2304, 8192, None, "random"), (256000, 2304, 8192, 30.0, "random"),
+            (256000, 2304, 8192, 30.0, "peaked"), (128256, 4096, 8192, None, "random")} <= shapes
+    assert [c.case.num_tokens for c in cases].count(16384) == 1
+    assert {c.case.dtype for c in cases} == {"bfloat16"}
+    jobs = sum(len(c.implementations) for c in cases)  # each entry names its implementations
+    assert jobs <= 30  # ~15 s a process (start, cold compilation): the 8 minutes of the budget
+    assert GPU_PRESET.timeout_s * 4 <= 600  # one hanging job leaves most of a ten-minute command
+
+
+def test_the_full_gpu_preset_has_every_real_model_shape():
+    gpu_cases = load_cases(list(GPU_FULL_PRESET.case_files))
     assert set(MODEL_HEADS) <= {case.entry for case in gpu_cases}
     assert min(case.case.num_tokens for case in gpu_cases if case.entry in MODEL_HEADS) >= 4096
     assert {case.case.dtype for case in gpu_cases} == {"bfloat16"}

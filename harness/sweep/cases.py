@@ -142,7 +142,7 @@ class _EntryReader:
         value = self.table.get("implementations", default)
         if value is None:
             return None
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
             self.fail(f"'implementations' must be a non-empty list of names, got {value!r}")
         return tuple(value)
 
