@@ -14,6 +14,9 @@ a new option needs no change here.
 the requested ignore pattern), class weights and the upstream gradient of per-token losses. With
 ``tied=1`` the hidden states come from a ``TinyLM`` whose head weight is its embedding, so the
 weight gradient is the sum of both paths. With ``strided=1`` every input is a non-contiguous view.
+With ``logits=peaked`` each hidden state leans toward its label's row of the head, so the softmax
+is peaked at the label as in a trained model (a loss of about ``PEAKED_LOSS`` nats), where the
+default ``random`` gives near-uniform logits (a loss of about ln V).
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from harness.model import TinyLM
 from harness.spec import DTYPES, OPTION_BY_NAME, OPTION_DECLARATIONS, OPTIONS, REDUCTIONS, LossSpec, parse_dtype, parse_flag
 
 IGNORE_PATTERNS = ("none", "some", "all")
+LOGIT_MODES = ("random", "peaked")  # the distribution of the logits (see make_inputs)
+# The loss, in nats, that "peaked" inputs aim at: a language model's in training is about 2-3.
+# Gradient filtering (Cut Cross-Entropy's) skips the classes whose softmax is negligible, which
+# depends on this: on random inputs every class has about the same small probability.
+PEAKED_LOSS = 2.5
 GRADIENT_INPUTS = ("hidden", "weight", "bias")
 
 # Share of tokens ignored by the "some" pattern (at least one is, and at least one is not).
@@ -83,6 +91,7 @@ class Case:
     chunk: int | None = None  # the implementation's chunk size (None: its default)
     keep: int = 0  # logits_to_keep of the logits path (0: every position)
     strided: bool = False  # inputs are non-contiguous views (see make_inputs)
+    logits: str = "random"  # random (near-uniform softmax) or peaked at the labels (see make_inputs)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +107,10 @@ class Case:
         unknown = [g for g in self.grads if g not in GRADIENT_INPUTS]
         if unknown or not self.grads:
             raise HarnessError(f"case grads must be a '+'-joined subset of {'+'.join(GRADIENT_INPUTS)}, got {self.grads}")
+        if self.logits not in LOGIT_MODES:
+            raise HarnessError(f"case logits must be one of {', '.join(LOGIT_MODES)}, got {self.logits!r}")
+        if self.tied and self.logits != "random":
+            raise HarnessError("a tied case takes its hidden states from a model: logits=peaked needs tied=0")
         if self.tied and self.strided:
             raise HarnessError("a tied case takes its hidden states from a model: strided=1 needs tied=0")
         if self.tied and set(self.grads) != set(GRADIENT_INPUTS):
@@ -188,6 +201,7 @@ _FIELD_KEYS = {
     "chunk": ("chunk", lambda v: None if v.lower() == "none" else int(v)),
     "keep": ("keep", int),
     "strided": ("strided", parse_flag),
+    "logits": ("logits", str),
     "seed": ("seed", int),
 }
 _OPTION_KEYS = {key: option for option in OPTION_DECLARATIONS for key in (option.name, *option.aliases)}
@@ -354,12 +368,14 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
     if draw_on_device:
         if reference:
             raise HarnessError("inputs drawn on the device have no reference copy: use draw_on_device=False")
-        hidden, weight, bias = _draw_on_device(case, device, has_bias)
+        hidden, weight, bias = _draw_on_device(case, device, has_bias, labels)
     else:
         work_dtype = torch.float64 if reference else dtype
         hidden = torch.randn(*case.tokens, case.dim, generator=generator, dtype=torch.float64)
         weight = torch.randn(case.vocab, case.dim, generator=generator, dtype=torch.float64) * (case.scale / case.dim**0.5)
         bias = torch.randn(case.vocab, generator=generator, dtype=torch.float64) * (case.scale / 2) if has_bias else None
+        if case.logits == "peaked":
+            hidden = peaked_hidden(hidden, weight, labels, case)
         # Round to the case's dtype first, so the reference sees exactly the candidate's inputs.
         hidden, weight = (t.to(dtype).to(device, work_dtype) for t in (hidden, weight))
         bias = None if bias is None else bias.to(dtype).to(device, work_dtype)
@@ -374,18 +390,40 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
     return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs)
 
 
-def _draw_on_device(case: Case, device: str, has_bias: bool):
+def _draw_on_device(case: Case, device: str, has_bias: bool, labels: torch.Tensor):
     """Hidden states, head and bias with the distributions of the CPU draw, in float32 on ``device``."""
     generator = torch.Generator(device=device).manual_seed(case.seed)
 
     def draw(*shape, std):
-        values = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
-        return (values * std).to(case.torch_dtype)
+        return torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * std
 
     hidden = draw(*case.tokens, case.dim, std=1.0)
     weight = draw(case.vocab, case.dim, std=case.scale / case.dim**0.5)
     bias = draw(case.vocab, std=case.scale / 2) if has_bias else None
-    return hidden, weight, bias
+    if case.logits == "peaked":
+        hidden = peaked_hidden(hidden, weight, labels, case)
+    return tuple(None if t is None else t.to(case.torch_dtype) for t in (hidden, weight, bias))
+
+
+def peaked_margin(vocab: int, scale: float) -> float:
+    """How far above the others a target logit must lie for a loss of about ``PEAKED_LOSS`` nats.
+
+    The other V - 1 logits are about normal with standard deviation ``scale``, so their softmax
+    mass relative to the target's is about (V - 1) exp(scale^2 / 2 - margin); the loss is the log
+    of one plus that. A vocabulary too small to reach that loss gets no margin.
+    """
+    return max(0.0, math.log(vocab - 1) + scale**2 / 2 - math.log(math.expm1(PEAKED_LOSS)))
+
+
+def peaked_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, case: Case) -> torch.Tensor:
+    """``hidden`` moved along its label's row of the head, so that its target logit gains
+    ``peaked_margin``; the hidden states of ignored tokens are left as they are."""
+    ignore_index = case.option("ignore_index")
+    labels = labels.to(hidden.device)
+    kept = (labels != ignore_index) & (labels >= 0) & (labels < case.vocab)
+    rows = weight[labels.clamp(0, case.vocab - 1)]
+    step = peaked_margin(case.vocab, case.scale) * kept.to(hidden.dtype) / rows.square().sum(-1)
+    return hidden + step.unsqueeze(-1) * rows
 
 
 def strided_copy(tensor: torch.Tensor) -> torch.Tensor:

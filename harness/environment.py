@@ -29,6 +29,29 @@ def local_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def missing_gpu() -> str | None:
+    """One line when torch is a CUDA build but sees no GPU (None otherwise).
+
+    Everything then falls back quietly to the CPU: the harness turns on Triton's interpreter, and
+    ``sweep`` picks the CPU preset. On a machine meant to measure a GPU that is a wasted run, so
+    the commands print this loudly and ``meta.json`` records it (``gpu_missing``).
+    """
+    if torch.version.cuda is None or torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "check the driver with nvidia-smi"
+    return (f"WARNING: torch {torch.__version__} is a CUDA build (CUDA {torch.version.cuda}) but sees no GPU "
+            f"({hint}): running on the CPU, Triton kernels through its interpreter")
+
+
+def warn_if_gpu_missing() -> str | None:
+    """Print ``missing_gpu()``'s line on stderr, if any, and return it."""
+    warning = missing_gpu()
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+    return warning
+
+
 def package_versions() -> dict[str, str | None]:
     versions = {}
     for name in PACKAGES:
@@ -91,6 +114,7 @@ def host_environment(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "host_memory_bytes": memory_bytes("MemTotal"),
         "packages": package_versions(),
+        "gpu_missing": missing_gpu(),
         **git_commit(),
     }
 

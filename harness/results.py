@@ -47,6 +47,7 @@ ROW_COLUMNS = (
     "dtype",
     "tied",
     "options",  # LossSpec.describe() plus ", bias" when a bias is used
+    "logits",  # the inputs: random (near-uniform softmax) or peaked (harness.case.make_inputs)
     "implementation",
     "mode",  # forward | forward_backward | backward
     "metric",  # see METRICS, or "status" for a case that produced no numbers
@@ -56,6 +57,9 @@ ROW_COLUMNS = (
     "reason",
     "device",
 )
+
+# Columns added after runs were committed, with the value every row of an older run had.
+COLUMNS_ADDED_SINCE = {"logits": "random"}
 
 # Only distributed implementations' jobs (torchrun) have these; their peak_memory is the largest rank's.
 DISTRIBUTED_METRICS = {
@@ -131,14 +135,19 @@ class RowWriter:
     def append(self, rows: list[dict]) -> None:
         if not rows:
             return
-        with open(self.path, "a", newline="") as handle:
+        with open(self.path, "a+", newline="") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             new_file = handle.tell() == 0
-            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="raise")
+            columns = self.columns
+            if not new_file:  # a resumed older run keeps its own header (see COLUMNS_ADDED_SINCE)
+                handle.seek(0)
+                columns = tuple(next(csv.reader(handle)))
+                handle.seek(0, os.SEEK_END)
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             for row in rows:
-                writer.writerow({column: row.get(column, "") for column in self.columns})
+                writer.writerow({column: row.get(column, "") for column in columns})
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -148,15 +157,19 @@ def read_rows(run_dir: Path) -> pd.DataFrame:
     path = Path(run_dir) / "rows.csv"
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(ROW_COLUMNS))
-    text_columns = ("run_id", "case", "shape", "dtype", "options", "implementation", "mode", "metric", "unit",
-                    "status", "reason", "device")
+    text_columns = ("run_id", "case", "shape", "dtype", "options", "logits", "implementation", "mode", "metric",
+                    "unit", "status", "reason", "device")
     # Text columns are read as text, empty as "": a column that is empty in every row stays a string.
-    return pd.read_csv(
+    rows = pd.read_csv(
         path,
         dtype={column: str for column in text_columns},
         keep_default_na=False,
         na_values={column: [""] for column in ROW_COLUMNS if column not in text_columns},
     )
+    for column, value in COLUMNS_ADDED_SINCE.items():
+        if column not in rows.columns:
+            rows[column] = value
+    return rows
 
 
 def read_meta(run_dir: Path) -> dict:

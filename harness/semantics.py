@@ -46,7 +46,10 @@ def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec)
         label_smoothing=spec.label_smoothing,
     )
     valid = labels != spec.ignore_index
-    z_per_token = spec.z_loss_multiplier * torch.logsumexp(logits, dim=-1).square() * valid
+    if spec.z_loss_multiplier:
+        z_per_token = spec.z_loss_multiplier * torch.logsumexp(logits, dim=-1).square() * valid
+    else:  # no logsumexp: it is another N x V pass and buffer, which torch-eager's figures would carry
+        z_per_token = logits.new_zeros(logits.shape[:-1])
     if spec.reduction == "none":
         z_loss = z_per_token
     elif spec.reduction == "sum":

@@ -13,13 +13,14 @@ import shutil
 
 import torch
 
-from harness.adapter import Availability, Capabilities, Implementation
+from harness.adapter import ALL_DTYPES, Availability, Capabilities, Implementation
 from harness.spec import LossOutput
 from implementations.torch_native import RECOMPILE_LIMIT
 
 PACKAGE_HINT = "pip install 'lmhead-bench[cce]'"
 
 SUPPORTED = ("ignore_index", "softcap", "loss_div_factor")  # loss_div_factor: applied by the harness
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
 UNSUPPORTED = {
     "bias": "cut-cross-entropy 25.1 has no bias input",
     "label_smoothing": "cut-cross-entropy 25.1 has no label smoothing",
@@ -54,7 +55,10 @@ class CutCrossEntropy(Implementation):
         return Availability(True, "its 'torch_compile' impl (no GPU here: its Triton kernels need CUDA)")
 
     def capabilities(self, device):
-        return Capabilities(supported_options=SUPPORTED, unsupported_options=dict(UNSUPPORTED))
+        # On CUDA its Triton kernels' backward asserts bfloat16 or float16 embeddings (25.1.1:
+        # "Backwards requires embeddings to be bf16 or fp16"); its CPU torch_compile impl takes float32.
+        dtypes = CUDA_DTYPES if device == "cuda" else ALL_DTYPES
+        return Capabilities(dtypes=dtypes, supported_options=SUPPORTED, unsupported_options=dict(UNSUPPORTED))
 
     def compute(self, hidden, weight, labels, spec, bias):
         from cut_cross_entropy import linear_cross_entropy

@@ -122,3 +122,19 @@ class Counting(Implementation):
 def not_implemented(hidden, weight, labels, **options):
     """A plain loss function that supports nothing: every case is unsupported."""
     raise NotImplementedError("this test function implements no loss")
+
+
+class ReportsCompileCaches(Implementation):
+    """Refuses every case, naming the compile caches its process was given, and whether they were empty."""
+
+    name = "test-compile-caches"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        from harness.errors import UnsupportedCase
+
+        caches = [os.environ.get(key, "") for key in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")]
+        empty = not any(Path(cache).exists() and any(Path(cache).iterdir()) for cache in caches)
+        Path(caches[1]).mkdir(parents=True, exist_ok=True)
+        (Path(caches[1]) / "compiled").write_text("as a compiler would leave it")
+        raise UnsupportedCase(f"caches {' '.join(caches)} empty={empty}")

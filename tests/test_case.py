@@ -1,13 +1,16 @@
 """A case is one line that determines every input tensor: what failures print and --case reads."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 
-from harness.case import Case, format_case, make_inputs, parse_case
+from harness.case import PEAKED_LOSS, Case, format_case, make_inputs, parse_case
 from harness.check.strategies import cases
 from harness.check.support_probe import Support
 from harness.errors import HarnessError
+from harness.semantics import reference_loss
 from harness.spec import OPTIONS
 
 EVERYTHING = Support(True, ("float32", "bfloat16", "float16"), ("mean", "sum", "none"), frozenset(OPTIONS))
@@ -46,6 +49,8 @@ def test_three_d_inputs_are_written_as_batch_and_time():
         ("N=7,D=5,V=9,ignored=most", "ignored must be one of"),
         ("N=7,D=5,V=9,tied=1,grads=hidden", "tied=1"),
         ("N=7,D=5,V=9,tied=1,strided=1", "strided=1 needs tied=0"),
+        ("N=7,D=5,V=9,logits=sharp", "logits must be one of random, peaked"),
+        ("N=7,D=5,V=9,tied=1,logits=peaked", "logits=peaked needs tied=0"),
         ("N=7,D,V=9", "expected key=value"),
     ],
 )
@@ -117,3 +122,32 @@ def test_some_ignored_never_ignores_every_token():
     for seed in range(50):
         labels = make_inputs(Case.build(tokens=(1,), dim=2, vocab=5, ignored="some", seed=seed)).labels
         assert (labels != -100).any()
+
+
+@pytest.mark.parametrize("draw_on_device", [False, True])
+def test_peaked_logits_give_a_training_like_loss_where_random_ones_are_near_uniform(draw_on_device):
+    """Random inputs give a loss of about ln V (nothing for gradient filtering to tell apart);
+    peaked ones lean each hidden state toward its label's row, for a loss of about 2.5 nats."""
+    case = Case(tokens=(256,), dim=256, vocab=32000, dtype="bfloat16", ignored="some", seed=5)
+
+    def loss(case):
+        inputs = make_inputs(case, draw_on_device=draw_on_device)
+        return float(reference_loss(inputs.hidden, inputs.weight, inputs.labels, inputs.spec).loss.detach())
+
+    assert loss(case) > math.log(32000)
+    assert abs(loss(case.replace(logits="peaked")) - PEAKED_LOSS) < 0.5
+
+
+def test_peaked_inputs_move_only_the_hidden_states_of_tokens_not_ignored():
+    case = Case(tokens=(64,), dim=16, vocab=128, ignored="some", seed=2)
+    random, peaked = make_inputs(case), make_inputs(case.replace(logits="peaked"))
+    ignored = random.labels == -100
+    assert torch.equal(random.weight, peaked.weight) and torch.equal(random.labels, peaked.labels)
+    assert torch.equal(random.hidden[ignored], peaked.hidden[ignored])
+    assert not (random.hidden[~ignored] == peaked.hidden[~ignored]).all(dim=-1).any()
+
+
+def test_the_default_logits_are_random_and_the_one_line_form_says_so_only_otherwise():
+    assert Case(tokens=(3,), dim=2, vocab=9).logits == "random"
+    case = parse_case("N=3,D=2,V=9,logits=peaked,seed=0")
+    assert str(case) == "N=3,D=2,V=9,dtype=float32,reduction=mean,logits=peaked,seed=0"

@@ -5,6 +5,8 @@ one edge case is recorded as such without losing the others (each implementation
 run in a child process).
 """
 
+import torch
+
 from harness.check.behaviour import EDGE_CASE_IDS, EDGE_CASES, probe, run_behaviour
 from harness.cli import main
 from harness.isolation import Limits
@@ -62,3 +64,33 @@ def test_a_kernel_that_kills_its_process_fails_the_property_it_crashed_in_with_a
     assert out.count("crash: killed by SIGABRT at tests/broken_impls.py:") == 2, "each crashes in its own process"
     assert "--case 'N=1,D=1,V=2,dtype=float32" in out
 
+
+class OnTheGpu(torch.Tensor):
+    """Stands in for a GPU tensor on this CPU machine: only ``.cpu()`` gives a plain tensor."""
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_the_reference_is_computed_from_cpu_copies_whatever_the_implementations_device(monkeypatch):
+    """On a GPU the implementation gets CUDA tensors and the float64 reference their CPU copies (a
+    reference on the GPU would meet CPU labels, and would not be the reference)."""
+    from harness.check import behaviour
+
+    def on_the_gpu(device):
+        inputs = EDGES["nan-in-hidden"].build(device)
+        return behaviour._edge_inputs(inputs.hidden.as_subclass(OnTheGpu), inputs.weight.as_subclass(OnTheGpu),
+                                      inputs.labels.as_subclass(OnTheGpu), inputs.spec)
+
+    seen = []
+    reference_loss = behaviour.reference_loss
+
+    def spy(*tensors_and_spec):
+        seen.extend(type(t) for t in tensors_and_spec[:3])
+        return reference_loss(*tensors_and_spec)
+
+    monkeypatch.setattr(behaviour, "reference_loss", spy)
+    edge = behaviour.EdgeCase("gpu-inputs", "the inputs of nan-in-hidden, on a (stand-in) GPU", on_the_gpu)
+    behaviour_text, detail = probe(resolve("torch-eager"), edge, "cpu")
+    assert seen == [torch.Tensor] * 3
+    assert behaviour_text == "loss nan; grads nan" and "reference nan" in detail

@@ -15,7 +15,7 @@ import torch
 from harness.errors import HarnessError, UnsupportedCase
 from harness.model import TinyLM
 from harness.registry import builtin_names, resolve, resolve_many
-from harness.semantics import reference_loss, reference_result
+from harness.semantics import loss_from_logits, reference_loss, reference_result
 from harness.spec import OPTION_DECLARATIONS, OPTIONS, LossSpec
 
 BUILTINS = ("torch-eager", "torch-compile", "torch-linear-ce", "chunked", "liger", "cce")
@@ -157,6 +157,22 @@ class TestReference:
         with_z = reference_loss(hidden, weight, labels, LossSpec(z_loss_multiplier=0.1))
         torch.testing.assert_close(with_z.loss, plain + with_z.z_loss)
         assert with_z.z_loss > 0
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_without_z_loss_no_logsumexp_is_computed_and_the_z_loss_is_zeros(self, reduction, monkeypatch):
+        """torch-eager and torch-compile run this code: a logsumexp for a z-loss multiplied by 0 would be
+        one more N x V pass and buffer in the baseline's time and memory."""
+        hidden, weight, _, labels = make_inputs()
+        logits = (hidden @ weight.T).float()
+        calls = []
+        logsumexp = torch.logsumexp
+        monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(a[0].shape) or logsumexp(*a, **k))
+        out = loss_from_logits(logits, labels, LossSpec(reduction=reduction))
+        assert calls == []
+        assert out.z_loss.shape == out.loss.shape and out.z_loss.dtype == torch.float32
+        assert bool((out.z_loss == 0).all())
+        loss_from_logits(logits, labels, LossSpec(reduction=reduction, z_loss_multiplier=0.1))
+        assert calls == [logits.shape]
 
     def test_mean_with_class_weights_divides_by_their_sum(self):
         hidden, weight, _, labels = make_inputs()
@@ -309,3 +325,29 @@ def test_an_option_an_adapter_does_not_list_is_unsupported_with_a_reason():
     assert reasons["softcap"] == "no kernel"
     assert "declares it supports" in reasons["ignore_index"]
     assert "bias" not in reasons
+
+
+class TestCutCrossEntropyOnCuda:
+    """cut-cross-entropy 25.1.1's CUDA backward asserts bfloat16 or float16 embeddings; its CPU
+    torch_compile impl takes float32. A fake CUDA capability stands in for the GPU."""
+
+    @pytest.fixture
+    def fake_cuda(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    @pytest.mark.parametrize("name", ["cce", "cce-exact"])
+    def test_float32_is_declared_unsupported_on_cuda_only(self, name, fake_cuda):
+        impl = available(name)
+        spec = LossSpec()
+        assert impl.unsupported_reason(spec, dtype=torch.float32, device="cuda", has_bias=False) == (
+            f"{name} does not support float32 on cuda")
+        for dtype in (torch.bfloat16, torch.float16):
+            assert impl.unsupported_reason(spec, dtype=dtype, device="cuda", has_bias=False) is None
+        assert torch.float32 in impl.capabilities("cpu").dtypes
+
+    def test_its_known_cpu_failures_are_not_expected_on_cuda(self):
+        from harness.check.known_failures import known_failures, known_limitations
+
+        assert [k.properties for k in known_limitations("cce", "cpu")] == [("autograd/retain-graph",)]
+        assert known_limitations("cce", "cuda") == ()
+        assert known_failures("cce", "cuda") == ()

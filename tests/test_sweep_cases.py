@@ -7,7 +7,7 @@ import pytest
 from harness.errors import HarnessError
 from harness.case import Case, OptionValues
 from harness.sweep.cases import CASES_DIR, SweepCase, load_case_file, load_cases, with_dtypes
-from harness.sweep.presets import CPU_PRESET, GPU_PRESET, DeviceDescription, choose_preset
+from harness.sweep.presets import CPU_PRESET, GPU_FULL_PRESET, GPU_PRESET, PRESETS, DeviceDescription, choose_preset
 
 # The real model heads the issue asks for: name -> (vocab, hidden, tied).
 MODEL_HEADS = {
@@ -80,6 +80,13 @@ options = { softcap = 30, bias = true }
     assert cases[0].case.describe_options() == "reduction=mean, softcap=30.0, bias"
 
 
+def test_an_entry_measures_random_or_peaked_logits_and_names_the_peaked_ones(tmp_path):
+    path = write(tmp_path, "[[case]]\nname = 'x'\nvocab = 64\ndim = 8\ntokens = 4\ndtypes = ['float32']\n"
+                           "logits = ['random', 'peaked']\n", name="logits.toml")
+    cases = {case.name: case.case.logits for case in load_cases([str(path)])}
+    assert cases == {"x/N=4/float32": "random", "x/peaked/N=4/float32": "peaked"}
+
+
 def test_file_entry_filter_keeps_only_the_named_entries():
     cases = load_cases(["models:llama3-8b,gemma2-2b"])
     assert {case.entry for case in cases} == {"llama3-8b", "gemma2-2b"}
@@ -121,6 +128,8 @@ def test_lower_bound_and_logits_sizes_follow_the_definitions():
          "entry 'x': 'modes' must be"),
         ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\n"
          "[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']", "entry 'x': the name is used twice"),
+        ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\nlogits = 'sharp'",
+         "entry 'x': 'logits' must be among random, peaked"),
         ("[[case]]\nvocab = 8", "entry 1: 'name' must be"),
         ("title = 'x'", "unknown top-level key 'title'"),
         ("description = 'nothing'", "no [[case]] entries"),
@@ -145,11 +154,27 @@ def test_unknown_entry_in_filter_is_named():
         load_cases(["models:llama9"])
 
 
-def test_gpu_machine_gets_the_real_model_shapes_and_cpu_machine_the_scaled_down_preset():
+def test_gpu_machine_gets_the_smoke_preset_and_cpu_machine_the_scaled_down_one():
     gpu = choose_preset(DeviceDescription(kind="cuda", name="NVIDIA H100 80GB HBM3", memory_bytes=80 * 2**30))
     cpu = choose_preset(DeviceDescription(kind="cpu", name="AMD EPYC"))
     assert gpu is GPU_PRESET and cpu is CPU_PRESET
-    gpu_cases = load_cases(list(gpu.case_files))
+    assert PRESETS["gpu-full"] is GPU_FULL_PRESET
+
+
+def test_the_gpu_smoke_preset_holds_the_cce_table_1_head_llama3_and_one_long_case_in_a_few_dozen_jobs():
+    cases = load_cases(list(GPU_PRESET.case_files))
+    shapes = {(c.case.vocab, c.case.dim, c.case.num_tokens, c.case.option("softcap"), c.case.logits) for c in cases}
+    assert {(256000, 2304, 8192, None, "random"), (256000, 2304, 8192, 30.0, "random"),
+            (256000, 2304, 8192, 30.0, "peaked"), (128256, 4096, 8192, None, "random")} <= shapes
+    assert [c.case.num_tokens for c in cases].count(16384) == 1
+    assert {c.case.dtype for c in cases} == {"bfloat16"}
+    jobs = sum(len(c.implementations) for c in cases)  # each entry names its implementations
+    assert jobs <= 30  # ~15 s a process (start, cold compilation): the 8 minutes of the budget
+    assert GPU_PRESET.timeout_s * 4 <= 600  # one hanging job leaves most of a ten-minute command
+
+
+def test_the_full_gpu_preset_has_every_real_model_shape():
+    gpu_cases = load_cases(list(GPU_FULL_PRESET.case_files))
     assert set(MODEL_HEADS) <= {case.entry for case in gpu_cases}
     assert min(case.case.num_tokens for case in gpu_cases if case.entry in MODEL_HEADS) >= 4096
     assert {case.case.dtype for case in gpu_cases} == {"bfloat16"}

@@ -230,3 +230,18 @@ def test_meta_records_the_arguments_that_resume_needs(tmp_path):
         assert key in meta, key
     json.dumps(meta)  # plain data
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the sweep put the handler back
+
+
+def test_each_job_compiles_into_empty_caches_of_its_own_so_first_call_is_always_cold(tmp_path):
+    results = tmp_path / "results"
+    argv = ["sweep", str(case_file(tmp_path, tokens=(8, 16))), "--impl", f"{PLUGINS}:ReportsCompileCaches",
+            "--mode", "forward", "--results-dir", str(results), *QUICK]
+    assert main(argv) == 0
+    run = only_run(results)
+    reasons = sorted(read_rows(run)["reason"])
+    assert len(reasons) == 2 and all(reason.endswith("empty=True") for reason in reasons)
+    triton, inductor = reasons[0].split()[1:3]
+    assert triton.endswith("/triton") and inductor.endswith("/inductor")
+    assert reasons[0].split()[1] != reasons[1].split()[1]  # the second job does not see the first's
+    assert not Path(inductor).exists()  # removed with its job
+    assert read_meta(run)["compile_caches"].startswith("per job")

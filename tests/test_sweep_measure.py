@@ -8,11 +8,11 @@ import torch
 from harness.errors import HarnessError, UnsupportedCase
 from harness.isolation import ChildOutcome, classify
 from harness.registry import resolve
-from harness.results import DISTRIBUTED_METRICS, METRICS, ROW_COLUMNS
+from harness.results import DISTRIBUTED_METRICS, METRICS, ROW_COLUMNS, RowWriter, read_rows
 from harness.case import Case, make_inputs
 from harness.sweep.cases import SweepCase
 from harness.sweep.distributed import Ranks, ranks_from_environment, shard, visible_device_for
-from harness.sweep.measure import TimingSettings, measure_mode
+from harness.sweep.measure import MIN_CALL_SECONDS, TimingSettings, measure_mode, quantiles, repetitions, time_with_events
 from harness.sweep.rows import Job, derived_metrics, job_rows, mode_results
 
 QUICK = TimingSettings(measure_time=0.01, min_repeats=2)
@@ -143,3 +143,56 @@ def test_ranks_come_from_torchrun_environment_and_share_jobs_round_robin():
 def test_each_rank_sees_only_its_own_gpu():
     assert visible_device_for(1, {}) == "1"
     assert visible_device_for(1, {"CUDA_VISIBLE_DEVICES": "4,5"}) == "5"
+
+
+def test_slow_calls_get_min_repeats_and_fast_ones_fill_the_measure_time():
+    """A GPU call of 300 ms with 100 ms to measure gets 5 repetitions, not one: p20 and p80 stay a spread."""
+    assert repetitions(call_seconds=0.3, seconds=0.1, minimum=5) == 5
+    assert repetitions(call_seconds=0.001, seconds=0.1, minimum=5) == 100
+    assert repetitions(call_seconds=0.0, seconds=0.1, minimum=1) == repetitions(MIN_CALL_SECONDS, 0.1, 1)  # a timer that read 0
+    assert repetitions(call_seconds=0.3, seconds=0.025, minimum=0) == 1  # warm-up
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event: records a step counter, so elapsed times are exact."""
+
+    clock = [0]
+
+    def record(self):
+        self.at = self.clock[0]
+
+    def elapsed_time(self, end):
+        return float(end.at - self.at)
+
+
+def test_each_timed_repetition_is_one_call_between_its_events_from_reset_gradients_after_the_flush():
+    leaf = torch.zeros(2, requires_grad=True)
+    seen = []
+
+    def call():
+        seen.append(leaf.grad is None)
+        leaf.grad = torch.ones(2)  # a call leaves gradients behind
+        FakeEvent.clock[0] += len(seen)  # the k-th call takes k steps
+
+    flushes = []
+    synchronized = []
+    times = time_with_events(call, [leaf], 4, event=FakeEvent, before=lambda: flushes.append(len(seen)),
+                             synchronize=lambda: synchronized.append(len(seen)))
+    assert times == [1.0, 2.0, 3.0, 4.0]
+    assert seen == [True] * 4 and flushes == [0, 1, 2, 3] and synchronized == [4]
+    assert quantiles(times) == [2.5, pytest.approx(1.6), pytest.approx(3.4)]
+
+
+def test_rows_record_the_inputs_logits_and_runs_from_before_the_column_read_as_random(tmp_path):
+    job = Job(case=SweepCase("tiny/peaked/N=64/float32", "tiny", tiny_case(logits="peaked")),
+              implementation="torch-eager", reference="torch-eager")
+    rows = job_rows(job, {"forward": {"status": "unsupported", "reason": "r"}}, run_id="r", device="cpu",
+                    matmul_tflops={})
+    assert [row["logits"] for row in rows] == ["peaked"]
+
+    old = [column for column in ROW_COLUMNS if column != "logits"]
+    (tmp_path / "rows.csv").write_text(",".join(old) + "\n" + ",".join("x" if c == "case" else "" for c in old) + "\n")
+    RowWriter(tmp_path / "rows.csv").append([{**rows[0], "logits": "random"}])  # --resume of an older run
+    read = read_rows(tmp_path)
+    assert list(read["logits"]) == ["random", "random"]
+    assert list(read["case"]) == ["x", "tiny/peaked/N=64/float32"]  # appended under the file's own header

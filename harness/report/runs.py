@@ -32,7 +32,7 @@ from harness.results import (
 MODES_BY_PREFERENCE = tuple(sorted(MODES, key=lambda mode: mode != "forward_backward"))
 
 # What identifies one measured case; everything but the implementation and the metric.
-CASE_COLUMNS = ["case", "shape", "vocab", "hidden", "tokens", "dtype", "tied", "options"]
+CASE_COLUMNS = ["case", "shape", "vocab", "hidden", "tokens", "dtype", "tied", "options", "logits"]
 MEASUREMENT_KEY = ["run", "device", *CASE_COLUMNS, "implementation", "mode"]
 
 
@@ -114,7 +114,7 @@ def _read_optional_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 def _with_run_and_keys(run: Run) -> pd.DataFrame:
     rows = run.rows.copy()
     rows["run"] = run.name
-    for column in ("case", "shape", "dtype", "tied", "options", "implementation", "mode", "device"):
+    for column in ("case", "shape", "dtype", "tied", "options", "logits", "implementation", "mode", "device"):
         rows[column] = rows[column].fillna("").astype(str)
     for column in ("vocab", "hidden", "tokens"):
         rows[column] = pd.to_numeric(rows[column], errors="coerce")

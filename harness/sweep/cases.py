@@ -15,13 +15,14 @@ one LM-head shape (or a family of shapes). Example::
     tied = true                      # head weight shared with the embedding (recorded; the
                                      # head's own cost does not depend on it)
     options = { softcap = 30.0 }     # options by name (harness.spec.OPTION_DECLARATIONS) and reduction
+    # logits = ["random", "peaked"]  # the inputs' logits (harness.case.make_inputs); default random
     # modes = ["forward_backward"]   # default: every mode the sweep measures
     note = "google/gemma-2-2b config.json"
 
-``vocab``, ``dim``, ``tokens`` and ``dtypes`` may each be one value or a list; an entry expands
-to every combination, so a sweep over V is one entry with a list of vocabularies. Each resulting
-case is named ``<name>[/V=..][/D=..]/N=<tokens>/<dtype>`` (V and D appear when the entry varies
-them), and that name is unique within a sweep.
+``vocab``, ``dim``, ``tokens``, ``dtypes`` and ``logits`` may each be one value or a list; an entry
+expands to every combination, so a sweep over V is one entry with a list of vocabularies. Each
+resulting case is named ``<name>[/V=..][/D=..][/peaked]/N=<tokens>/<dtype>`` (V and D appear when
+the entry varies them, the logits when they are not random), and that name is unique within a sweep.
 
 Every problem is reported as one ``HarnessError`` naming the file, the entry and the key.
 """
@@ -38,7 +39,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
-from harness.case import Case, OptionValues, format_case, parse_case
+from harness.case import LOGIT_MODES, Case, OptionValues, format_case, parse_case
 from harness.errors import HarnessError
 from harness.results import MODES
 from harness.spec import DTYPES, OPTION_DECLARATIONS, REDUCTIONS
@@ -49,8 +50,8 @@ CASES_DIR = PROJECT_ROOT / "cases"
 INPUT_SEED = 1234
 
 FILE_KEYS = ("description", "tokens", "dtypes", "implementations", "case")
-ENTRY_KEYS = ("name", "vocab", "dim", "hidden", "tokens", "dtypes", "tied", "options", "implementations", "modes",
-              "note")
+ENTRY_KEYS = ("name", "vocab", "dim", "hidden", "tokens", "dtypes", "logits", "tied", "options", "implementations",
+              "modes", "note")
 # Keys a case file's ``options`` table takes: the options and their older names, and the reduction.
 OPTION_KEYS = ("reduction", *(key for option in OPTION_DECLARATIONS for key in (option.name, *option.aliases)))
 
@@ -130,11 +131,18 @@ class _EntryReader:
             self.fail(f"'dtypes' must be among {', '.join(DTYPES)}, got {value!r}")
         return values
 
+    def logits(self) -> list[str]:
+        value = self.table.get("logits", "random")
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v not in LOGIT_MODES for v in values):
+            self.fail(f"'logits' must be among {', '.join(LOGIT_MODES)} (or a list of them), got {value!r}")
+        return values
+
     def implementations(self, default) -> tuple[str, ...] | None:
         value = self.table.get("implementations", default)
         if value is None:
             return None
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
             self.fail(f"'implementations' must be a non-empty list of names, got {value!r}")
         return tuple(value)
 
@@ -207,6 +215,7 @@ def load_case_file(path: Path) -> list[SweepCase]:
         dims = reader.positive_ints("hidden" if "hidden" in entry else "dim")
         tokens = reader.positive_ints("tokens", default_tokens)
         dtypes = reader.dtypes(default_dtypes)
+        logit_modes = reader.logits()
         tied = entry.get("tied", False)
         if not isinstance(tied, bool):
             reader.fail(f"'tied' must be true or false, got {tied!r}")
@@ -215,16 +224,18 @@ def load_case_file(path: Path) -> list[SweepCase]:
         reduction, options = reader.options()
         implementations = reader.implementations(default_impls)
         modes = reader.modes()
-        for vocab, dim, n, dtype in itertools.product(vocabs, dims, tokens, dtypes):
+        for vocab, dim, logits, n, dtype in itertools.product(vocabs, dims, logit_modes, tokens, dtypes):
             parts = [name]
             if len(vocabs) > 1:
                 parts.append(f"V={vocab}")
             if len(dims) > 1:
                 parts.append(f"D={dim}")
+            if logits != "random":  # the names of random cases stay those of runs made before peaked existed
+                parts.append(logits)
             parts += [f"N={n}", dtype]
             try:
                 case = Case(tokens=(n,), dim=dim, vocab=vocab, dtype=dtype, reduction=reduction, options=options,
-                            seed=INPUT_SEED)
+                            logits=logits, seed=INPUT_SEED)
             except HarnessError as exc:  # the options' own range checks (e.g. softcap > 0)
                 reader.fail(str(exc))
             cases.append(SweepCase("/".join(parts), name, case, tied, implementations, modes, where))

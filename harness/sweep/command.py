@@ -54,11 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: the preset's, or {EXPLICIT_CASES_TIMEOUT_S} s with CASES)")
     parser.add_argument("--max-memory", type=float, metavar="GIB",
                         help="stop a case whose process holds more resident host memory than this and record "
-                             f"it as oom (default: {MEMORY_LIMIT_FRACTION:.0%} of the memory available at start; 0: no limit)")
+                             f"it as oom (default: {MEMORY_LIMIT_FRACTION * 100:.0f}%% of the memory available at start; 0: no limit)")
     parser.add_argument("--measure-time", type=float, metavar="SECONDS",
                         help="time spent on timed repetitions per mode (default: the preset's)")
     parser.add_argument("--min-repeats", type=int, metavar="N",
-                        help="on a CPU, time at least N repetitions per mode (default: the preset's)")
+                        help="time at least N repetitions per mode, however slow a call (default: the preset's)")
     parser.add_argument("--nproc-per-node", type=int, metavar="P",
                         help="ranks of each job of a distributed (vocab-parallel) implementation, started with "
                              "torchrun --nproc-per-node P (default: 2)")

@@ -11,9 +11,11 @@ Modes (what one timed call does):
   that refuse a retained graph (PyTorch's chunked path, Cut Cross-Entropy's compiled path) get
   ``unsupported`` for this mode with their own message as the reason.
 
-Time: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed before each repetition, its own
-warm-up); on a CPU ``torch.utils.benchmark.Timer.blocked_autorange`` (wall clock, all of torch's
-threads), with at least ``min_repeats`` repetitions. Gradients are reset to None between
+Time: on a GPU, CUDA events around each repetition, the L2 cache flushed before each, as
+``triton.testing.do_bench`` does, but with the number of repetitions decided here
+(``repetitions``): do_bench's ``rep`` is a time, which gives a slow case one or two repetitions
+and so no spread (p20 = p80 = median). On a CPU ``torch.utils.benchmark.Timer.blocked_autorange``
+(wall clock, all of torch's threads). Both time at least ``min_repeats`` repetitions. Gradients are reset to None between
 repetitions, outside the timed region. The first call of each mode in the process, which pays
 for compilation and autotuning, is timed on its own as ``first_call``.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +43,19 @@ from harness.adapter import Implementation
 from harness.case import Inputs
 from harness.errors import UnsupportedCase
 from harness.spec import DTYPES
+
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
+L2_FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench
+MIN_CALL_SECONDS = 1e-6  # a call's estimated time is at least this (a timer can read 0)
 
 
 @dataclass(frozen=True)
 class TimingSettings:
     """How long to time each mode.
 
-    ``measure_time``: seconds of timed repetitions (CPU: ``min_run_time``; GPU: do_bench's ``rep``).
-    ``min_repeats``: on a CPU, time at least this many repetitions however long a call takes.
-    ``gpu_warmup``: seconds of do_bench warm-up (after the separately timed first call).
+    ``measure_time``: seconds of timed repetitions.
+    ``min_repeats``: time at least this many repetitions however long a call takes.
+    ``gpu_warmup``: seconds of untimed warm-up on a GPU (after the separately timed first call).
     """
 
     measure_time: float = 1.0
@@ -104,22 +110,48 @@ def time_first_call(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def repetitions(call_seconds: float, seconds: float, minimum: int) -> int:
+    """How many calls of ``call_seconds`` to time: enough to fill ``seconds``, never fewer than ``minimum``."""
+    return max(minimum, math.ceil(seconds / max(call_seconds, MIN_CALL_SECONDS)))
+
+
+def quantiles(times_ms: list[float]) -> list[float]:
+    """Median, p20 and p80 of the repetitions' times."""
+    return [float(q) for q in np.quantile(times_ms, QUANTILES)]
+
+
+def time_with_events(fn, reset, count: int, *, event, before=lambda: None, synchronize=lambda: None) -> list[float]:
+    """Milliseconds of ``count`` calls, each between two events from ``event()`` (CUDA events on a
+    GPU), with the gradients in ``reset`` set to None and ``before()`` run ahead of each, untimed."""
+    pairs = [(event(), event()) for _ in range(count)]
+    for start, end in pairs:
+        for tensor in reset:
+            tensor.grad = None
+        before()
+        start.record()
+        fn()
+        end.record()
+    synchronize()
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
+def _time_cuda(fn, reset, timing: TimingSettings, call_seconds: float) -> list[float]:
+    # Every repetition reads its operands from memory, not from an L2 left warm by the previous one.
+    l2_flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    def event():
+        return torch.cuda.Event(enable_timing=True)
+
+    time_with_events(fn, reset, repetitions(call_seconds, timing.gpu_warmup, 0), event=event,
+                     before=l2_flush.zero_, synchronize=torch.cuda.synchronize)
+    count = repetitions(call_seconds, timing.measure_time, timing.min_repeats)
+    return time_with_events(fn, reset, count, event=event, before=l2_flush.zero_, synchronize=torch.cuda.synchronize)
+
+
 def time_repeated(fn, reset, device: str, timing: TimingSettings, call_seconds: float) -> list[float]:
     """Median, p20 and p80 of one call, in milliseconds (warm: the first call is already done)."""
     if device.startswith("cuda"):
-        import triton.testing
-
-        # do_bench resets the gradients (grad_to_none) and flushes the L2 cache before each
-        # repetition, outside its CUDA events.
-        return list(
-            triton.testing.do_bench(
-                fn,
-                warmup=timing.gpu_warmup * 1000,
-                rep=timing.measure_time * 1000,
-                grad_to_none=reset,
-                quantiles=list(QUANTILES),
-            )
-        )
+        return quantiles(_time_cuda(fn, reset, timing, call_seconds))
     from torch.utils.benchmark import Timer
 
     leaves = reset
@@ -140,7 +172,7 @@ def time_repeated(fn, reset, device: str, timing: TimingSettings, call_seconds: 
     )
     min_run_time = max(timing.measure_time, timing.min_repeats * call_seconds)
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return [float(q) * 1000 for q in np.quantile(measurement.times, QUANTILES)]
+    return quantiles([t * 1000 for t in measurement.times])
 
 
 class _ResidentMemory:

@@ -22,7 +22,7 @@ from harness.sweep.distributed import Ranks, visible_device_for
 from harness.sweep.measure import TimingSettings
 from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
 from harness.sweep.rows import Job
-from harness.sweep.runner import SweepSettings, job_modes, measure_environment, plan_jobs
+from harness.sweep.runner import COMPILE_CACHES, SweepSettings, job_modes, measure_environment, plan_jobs
 
 EXPLICIT_CASES_TIMEOUT_S = 600  # per (case, implementation) when case files are given
 MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start
@@ -174,6 +174,7 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         "preset": plan.preset,
         "modes": list(settings.modes),
         "timing": settings.timing.to_json(),
+        "compile_caches": COMPILE_CACHES,
         "timeout_s": settings.timeout_s,
         "max_memory_bytes": settings.max_memory_bytes,
         "world_size": ranks.world_size,

@@ -1,7 +1,10 @@
 """What ``python -m harness sweep`` with no case files measures, chosen from the machine it finds.
 
-- A CUDA GPU: the real model heads of ``cases/models.toml`` at training token counts, plus the
-  vocabulary and token sweeps, in bfloat16 (``gpu`` preset).
+- A CUDA GPU: ``cases/gpu_smoke.toml``, the CCE paper's Table 1 head (Gemma 2 2B at N = 8192,
+  with and without its softcap, random and peaked inputs), Llama-3 8B and one N = 16384 case, in
+  bfloat16, sized for one ten-minute command (``gpu`` preset). ``gpu-full`` is every real model
+  head of ``cases/models.toml`` at 4096-16384 tokens plus the vocabulary and token sweeps: about
+  250 jobs, most of an hour on one H100.
 - CPU only: ``cases/cpu_preset.toml``, the same kinds of shapes scaled down so that the whole
   sweep, process start-up and compilation included, finishes in a few minutes (``cpu`` preset).
 """
@@ -33,10 +36,20 @@ class Preset:
 
 GPU_PRESET = Preset(
     name="gpu",
+    case_files=("gpu_smoke",),
+    # A job that hangs must not take the ten minutes: the slowest expected (torch-compile, cold
+    # caches, Gemma 2's head) compiles in well under this.
+    timeout_s=150,
+    timing=TimingSettings(measure_time=0.1, min_repeats=5, gpu_warmup=0.025),
+    summary="the CCE paper's Table 1 head, Gemma-2 with softcap, Llama-3 8B in bfloat16 (about 8 minutes)",
+)
+
+GPU_FULL_PRESET = Preset(
+    name="gpu-full",
     case_files=("models", "sweep_vocab", "sweep_tokens"),
     timeout_s=600,
     timing=TimingSettings(measure_time=0.1, min_repeats=5, gpu_warmup=0.025),
-    summary="real model heads at 4096-16384 tokens and V/N sweeps in bfloat16",
+    summary="real model heads at 4096-16384 tokens and V/N sweeps in bfloat16 (most of an hour)",
 )
 
 CPU_PRESET = Preset(
@@ -52,4 +65,4 @@ def choose_preset(device: DeviceDescription) -> Preset:
     """The GPU preset on a CUDA device, the CPU preset otherwise."""
     return GPU_PRESET if device.kind == "cuda" else CPU_PRESET
 
-PRESETS = {preset.name: preset for preset in (GPU_PRESET, CPU_PRESET)}
+PRESETS = {preset.name: preset for preset in (GPU_PRESET, GPU_FULL_PRESET, CPU_PRESET)}

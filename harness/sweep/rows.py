@@ -104,6 +104,7 @@ def job_rows(
         "dtype": case.dtype,
         "tied": job.case.tied,
         "options": case.describe_options(),
+        "logits": case.logits,
         "implementation": job.implementation,
         "device": device,
     }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,10 @@ from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
 
 FAILURE_STATUSES = ("oom", "timeout", "crash", "error")
+# Each job compiles into caches of its own, so its first_call is a cold compilation whatever ran
+# before it: with shared caches it read cold for the first job to compile a kernel and warm for the
+# next ones, depending on the order of the jobs. Recorded in meta.json.
+COMPILE_CACHES = "per job: first_call includes cold Triton and inductor compilation"
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,10 @@ def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
     return set(zip(rows["case"].astype(str), rows["implementation"].astype(str)))
 
 
-def run_job(job: dict, settings: SweepSettings, reference: str | None = None) -> ChildOutcome:
-    """One job in a fresh ``harness.sweep.worker`` process, within the sweep's limits.
+def run_job(job: dict, settings: SweepSettings, reference: str | None = None,
+            env: dict[str, str] | None = None) -> ChildOutcome:
+    """One job in a fresh ``harness.sweep.worker`` process, within the sweep's limits (``env``: the
+    child's environment, the sweep's by default).
 
     An implementation that runs as P ranks (the ``distributed`` family) names its own job module
     (``torchrun_module``), which becomes torchrun in the same process: the limits cover its ranks.
@@ -117,8 +125,14 @@ def run_job(job: dict, settings: SweepSettings, reference: str | None = None) ->
     if module is not None:
         job = {**job, "world_size": settings.world_size}
         return run_child(module, [f"--nproc-per-node={settings.world_size}"], limits=limits,
-                         stdin=json.dumps(job), env=settings.child_env)
-    return run_child("harness.sweep.worker", [], limits=limits, stdin=json.dumps(job), env=settings.child_env)
+                         stdin=json.dumps(job), env=env or settings.child_env)
+    return run_child("harness.sweep.worker", [], limits=limits, stdin=json.dumps(job), env=env or settings.child_env)
+
+
+def job_environment(env: dict[str, str], cache_dir: str) -> dict[str, str]:
+    """``env`` with Triton's and inductor's on-disk caches in ``cache_dir`` (one per job)."""
+    return {**env, "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton"),
+            "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir, "inductor")}
 
 
 def measure_environment(settings: SweepSettings, dtypes: list[str]) -> dict:
@@ -190,7 +204,9 @@ def run_jobs(
             }
             reason = declared_unsupported(job, settings.device)
             if reason is None:
-                outcome = run_job(payload, settings, reference=job.reference)
+                with tempfile.TemporaryDirectory(prefix="lmhead-bench-job-") as cache_dir:
+                    outcome = run_job(payload, settings, reference=job.reference,
+                                      env=job_environment(settings.child_env, cache_dir))
                 results, seconds = mode_results(outcome, modes), outcome.seconds
             else:  # known without starting a process
                 results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}
