@@ -12,7 +12,7 @@ import shlex
 
 import pytest
 
-from harness.check import gate
+from harness.check import run_property as run_property_module
 from harness.check.run_property import FAIL, Target, run_property
 from harness.check.profiles import get_profile
 from harness.check.properties import find_property
@@ -164,7 +164,7 @@ def _statuses(out_dir) -> dict[str, str]:
 def test_a_drawn_case_that_loses_the_cuda_context_is_the_reproducer_and_nothing_runs_after_it(monkeypatch):
     """Hypothesis would shrink the failure, on a context where every case now fails the same way,
     and print a case that never failed on its own; the check stops at the first one instead."""
-    monkeypatch.setattr(gate, "fitted_examples", lambda *args: [])  # drawn cases only
+    monkeypatch.setattr(run_property_module, "fitted_examples", lambda *args: [])  # drawn cases only
     impl = LosesItsCudaContext()  # its own, so that the plugin's lost context stays in this test
     announced = []
     result = run_property(Target("lost", impl), find_property("equivalence/float16"), discover_support(impl, "cpu"),

@@ -1,7 +1,7 @@
 """Each property of the gate, shown on correct implementations (they pass) and on a plugin with
 the one bug the property exists to catch (it fails, naming what differs).
 
-Cases are given in the one-line form a failure prints, and run through ``gate.run_case``, the
+Cases are given in the one-line form a failure prints, and run through ``run_property.run_case``, the
 same path as ``python -m harness check --case``.
 """
 
