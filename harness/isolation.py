@@ -135,6 +135,12 @@ def _die_with_parent() -> None:
 # --- the parent's side ------------------------------------------------------------------------------
 
 
+# The default memory limit of the children of one run: this share of the memory available when
+# it starts, divided among the processes that run children side by side (check's --jobs, the
+# sweep's torchrun ranks), so that a runaway child is stopped before the machine swaps.
+MEMORY_LIMIT_FRACTION = 0.9
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a child may use before it is stopped."""

@@ -59,7 +59,7 @@ from harness.check.support_probe import Support, discover_support
 from harness.check.worker import SUPPORT_ITEM
 from harness.errors import HarnessError
 from harness.environment import local_device
-from harness.isolation import Limits, child_environment, run_items
+from harness.isolation import MEMORY_LIMIT_FRACTION, Limits, child_environment, run_items
 from harness.registry import builtin_names, resolve
 from harness.results import (
     BEHAVIOUR_COLUMNS,
@@ -73,7 +73,6 @@ from harness.results import (
 )
 from harness.environment import device_environment, host_environment, memory_bytes
 
-MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start, over --jobs
 STATUS_STYLE = {PASS: "green", FAIL: "bold red", KNOWN_FAILURE: "yellow", UNSUPPORTED: "dim", NOT_APPLICABLE: "dim"}
 
 
@@ -113,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-memory", type=float, metavar="GIB",
         help="stop a process that holds more resident host memory than this, failing its property as oom "
-        f"(default: {MEMORY_LIMIT_FRACTION:.0%} of the memory available at start, shared among --jobs; 0: no limit)",
+        f"(default: {MEMORY_LIMIT_FRACTION * 100:.0f}%% of the memory available at start, shared among --jobs; 0: no limit)",
     )
     parser.add_argument(
         "--in-process", action="store_true",

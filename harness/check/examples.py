@@ -3,7 +3,7 @@
 They are built to principles, not to a list of known bugs, so that even the smallest (ci) run
 reaches the structure of a real kernel:
 
-- **every option alone and every pair of options, in every dtype**: the bugs of composing two
+- **every option alone, every pair of options and all of them at once in each reduction, in every dtype**: the bugs of composing two
   options (in the wrong order, one normalised by the other's weights, one applied to tokens the
   other masks) show only when both are on. Some tokens are ignored in every one of them, never
   all: a case whose outputs are all exactly zero checks nothing. Option values are the strong ones
@@ -74,7 +74,10 @@ def equivalence_examples(dtype: str) -> list[Case]:
     pairs = list(itertools.combinations(OPTIONS, 2))
     for i, options in enumerate(singles + pairs):
         cases.append(_option_case(options, i, dtype, seed + 100 + i))
-    cases.append(_option_case(OPTIONS, 1, dtype, seed + 200))
+    # All of them at once in each reduction: a normaliser of one option applied to another (the
+    # mean's class-weight sum to the smoothing or the z-loss) shows only in mean, and with both on.
+    for k in range(len(REDUCTIONS)):
+        cases.append(_option_case(OPTIONS, k, dtype, seed + 200 + 10 * k))
     cases.append(Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtype, tied=True, bias=True, z_loss=1e-2,
                       ignored="some", seed=seed + 201))
     return cases

@@ -180,7 +180,7 @@ def allowed_error(
     each side, None when torch-eager itself is judged)."""
     roundings = output_roundings(name, case.option("loss_div_factor") != 1)
     return allowance(eager_errors, expected, terms, case.torch_dtype, out_dtypes, summation_lengths(case, name),
-                     roundings)
+                     roundings, inherited=case.tied)
 
 
 def compare_to_reference(

@@ -26,6 +26,10 @@ Why each part:
   it). A reduced loss is one number whose error torch-eager may get small by luck: its
   yardstick is at least the root-sum-square of torch-eager's per-token errors, the size that
   error has on average (``harness.check.properties.reduced_loss_yardstick``).
+- **Inputs computed in the dtype.** A tied model's hidden states are computed in d (the reference
+  computes them in float64), so every implementation inherits one roundoff of d of their terms.
+  torch-eager's logit rounding can cancel that by luck on a single token, so there the first term
+  is at least ``INHERITED * u(d)`` (``inherited=True``).
 - **The hard cap** ``CAP * u(d)``: however inaccurate torch-eager happens to be on a case, no
   element may be off by more than a few roundoffs of the dtype in units of its terms. torch-eager
   itself must stay within ``YARDSTICK * u(d)`` (plus the summation-order floor): its error model is
@@ -71,6 +75,7 @@ NORM_MULTIPLE = 3.0  # norm-wise: times torch-eager's error norm
 NORM_MIN_ELEMENTS = 16  # a norm over fewer elements is no average: the element-wise check alone
 CAP = 8.0  # roundoffs of the dtype, in units of the terms, whatever torch-eager's error
 YARDSTICK = 3.0  # roundoffs of the dtype torch-eager itself may be off, in units of the terms
+INHERITED = 1.0  # roundoffs of the dtype every implementation inherits from inputs computed in it
 SUM_ORDER = 4.0  # float32 roundoffs per sqrt(summation length), in units of the terms
 
 ACCUMULATION_DTYPE = torch.float32
@@ -148,12 +153,14 @@ def allowance(
     out_dtypes: Sequence[torch.dtype],
     lengths: Sequence[int],
     roundings: int = 1,
+    inherited: bool = False,
 ) -> Allowance:
     """The rule for one tensor, summed over the sides of an identity (one side: a plain comparison).
 
     ``yardstick`` holds torch-eager's error on each side; ``None`` judges torch-eager itself, which
     gets ``YARDSTICK`` roundoffs of the dtype instead. ``out_dtypes``: the candidate's output dtype
-    on each side; ``roundings``: how many times the output may be rounded to it.
+    on each side; ``roundings``: how many times the output may be rounded to it; ``inherited``: the
+    inputs were computed in ``dtype`` (a tied model's hidden states), see the module docstring.
     """
     expected = expected.double()
     terms = terms.double().reshape(expected.shape).abs().nan_to_num(nan=0.0)  # NaN reference: exact NaN due
@@ -174,6 +181,9 @@ def allowance(
             relative = min(MULTIPLE * eager.relative, CAP * u)
             norm_part = min(NORM_MULTIPLE * eager.norm, CAP * u * float(terms.norm()))
             parts.append(f"min({MULTIPLE:g} x torch-eager's {eager.relative / u:.3g} u, {CAP:g} u)")
+            if inherited and relative < INHERITED * u:
+                relative, norm_part = INHERITED * u, max(norm_part, INHERITED * u * float(terms.norm()))
+                parts[-1] = f"{INHERITED:g} u inherited from inputs computed in the dtype"
         bound = bound + (relative + floor) * terms + rounding * size + tiny
         norm += norm_part + floor * float(terms.norm()) + rounding * float(size.norm()) + tiny * size.numel() ** 0.5
     explanation = " + ".join(parts) + f" of the terms, + output rounding + summation floor {floor / u:.2g} u"

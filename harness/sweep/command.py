@@ -18,12 +18,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from harness.isolation import MEMORY_LIMIT_FRACTION
 from harness.results import MODES, RESULTS_DIR
 from harness.spec import DTYPES
 from harness.sweep.distributed import Coordinator, ranks_from_environment, shard
 from harness.sweep.plan import (
     EXPLICIT_CASES_TIMEOUT_S,
-    MEMORY_LIMIT_FRACTION,
     finish_run,
     make_plan,
     resolve_resume,

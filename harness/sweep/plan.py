@@ -14,7 +14,7 @@ from rich.console import Console
 
 from harness.environment import host_environment, memory_bytes
 from harness.errors import HarnessError
-from harness.isolation import child_environment
+from harness.isolation import MEMORY_LIMIT_FRACTION, child_environment
 from harness.results import MODES, new_run_dir, read_meta, write_json_atomic
 from harness.spec import DTYPES
 from harness.sweep.cases import canonical_case_argument, load_cases, with_dtypes
@@ -25,7 +25,6 @@ from harness.sweep.rows import Job
 from harness.sweep.runner import COMPILE_CACHES, SweepSettings, job_modes, measure_environment, plan_jobs
 
 EXPLICIT_CASES_TIMEOUT_S = 600  # per (case, implementation) when case files are given
-MEMORY_LIMIT_FRACTION = 0.9  # default --max-memory: this share of the memory available at start
 # Arguments stored in meta.json, so that --resume RUN alone re-creates the sweep.
 RESUMABLE = ("cases", "impl", "dtype", "mode", "device", "preset", "timeout", "max_memory", "measure_time",
              "min_repeats", "nproc_per_node")
