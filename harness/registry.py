@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from harness.adapter import Implementation
+from harness.adapter import Capabilities, Implementation
 from harness.errors import HarnessError, UnsupportedCase
-from harness.spec import OPTION_DECLARATIONS, LossOutput
+from harness.spec import OPTION_DECLARATIONS, OPTIONS, LossOutput
 
 
 # A plain function's keyword for each option: its LossSpec field, or for an input its own name.
@@ -49,6 +49,14 @@ class FunctionImplementation(Implementation):
             self._any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
         named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         self._keywords = frozenset(p.name for p in parameters if p.kind in named)
+
+    def capabilities(self, device: str) -> Capabilities:
+        # The options it has a keyword for (all, those added since it was written included, for a
+        # **kwargs function; the support probe then finds what it really does); loss_div_factor
+        # is the harness's.
+        takes = tuple(o for o in OPTIONS if o == "loss_div_factor" or self._takes(OPTION_KEYWORDS[o]))
+        missing = {o: f"{self.name}: takes no {OPTION_KEYWORDS[o]} keyword" for o in OPTIONS if o not in takes}
+        return Capabilities(supported_options=takes, unsupported_options=missing)
 
     def _takes(self, keyword: str) -> bool:
         return self._any_keyword or keyword in self._keywords

@@ -74,3 +74,11 @@ def written_before_softcap(hidden, weight, labels, *, bias=None, ignore_index=-1
     """A plugin that knows bias, ignore_index and reductions only: every other option is unsupported."""
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=ignore_index,
                            reduction=reduction)
+
+
+def scale_after_softcap(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=1.0, reduction="mean"):
+    """A plugin that takes logit_scale but applies it after the softcap instead of before it."""
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits * logit_scale, labels, reduction=reduction)

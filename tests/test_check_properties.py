@@ -166,6 +166,15 @@ def test_a_plain_function_gets_only_the_options_a_case_uses():
     assert result.status == UNSUPPORTED and "takes no softcap keyword" in result.detail
 
 
+def test_a_plain_function_is_checked_with_every_option_it_has_a_keyword_for():
+    """An option added after the first contract is not left out of a plugin that takes it: the
+    scale applied after the softcap is a failure, not a case never run."""
+    name = "tests.plugin_examples:scale_after_softcap"
+    assert {"logit_scale", "softcap"} <= discover_support(resolve(name), "cpu").options
+    result = check(name, "equivalence/float32", "N=9,D=4,V=17,logit_scale=4.0,softcap=5.0,scale=16.0,seed=0")
+    assert result.status == FAIL
+
+
 def test_a_case_an_implementation_cannot_run_is_unsupported_not_failed():
     result = check("tests.plugin_examples:plain_eager", "equivalence/float32", "N=4,D=3,V=9,z_loss=0.01,seed=0")
     assert result.status == UNSUPPORTED and "z-loss" in result.detail
