@@ -4,7 +4,7 @@ The correctness gate, the behaviour matrix and the sweep all describe their work
 It is what Hypothesis draws, what a failure prints and what ``--case`` parses back, so a
 reproducer is one line:
 
-    N=7,D=5,V=65537,dtype=bfloat16,reduction=mean,label_smoothing=0.1,bias=1,seed=123
+    N=7,D=5,V=65537,dtype=bfloat16,reduction=mean,bias=1,label_smoothing=0.1,seed=123
 
 The loss options are those declared in ``harness.spec.OPTION_DECLARATIONS``, by the same names
 (``case.option("softcap")``, ``Case.build(..., softcap=5.0)``, ``softcap=5`` in a case line), so
@@ -154,16 +154,17 @@ class Case:
         """The ``harness.spec.OPTIONS`` this case exercises."""
         return self.options.names
 
+    def _spec_without_tensors(self) -> LossSpec:
+        """The spec with a stand-in class-weight tensor: only its presence matters to what it says."""
+        return self.spec(torch.ones(self.vocab) if self.option("class_weight") else None)
+
     def describe_options(self) -> str:
         """The reduction and the options in use, e.g. ``reduction=mean, softcap=30.0, bias``."""
-        marker = torch.ones(self.vocab) if self.option("class_weight") else None
-        return self.spec(marker).describe() + (", bias" if self.option("bias") else "")
+        return self._spec_without_tensors().describe() + (", bias" if self.option("bias") else "")
 
     def unsupported_reason(self, impl, device: str) -> str | None:
         """Why ``impl`` says it cannot run this case on ``device`` ("cpu" or "cuda"), or None."""
-        # A stand-in class-weight tensor: only its presence matters for what is supported.
-        marker = torch.ones(self.vocab) if self.option("class_weight") else None
-        return impl.unsupported_reason(self.spec(marker), dtype=self.torch_dtype, device=device,
+        return impl.unsupported_reason(self._spec_without_tensors(), dtype=self.torch_dtype, device=device,
                                        has_bias=bool(self.option("bias")))
 
     @property
