@@ -3,8 +3,8 @@
 They are built to principles, not to a list of known bugs, so that even the smallest (ci) run
 reaches the structure of a real kernel:
 
-- **every option alone, every pair of options and all of them at once in each reduction, in every dtype**: the bugs of composing two
-  options (in the wrong order, one normalised by the other's weights, one applied to tokens the
+- **every option alone, every pair of options and all of them at once in each reduction, in
+  every dtype**: the bugs of composing two options (in the wrong order, one normalised by the other's weights, one applied to tokens the
   other masks) show only when both are on. Some tokens are ignored in every one of them, never
   all: a case whose outputs are all exactly zero checks nothing. Option values are the strong ones
   (logits of size 16 against a softcap of 5, so that the cap bites).
@@ -60,7 +60,7 @@ def _option_case(options: tuple[str, ...], index: int, dtype: str, seed: int) ->
     tokens, dim, vocab = OPTION_SHAPES[index % len(OPTION_SHAPES)]
     fields = {"scale": 16.0 if index % 3 == 0 else 1.0, **option_fields(options, index)}
     return Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[index % 3],
-                ignored="some", seed=seed, **fields)
+                      ignored="some", seed=seed, **fields)
 
 
 def equivalence_examples(dtype: str) -> list[Case]:
@@ -68,8 +68,8 @@ def equivalence_examples(dtype: str) -> list[Case]:
     cases = [Case.build(tokens=(1,), dim=1, vocab=2, dtype=dtype, seed=seed)]
     for i, (tokens, dim, vocab) in enumerate(BLOCK_EDGE_SHAPES):
         cases.append(Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[i % 3],
-                          scale=LOGIT_SCALES[i // 3 % 3], ignored="some", bias=i % 2 == 0,
-                          strided=i // 2 % 2 == 1, seed=seed + 10 + i))
+                                scale=LOGIT_SCALES[i // 3 % 3], ignored="some", bias=i % 2 == 0,
+                                strided=i // 2 % 2 == 1, seed=seed + 10 + i))
     singles = [(option,) for option in OPTIONS]
     pairs = list(itertools.combinations(OPTIONS, 2))
     for i, options in enumerate(singles + pairs):
@@ -79,7 +79,7 @@ def equivalence_examples(dtype: str) -> list[Case]:
     for k in range(len(REDUCTIONS)):
         cases.append(_option_case(OPTIONS, k, dtype, seed + 200 + 10 * k))
     cases.append(Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtype, tied=True, bias=True, z_loss=1e-2,
-                      ignored="some", seed=seed + 201))
+                            ignored="some", seed=seed + 201))
     return cases
 
 
@@ -87,9 +87,9 @@ def large_vocab_examples() -> list[Case]:
     return [
         Case.build(tokens=(64,), dim=64, vocab=65537, dtype="float32", ignored="some", seed=1),
         Case.build(tokens=(2, 48), dim=96, vocab=100003, dtype="bfloat16", reduction="none", bias=True,
-             ignored="some", seed=2),
+                   ignored="some", seed=2),
         Case.build(tokens=(65,), dim=65, vocab=65536, dtype="float16", reduction="sum", label_smoothing=0.1,
-             z_loss=1e-2, ignored="some", seed=3),
+                   z_loss=1e-2, ignored="some", seed=3),
     ]
 
 
@@ -98,7 +98,7 @@ def at_scale_examples() -> list[Case]:
         Case.build(tokens=(2048,), dim=64, vocab=2048, dtype="bfloat16", reduction="sum", bias=True, seed=21),
         Case.build(tokens=(2, 1024), dim=96, vocab=2053, dtype="float16", ignored="some", bias=True, seed=22),
         Case.build(tokens=(2048,), dim=80, vocab=1031, dtype="bfloat16", ignored="some", z_loss=1e-2,
-             label_smoothing=0.1, seed=23),
+                   label_smoothing=0.1, seed=23),
     ]
 
 
@@ -114,7 +114,7 @@ def _contract_examples(dtypes: tuple[str, ...], **extra) -> list[Case]:
     for i, (variant, (tokens, dim, vocab)) in enumerate(zip(variants, OPTION_SHAPES)):
         fields = {**variant, **extra}
         cases.append(Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtypes[i % len(dtypes)],
-                          ignored="some", seed=300 + i, **fields))
+                                ignored="some", seed=300 + i, **fields))
     return cases
 
 
@@ -129,26 +129,26 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
     if property_id == "autograd/grad-subsets":
         subsets = (("hidden",), ("weight", "bias"), ("bias",), ("weight",), ("hidden", "bias"))
         return [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], bias=True,
-                     ignored="some", grads=grads, seed=310 + i) for i, grads in enumerate(subsets)]
+                           ignored="some", grads=grads, seed=310 + i) for i, grads in enumerate(subsets)]
     if property_id == "autograd/tied-weights":
         return [Case.build(tokens=(65,), dim=33, vocab=129, dtype=dtype, tied=True, bias=True, ignored="some",
-                     seed=320 + i) for i, dtype in enumerate(dtypes[:2])]
+                           seed=320 + i) for i, dtype in enumerate(dtypes[:2])]
     if property_id == "invariance/sum-split":
         return [Case.build(tokens=(67,), dim=72, vocab=131, dtype=dtypes[0], reduction="sum", ignored="some", seed=330),
                 Case.build(tokens=(2, 40), dim=65, vocab=257, dtype=dtypes[1 % len(dtypes)], reduction="sum",
-                     bias=True, z_loss=1e-2, ignored="some", seed=331)]
+                           bias=True, z_loss=1e-2, ignored="some", seed=331)]
     if property_id == "invariance/permutation":
         return [Case.build(tokens=(3, 22), dim=65, vocab=129, dtype=dtypes[0], reduction="none", ignored="some",
-                     bias=True, seed=340)]
+                           bias=True, seed=340)]
     if property_id == "invariance/chunk-size":
         return [Case.build(tokens=(129,), dim=33, vocab=257, dtype=dtypes[0], chunk=64, ignored="some", seed=350),
                 Case.build(tokens=(130,), dim=65, vocab=129, dtype=dtypes[1 % len(dtypes)], chunk=63, ignored="some",
-                     reduction="sum", seed=351),
+                           reduction="sum", seed=351),
                 Case.build(tokens=(13,), dim=5, vocab=129, dtype=dtypes[0], chunk=4, ignored="some", seed=352)]
     if property_id == "logits/keep-last":
         return [Case.build(tokens=(2, 70), dim=65, vocab=129, dtype=dtypes[0], keep=1, seed=360),
                 Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[0], bias=True, softcap=5.0, scale=16.0,
-                     seed=361),
+                           seed=361),
                 Case.build(tokens=(3, 33), dim=64, vocab=257, dtype=dtypes[1 % len(dtypes)], keep=33, seed=362),
                 Case.build(tokens=(2, 40), dim=33, vocab=65, dtype=dtypes[2 % len(dtypes)], keep=17, bias=True, seed=363)]
     if property_id in ("autograd/scaled-loss", "autograd/retain-graph", "autograd/no-grad", "autograd/inputs-unchanged"):
