@@ -4,8 +4,8 @@ They are built to principles, not to a list of known bugs, so that even the smal
 reaches the structure of a real kernel:
 
 - **every option alone, every pair of options and all of them at once in each reduction, in
-  every dtype**: the bugs of composing two options (in the wrong order, one normalised by the other's weights, one applied to tokens the
-  other masks) show only when both are on. Some tokens are ignored in every one of them, never
+  every dtype**: the bugs of composing two options (in the wrong order, one normalised by the
+  other's weights, one applied to tokens the other masks) show only when both are on. Some tokens are ignored in every one of them, never
   all: a case whose outputs are all exactly zero checks nothing. Option values are the strong ones
   (logits of size 16 against a softcap of 5, so that the cap bites).
 - **block edges**: N, D and V at, one below and one past power-of-two block sizes (63/64/65,
