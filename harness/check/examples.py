@@ -5,9 +5,10 @@ reaches the structure of a real kernel:
 
 - **every option alone, every pair of options and all of them at once in each reduction, in
   every dtype**: the bugs of composing two options (in the wrong order, one normalised by the
-  other's weights, one applied to tokens the other masks) show only when both are on. Some tokens are ignored in every one of them, never
-  all: a case whose outputs are all exactly zero checks nothing. Option values are the strong ones
-  (logits of size 16 against a softcap of 5, so that the cap bites).
+  other's weights, one applied to tokens the other masks) show only when both are on. Some
+  tokens are ignored in every one of them, never all: a case whose outputs are all exactly zero
+  checks nothing. Option values are the strong ones (logits of size 16 against a softcap of 5,
+  so that the cap bites).
 - **block edges**: N, D and V at, one below and one past power-of-two block sizes (63/64/65,
   127/129, 255/257, ... up to N, D = 300 and V = 4097), where a kernel's tail handling is, each
   with ordinary logits, logits in the tens and logits past float32's exp range (88.7), and
