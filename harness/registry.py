@@ -18,7 +18,7 @@ import inspect
 
 from harness.adapter import Capabilities, Implementation
 from harness.errors import HarnessError, UnsupportedCase
-from harness.spec import OPTION_DECLARATIONS, OPTIONS, LossOutput
+from harness.spec import OPTION_DECLARATIONS, OPTIONS, ORIGINAL_OPTIONS, LossOutput
 
 
 # A plain function's keyword for each option: its LossSpec field, or for an input its own name.
@@ -51,11 +51,13 @@ class FunctionImplementation(Implementation):
         self._keywords = frozenset(p.name for p in parameters if p.kind in named)
 
     def capabilities(self, device: str) -> Capabilities:
-        # The options it has a keyword for (all, those added since it was written included, for a
-        # **kwargs function; the support probe then finds what it really does); loss_div_factor
-        # is the harness's.
-        takes = tuple(o for o in OPTIONS if o == "loss_div_factor" or self._takes(OPTION_KEYWORDS[o]))
-        missing = {o: f"{self.name}: takes no {OPTION_KEYWORDS[o]} keyword" for o in OPTIONS if o not in takes}
+        # The options it names a keyword for; a **kwargs function also the first contract's (an
+        # option added since must be named, so a plugin written before it keeps working); the
+        # support probe then finds what it really does. loss_div_factor is the harness's.
+        takes = tuple(o for o in OPTIONS if o == "loss_div_factor" or OPTION_KEYWORDS[o] in self._keywords
+                      or (self._any_keyword and o in ORIGINAL_OPTIONS))
+        by_name = " by name (an option newer than its **kwargs must be named)" if self._any_keyword else ""
+        missing = {o: f"{self.name}: takes no {OPTION_KEYWORDS[o]} keyword{by_name}" for o in OPTIONS if o not in takes}
         return Capabilities(supported_options=takes, unsupported_options=missing)
 
     def _takes(self, keyword: str) -> bool:
