@@ -37,7 +37,8 @@ LOGIT_MODES = ("random", "peaked")  # the distribution of the logits (see make_i
 # Gradient filtering (Cut Cross-Entropy's) skips the classes whose softmax is negligible, which
 # depends on this: on random inputs every class has about the same small probability.
 PEAKED_LOSS = 2.5
-GRADIENT_INPUTS = ("hidden", "weight", "bias")
+# The tensors whose gradients a case can ask for: the head's input and every parameter of the head.
+GRADIENT_INPUTS = ("hidden", "weight", "bias", "norm_weight", "norm_bias", "class_scale")
 
 # Share of tokens ignored by the "some" pattern (at least one is, and at least one is not).
 SOME_IGNORED_FRACTION = 0.3
@@ -153,6 +154,14 @@ class Case:
     def options_used(self) -> frozenset[str]:
         """The ``harness.spec.OPTIONS`` this case exercises."""
         return self.options.names
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The names from ``GRADIENT_INPUTS`` of the tensors this case has (hidden and weight always)."""
+        norm = self.option("norm")
+        present = {"hidden": True, "weight": True, "bias": self.option("bias"), "norm_weight": norm is not None,
+                   "norm_bias": norm == "layernorm", "class_scale": self.option("class_scale")}
+        return tuple(name for name in GRADIENT_INPUTS if present[name])
 
     def _spec_without_tensors(self) -> LossSpec:
         """The spec with a stand-in class-weight tensor: only its presence matters to what it says."""
@@ -280,8 +289,9 @@ def parse_case(text: str) -> Case:
 class Inputs:
     """The tensors of one case, on one device, in the case's dtype (or float64 for the reference).
 
-    ``gradient_inputs`` maps "hidden", "weight" and "bias" to the tensors whose gradients are
-    checked (the hidden states of a tied model are not a leaf: their gradient is retained).
+    ``gradient_inputs`` maps names from ``GRADIENT_INPUTS`` to the tensors whose gradients are
+    checked (the hidden states of a tied model are not a leaf: their gradient is retained). The
+    head's norm and class scale travel in ``spec`` (see ``LossSpec``); the properties below name them.
     """
 
     hidden: torch.Tensor
@@ -297,6 +307,18 @@ class Inputs:
     def reset_grads(self) -> None:
         for tensor in self.gradient_inputs.values():
             tensor.grad = None
+
+    @property
+    def norm_weight(self) -> torch.Tensor | None:
+        return self.spec.norm_weight
+
+    @property
+    def norm_bias(self) -> torch.Tensor | None:
+        return self.spec.norm_bias
+
+    @property
+    def class_scale(self) -> torch.Tensor | None:
+        return self.spec.class_scale
 
 
 def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
@@ -349,6 +371,7 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
     labels = labels.to(device)
     has_bias = bool(case.option("bias"))
 
+    model = token_ids = None
     if case.tied:
         if draw_on_device:
             raise HarnessError("a tied case is drawn on the CPU (its model is seeded there): use draw_on_device=False")
@@ -357,16 +380,9 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
             model = model.double()
         model = model.to(device)
         token_ids = torch.randint(0, case.vocab, case.tokens, generator=generator).to(device)
-        hidden = model.hidden_states(token_ids)
+        hidden, weight, bias = model.hidden_states(token_ids), model.head_weight, model.head_bias
         hidden.retain_grad()
-        gradient_inputs = {"hidden": hidden, "weight": model.head_weight}
-        if model.head_bias is not None:
-            gradient_inputs["bias"] = model.head_bias
-        return Inputs(
-            hidden, model.head_weight, model.head_bias, labels, spec, upstream, gradient_inputs, model, token_ids
-        )
-
-    if draw_on_device:
+    elif draw_on_device:
         if reference:
             raise HarnessError("inputs drawn on the device have no reference copy: use draw_on_device=False")
         hidden, weight, bias = _draw_on_device(case, device, has_bias, labels)
@@ -382,13 +398,36 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
         bias = None if bias is None else bias.to(dtype).to(device, work_dtype)
     if case.strided and not reference:
         hidden, weight, bias, labels = (None if t is None else strided_copy(t) for t in (hidden, weight, bias, labels))
-    tensors = {"hidden": hidden, "weight": weight, "bias": bias}
+    # Drawn last, so that a case without them draws exactly what it drew before they existed.
+    head = _head_parameters(case, generator, device, torch.float64 if reference else dtype)
+    spec = spec.replace(**head)
+    tensors = {"hidden": hidden, "weight": weight, "bias": bias, **head}
     gradient_inputs = {}
     for name, tensor in tensors.items():
-        if tensor is not None and name in case.grads:
+        if tensor is None or (model is None and name not in case.grads):  # a tied model trains everything
+            continue
+        if tensor.is_leaf:  # a tied model's hidden states are not: their gradient is retained
             tensor.requires_grad_()
-            gradient_inputs[name] = tensor
-    return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs)
+        gradient_inputs[name] = tensor
+    return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs, model, token_ids)
+
+
+def _head_parameters(case: Case, generator: torch.Generator, device: str, dtype: torch.dtype) -> dict:
+    """The norm's weight (and, for a LayerNorm, bias) and the class scale, when the case has them.
+
+    The gains lie in [0.5, 1.5] and the scales in [0.5, 2], the range of trained ones, where ``g - 1``
+    is exact in every dtype (Gemma stores its RMSNorm gain as ``g - 1``); the norm's bias is small
+    beside the normalized values it shifts.
+    """
+    norm = case.option("norm")
+    drawn = {"norm_weight": None, "norm_bias": None, "class_scale": None}
+    if norm is not None:
+        drawn["norm_weight"] = torch.rand(case.dim, generator=generator, dtype=torch.float64) + 0.5
+        if norm == "layernorm":
+            drawn["norm_bias"] = torch.randn(case.dim, generator=generator, dtype=torch.float64) * 0.25
+    if case.option("class_scale"):
+        drawn["class_scale"] = torch.rand(case.vocab, generator=generator, dtype=torch.float64) * 1.5 + 0.5
+    return {name: None if t is None else t.to(case.torch_dtype).to(device, dtype) for name, t in drawn.items()}
 
 
 def _draw_on_device(case: Case, device: str, has_bias: bool, labels: torch.Tensor):

@@ -54,10 +54,12 @@ class FunctionImplementation(Implementation):
         # The options it names a keyword for; a **kwargs function also the first contract's (an
         # option added since must be named, so a plugin written before it keeps working); the
         # support probe then finds what it really does. loss_div_factor is the harness's.
-        takes = tuple(o for o in OPTIONS if o == "loss_div_factor" or OPTION_KEYWORDS[o] in self._keywords
-                      or (self._any_keyword and o in ORIGINAL_OPTIONS))
+        takes = tuple(o for o in OPTIONS if o != "norm" and (
+            o == "loss_div_factor" or OPTION_KEYWORDS[o] in self._keywords or (self._any_keyword and o in ORIGINAL_OPTIONS)))
         by_name = " by name (an option newer than its **kwargs must be named)" if self._any_keyword else ""
         missing = {o: f"{self.name}: takes no {OPTION_KEYWORDS[o]} keyword{by_name}" for o in OPTIONS if o not in takes}
+        # A norm is a module with parameters, not a keyword: a loss function starts after it.
+        missing["norm"] = f"{self.name}: a plain loss function takes the hidden states after the head's norm"
         return Capabilities(supported_options=takes, unsupported_options=missing)
 
     def _takes(self, keyword: str) -> bool:

@@ -23,17 +23,31 @@ def apply_softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(logits / softcap)
 
 
+def apply_norm(hidden: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """The head's norm of its ``(..., D)`` input (none, LayerNorm or RMSNorm) with its weight and bias,
+    PyTorch's own functions (float32 statistics for low-precision inputs)."""
+    if spec.norm is None:
+        return hidden
+    weight = None if spec.norm_weight is None else spec.norm_weight.to(hidden.dtype)
+    if spec.norm == "layernorm":
+        bias = None if spec.norm_bias is None else spec.norm_bias.to(hidden.dtype)
+        return F.layer_norm(hidden, hidden.shape[-1:], weight, bias, spec.norm_eps)
+    return F.rms_norm(hidden, hidden.shape[-1:], weight, spec.norm_eps)
+
+
 def transform_logits(raw: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """What the head's options do to its raw logits ``hidden @ weight.T + bias``: the logit scale
-    (Cohere, Granite), then the softcap."""
+    """What the head's options do to its raw logits ``norm(hidden) @ weight.T + bias``: the
+    per-class scale (nGPT), the logit scale (Cohere, Granite), then the softcap."""
+    if spec.class_scale is not None:
+        raw = raw * spec.class_scale.to(raw.dtype)
     if spec.logit_scale != 1.0:
         raw = raw * spec.logit_scale
     return apply_softcap(raw, spec.softcap)
 
 
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec) -> LossOutput:
-    """Loss of ``(N, V)`` raw logits (bias included) against ``(N,)`` labels under ``spec``, in the
-    logits' dtype."""
+    """Loss of ``(N, V)`` raw logits (norm and bias included) against ``(N,)`` labels under ``spec``,
+    in the logits' dtype."""
     logits = transform_logits(logits, spec)
     labels = labels.long()
     class_weight = None if spec.class_weight is None else spec.class_weight.to(logits)
@@ -66,19 +80,59 @@ def head_logits(
     bias: torch.Tensor | None = None,
     spec: LossSpec | None = None,
     *,
-    logits_to_keep: int = 0,
+    logits_to_keep: int | torch.Tensor = 0,
 ) -> torch.Tensor:
-    """The inference path: logits of the last ``logits_to_keep`` positions (all when 0), under the
-    head's options in ``spec`` (its loss options play no part).
+    """The inference path: logits of the positions ``logits_to_keep`` names, under the head's options
+    in ``spec`` (its loss options play no part).
 
-    Positions are the sequence axis: ``T`` for ``(B, T, D)`` input, ``N`` for ``(N, D)``.
+    Positions are the sequence axis: ``T`` for ``(B, T, D)`` input, ``N`` for ``(N, D)``. An int keeps
+    the last ``logits_to_keep`` (all when 0); a tensor lists the positions to keep, ``(K,)`` or, for
+    ``(B, T, D)`` input, ``(B, K)`` (OLMo-core's convention).
     """
-    if logits_to_keep:
-        hidden = hidden[..., -logits_to_keep:, :]
-    return transform_logits(F.linear(hidden, weight, bias), spec or LossSpec())
+    spec = spec or LossSpec()
+    hidden = keep_positions(hidden, logits_to_keep)
+    return transform_logits(F.linear(apply_norm(hidden, spec), weight, bias), spec)
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The hidden states at the positions ``logits_to_keep`` names (see ``head_logits``)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() == 1:
+            return hidden.index_select(-2, logits_to_keep)
+        index = logits_to_keep.unsqueeze(-1).expand(*logits_to_keep.shape, hidden.shape[-1])
+        return hidden.gather(-2, index)
+    return hidden[..., -logits_to_keep:, :] if logits_to_keep else hidden
 
 
 # --- the size of the logits' terms (the tolerance's scale) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class NormTerms:
+    """A norm's float64 output, the size of the terms it is computed from in ``dtype``, and what its
+    backward needs: the normalized input ``x_hat`` and ``1 / sigma`` per token."""
+
+    output: torch.Tensor
+    size: torch.Tensor
+    normalized: torch.Tensor
+    inverse_scale: torch.Tensor
+
+
+def norm_with_terms(hidden: torch.Tensor, spec: LossSpec, hidden_terms: torch.Tensor) -> NormTerms:
+    """The float64 norm of ``hidden`` and its terms.
+
+    ``y = x_hat g + b`` with ``x_hat = (x - mean) / sigma`` (RMSNorm: ``x / rms``): an error of a
+    roundoff in ``x``'s terms is ``|x terms| / sigma`` in ``x_hat``, and the output is rounded
+    once more: its terms are ``|g| (|x_hat| + |x terms| / sigma) + |b|``.
+    """
+    centred = hidden - hidden.mean(-1, keepdim=True) if spec.norm == "layernorm" else hidden
+    inverse_scale = torch.rsqrt(centred.square().mean(-1, keepdim=True) + spec.norm_eps)
+    normalized = centred * inverse_scale
+    gain = 1.0 if spec.norm_weight is None else spec.norm_weight.double()
+    shift = 0.0 if spec.norm_bias is None else spec.norm_bias.double()
+    output = normalized * gain + shift
+    size = abs(gain) * (normalized.abs() + hidden_terms * inverse_scale) + abs(shift)
+    return NormTerms(output, size, normalized, inverse_scale)
 
 
 @dataclass(frozen=True)
@@ -87,12 +141,15 @@ class LogitTerms:
 
     ``chain`` is d(logits)/d(raw logits), None where it is 1, and ``chain_terms`` the size of its
     own terms (a derivative evaluated from rounded values is off by roundoffs of those terms).
+    ``class_scale_terms``: with a class scale, the terms of d(logits)/d(class scale) (the raw
+    logits' through the options after it).
     """
 
     logits: torch.Tensor
     size: torch.Tensor
     chain: torch.Tensor | float | None = None
     chain_terms: torch.Tensor | float | None = None
+    class_scale_terms: torch.Tensor | None = None
 
 
 def logits_with_terms(
@@ -105,8 +162,9 @@ def logits_with_terms(
 ) -> LogitTerms:
     """The logits of float64 inputs and their terms, step by step as ``transform_logits`` computes them.
 
-    A raw logit's terms are those of its dot product, ``|h| . |w| + |b|`` (``hidden_terms`` replaces
-    ``|h|`` for hidden states that are themselves computed). The logit scale ``s`` scales them by
+    ``hidden`` is the projection's input (after the norm) and ``hidden_terms`` the size of its
+    terms when it is itself computed (``|h|`` by default). A raw logit's terms are those of its dot
+    product, ``|h| . |w| + |b|``. A scale ``s`` (per class, or the logit scale) scales them by
     ``|s|`` and adds ``|s x|`` for the product's own rounding. The softcap ``cap tanh(x / cap)``
     scales them by its slope ``1 - tanh^2`` and adds ``|z|`` for its own rounding; ``x / cap``
     computed in ``dtype`` may underflow, up to ``underflow(dtype)`` lost, ``cap`` times that in
@@ -115,11 +173,18 @@ def logits_with_terms(
     hidden_terms = hidden.abs() if hidden_terms is None else hidden_terms
     logits = F.linear(hidden, weight, bias)
     size = F.linear(hidden_terms, weight.abs(), None if bias is None else bias.abs())
-    chain = chain_terms = None
+    chain = chain_terms = class_scale_terms = None
+    if spec.class_scale is not None:
+        scale = spec.class_scale.double()
+        class_scale_terms = size
+        logits = logits * scale
+        size = size * scale.abs() + logits.abs()
+        chain, chain_terms = scale, scale.abs()
     if spec.logit_scale != 1.0:
         logits = logits * spec.logit_scale
         size = size * abs(spec.logit_scale) + logits.abs()
-        chain, chain_terms = spec.logit_scale, abs(spec.logit_scale)
+        chain, chain_terms = _times(chain, spec.logit_scale), _times(chain_terms, abs(spec.logit_scale))
+        class_scale_terms = _times(class_scale_terms, abs(spec.logit_scale))
     if spec.softcap is not None:
         tanh = torch.tanh(logits / spec.softcap)
         slope = 1 - tanh.square()
@@ -127,7 +192,8 @@ def logits_with_terms(
         lost_to_underflow = spec.softcap * underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
         size = size * slope + logits.abs() + lost_to_underflow
         chain, chain_terms = _times(chain, slope), _times(chain_terms, slope + 2 * tanh.square())
-    return LogitTerms(logits, size, chain, chain_terms)
+        class_scale_terms = _times(class_scale_terms, slope + 2 * tanh.square())
+    return LogitTerms(logits, size, chain, chain_terms, class_scale_terms)
 
 
 def _times(factor, other):
@@ -142,9 +208,12 @@ def reference_loss(
     spec: LossSpec,
     bias: torch.Tensor | None = None,
 ) -> LossOutput:
-    """The loss in float64 from 2-D or 3-D inputs of any dtype, differentiable through autograd."""
-    logits = F.linear(hidden.double().flatten(0, -2), weight.double(), None if bias is None else bias.double())
-    out = loss_from_logits(logits, labels.flatten(), spec.replace(class_weight=_as_double(spec.class_weight)))
+    """The loss in float64 from 2-D or 3-D inputs of any dtype, differentiable through autograd (the
+    head's parameters in ``spec`` included)."""
+    spec = in_float64(spec)
+    hidden = apply_norm(hidden.double().flatten(0, -2), spec)
+    logits = F.linear(hidden, weight.double(), None if bias is None else bias.double())
+    out = loss_from_logits(logits, labels.flatten(), spec)
     if spec.reduction == "none":
         out = LossOutput(out.loss.view(labels.shape), out.z_loss.view(labels.shape))
     return out
@@ -170,14 +239,15 @@ def reference_result(
     *,
     grad_output: torch.Tensor | None = None,
 ) -> ReferenceResult:
-    """Float64 CPU reference with gradients of ``(loss * grad_output).sum()``.
+    """Float64 CPU reference with gradients of ``(loss * grad_output).sum()`` with respect to hidden,
+    weight and bias (the head's parameters in ``spec`` are constants here).
 
     ``grad_output`` defaults to ones (a plain ``loss.backward()`` or ``loss.sum().backward()``).
     """
     h = hidden.detach().double().cpu().requires_grad_()
     w = weight.detach().double().cpu().requires_grad_()
     b = None if bias is None else bias.detach().double().cpu().requires_grad_()
-    out = reference_loss(h, w, labels.cpu(), spec.replace(class_weight=_as_double(spec.class_weight)), b)
+    out = reference_loss(h, w, labels.cpu(), spec, b)
     upstream = torch.ones_like(out.loss) if grad_output is None else grad_output.double().cpu()
     grads = torch.autograd.grad(out.loss, [t for t in (h, w, b) if t is not None], upstream, allow_unused=True)
     grad_b = grads[2] if b is not None else None
@@ -190,5 +260,11 @@ def reference_result(
     )
 
 
-def _as_double(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().double().cpu()
+def in_float64(spec: LossSpec) -> LossSpec:
+    """``spec`` with its tensors in float64 on the CPU; the head's parameters keep their autograd graph."""
+    def double(tensor):
+        return None if tensor is None else tensor.to("cpu", torch.float64)
+
+    class_weight = None if spec.class_weight is None else spec.class_weight.detach()
+    return spec.replace(class_weight=double(class_weight), norm_weight=double(spec.norm_weight),
+                        norm_bias=double(spec.norm_bias), class_scale=double(spec.class_scale))

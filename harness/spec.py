@@ -14,13 +14,15 @@ import torch
 from harness.errors import HarnessError
 
 REDUCTIONS = ("mean", "sum", "none")
+NORMS = ("layernorm", "rmsnorm")  # the pre-projection norms a head may have (see the "norm" option)
 
 @dataclass(frozen=True)
 class Option:
     """One loss option, declared once: every table of the harness is derived from these.
 
     ``kind`` says what a value is: ``flag`` (an input that is there or not: a bias, class weights),
-    ``int``, ``float`` or ``optional_float`` (``None`` is off). ``spec_field`` is the ``LossSpec``
+    ``int``, ``float``, ``optional_float`` (``None`` is off) or ``choice`` (one of ``values``, or
+    ``None``: off). ``spec_field`` is the ``LossSpec``
     field it sets (None for the flags: a case says whether the tensor exists). ``values`` are the
     strong settings examples and Hypothesis use, the first also support probes; ``aliases`` are
     older names case files and case lines still accept.
@@ -41,9 +43,16 @@ class Option:
             return parse_flag(text)
         if self.kind == "int":
             return int(text)
-        if self.kind == "optional_float" and text.lower() == "none":
+        if self.kind in ("optional_float", "choice") and text.lower() == "none":
             return None
+        if self.kind == "choice":
+            return self._choice(text)
         return float(text)
+
+    def _choice(self, value: str) -> str:
+        if value not in self.values:
+            raise ValueError(f"expected one of {', '.join(self.values)}")
+        return value
 
     def from_toml(self, value: object) -> object:
         """The value of a case file's ``options`` entry; ValueError naming what was expected."""
@@ -51,6 +60,10 @@ class Option:
             if not isinstance(value, bool):
                 raise ValueError("expected true or false")
             return value
+        if self.kind == "choice":
+            if not isinstance(value, str):
+                raise ValueError(f"expected one of {', '.join(self.values)}")
+            return self._choice(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("expected a number")
         if self.kind == "int":
@@ -69,11 +82,17 @@ def parse_flag(text: str) -> bool:
     raise ValueError(f"expected 0 or 1, got {text!r}")
 
 
-# The options, in the order tables list them. Values: logits of size 16 against a softcap of 5
+# The options, in the order tables list them: the head's (in the order it applies them), then the
+# loss's. Values: logits of size 16 against a softcap of 5
 # make the cap bite; ignore_index -1 is negative, 0 a real class id; a loss_div_factor below 1
 # scales up.
 OPTION_DECLARATIONS = (
+    Option("norm", "choice", None, NORMS, "a norm of the hidden states before the projection, "
+           "with a learned `(D,)` weight: `layernorm` also has a `(D,)` bias (GPT-2's `ln_f`, OLMo-core's "
+           "`LayerNorm`), `rmsnorm` has none (Llama's and Gemma's final norm)", spec_field="norm"),
     Option("bias", "flag", False, (True,), "a `(V,)` bias added to the logits"),
+    Option("class_scale", "flag", False, (True,), "a learned `(V,)` scale of each class's logit, after the bias "
+           "(nGPT's `sz`: OLMo-core's `NormalizedLMHead`)"),
     Option("ignore_index", "int", -100, (-1, 0), "label value whose tokens contribute nothing to loss or gradients",
            spec_field="ignore_index", acts_on_ignored_tokens=True),
     Option("label_smoothing", "float", 0.0, (0.1, 0.5), "PyTorch's definition (a mixture with the uniform "
@@ -81,7 +100,7 @@ OPTION_DECLARATIONS = (
     Option("z_loss", "float", 0.0, (1e-3, 1e-2), "adds `m · logsumexp(logits)²` per token not ignored, reduced like "
            "the loss (never class-weighted); also reported separately", spec_field="z_loss_multiplier",
            aliases=("z_loss_multiplier",)),
-    Option("logit_scale", "float", 1.0, (0.125, 4.0), "multiplies the logits after the bias, before the softcap "
+    Option("logit_scale", "float", 1.0, (0.125, 4.0), "multiplies the logits after the class scale, before the softcap "
            "(Cohere's `logit_scale`; Granite divides by `logits_scaling`)", spec_field="logit_scale"),
     Option("softcap", "optional_float", None, (5.0, 30.0), "logits become `cap · tanh(logits / cap)` before the "
            "softmax (Gemma 2: 30)", spec_field="softcap"),
@@ -137,7 +156,10 @@ class LossSpec:
     ``reduction`` is ``mean`` (over tokens not ignored; over the sum of their class weights when
     ``class_weight`` is given), ``sum``, or ``none`` (per-token, 0 at ignored positions). Every other
     field is the ``spec_field`` of one ``Option`` in ``OPTION_DECLARATIONS``, which says what it
-    means; ``class_weight`` is the ``(V,)`` tensor itself, compared by identity.
+    means, or one of its tensors, compared by identity: ``class_weight`` (V,), and the head's own
+    parameters besides its weight and bias, ``norm_weight`` and ``norm_bias`` (D,) and
+    ``class_scale`` (V,). The parameters travel in the spec, as the class weights do, so that the
+    contract keeps one signature for a bare loss kernel and for a whole head.
     """
 
     reduction: str = "mean"
@@ -148,6 +170,11 @@ class LossSpec:
     loss_div_factor: float = 1.0
     class_weight: torch.Tensor | None = field(default=None, compare=False, repr=False)
     logit_scale: float = 1.0
+    norm: str | None = None
+    norm_eps: float = 1e-5  # the norm's epsilon (OLMo-core's and PyTorch's default; HF configs say theirs)
+    norm_weight: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    norm_bias: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    class_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -162,16 +189,23 @@ class LossSpec:
             raise HarnessError(f"softcap must be a positive number or None, got {self.softcap}")
         if not (math.isfinite(self.loss_div_factor) and self.loss_div_factor > 0):
             raise HarnessError(f"loss_div_factor must be a positive number, got {self.loss_div_factor}")
-        if self.class_weight is not None and (
-            not isinstance(self.class_weight, torch.Tensor) or self.class_weight.dim() != 1
-        ):
-            raise HarnessError("class_weight must be a 1-D tensor of shape (V,)")
+        if self.norm not in (None, *NORMS):
+            raise HarnessError(f"unknown norm {self.norm!r}; expected one of {', '.join(NORMS)} or None")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise HarnessError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
+        if self.norm is None and (self.norm_weight is not None or self.norm_bias is not None):
+            raise HarnessError("norm_weight and norm_bias need a norm (norm=layernorm or rmsnorm)")
+        for name in ("class_weight", "norm_weight", "norm_bias", "class_scale"):
+            tensor = getattr(self, name)
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.dim() != 1):
+                raise HarnessError(f"{name} must be a 1-D tensor")
 
     def options_used(self, *, has_bias: bool) -> frozenset[str]:
         """The names from ``OPTIONS`` this spec (and a bias, if given) actually exercises."""
         used = {"bias"} if has_bias else set()
-        if self.class_weight is not None:
-            used.add("class_weight")
+        for tensor_option in ("class_weight", "class_scale"):
+            if getattr(self, tensor_option) is not None:
+                used.add(tensor_option)
         for option in OPTION_DECLARATIONS:
             if option.spec_field is not None and getattr(self, option.spec_field) != option.default:
                 used.add(option.name)
@@ -181,13 +215,14 @@ class LossSpec:
         """A compact ``key=value`` list of the non-default options, for tables and reproducers."""
         parts = [f"reduction={self.reduction}"]
         for f in dataclasses.fields(self):
-            if f.name in ("reduction", "class_weight"):
+            if f.name == "reduction" or not f.compare or (f.name == "norm_eps" and self.norm is None):
                 continue
             value = getattr(self, f.name)
             if value != f.default:
                 parts.append(f"{f.name}={value}")
-        if self.class_weight is not None:
-            parts.append("class_weight=<tensor>")
+        for tensor_option in ("class_scale", "class_weight"):
+            if getattr(self, tensor_option) is not None:
+                parts.append(f"{tensor_option}=<tensor>")
         return ", ".join(parts)
 
     def replace(self, **changes) -> LossSpec:
@@ -237,8 +272,10 @@ def validate_inputs(
         raise HarnessError(f"labels must be int64 (or int32) class indices, got {labels.dtype}")
     if bias is not None and tuple(bias.shape) != (vocab,):
         raise HarnessError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    if spec.class_weight is not None and tuple(spec.class_weight.shape) != (vocab,):
-        raise HarnessError(f"class_weight must have shape ({vocab},), got {tuple(spec.class_weight.shape)}")
+    for name, size in (("class_weight", vocab), ("class_scale", vocab), ("norm_weight", dim), ("norm_bias", dim)):
+        tensor = getattr(spec, name)
+        if tensor is not None and tuple(tensor.shape) != (size,):
+            raise HarnessError(f"{name} must have shape ({size},), got {tuple(tensor.shape)}")
     if check_label_values and labels.numel():
         bad = (labels != spec.ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):

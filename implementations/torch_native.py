@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.adapter import Availability, Capabilities, Implementation
-from harness.semantics import loss_from_logits
+from harness.semantics import apply_norm, loss_from_logits
 from harness.spec import OPTIONS, LossOutput, LossSpec
 
 RECOMPILE_LIMIT = 256
@@ -25,8 +25,9 @@ def eager_loss(
     spec: LossSpec,
     bias: torch.Tensor | None,
 ) -> LossOutput:
-    # The matmul runs in the input dtype; the softmax in float32, as `logits.float()` in HF models.
-    logits = F.linear(hidden, weight, bias).float()
+    # The norm and the matmul run in the input dtype; the softmax in float32, as `logits.float()`
+    # in HF models.
+    logits = F.linear(apply_norm(hidden, spec), weight, bias).float()
     return loss_from_logits(logits, labels, spec.replace(loss_div_factor=1.0))
 
 

@@ -29,6 +29,7 @@ OPTION_SPECS = {
     if option.spec_field is not None
 }
 OPTION_SPECS["class_weight"] = LossSpec(class_weight=torch.rand(VOCAB, generator=torch.Generator().manual_seed(1)) + 0.5)
+OPTION_SPECS["class_scale"] = LossSpec(class_scale=torch.rand(VOCAB, generator=torch.Generator().manual_seed(2)) + 0.5)
 
 
 def make_inputs(seed=0, tokens=TOKENS, ignore_index=-100):

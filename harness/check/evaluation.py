@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from harness.adapter import Implementation
 from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
 from harness.errors import HarnessError
-from harness.semantics import logits_with_terms, reference_loss
+from harness.semantics import NormTerms, in_float64, logits_with_terms, norm_with_terms, reference_loss
 from harness.spec import LossOutput, LossSpec, underflow, unit_roundoff
 
 
@@ -28,7 +28,7 @@ class CheckFailure(AssertionError):
 class Outcome:
     loss: torch.Tensor
     z_loss: torch.Tensor | None  # None when the implementation does not report it
-    grads: dict[str, torch.Tensor | None]  # "hidden", "weight", "bias" -> gradient (None: none arrived)
+    grads: dict[str, torch.Tensor | None]  # a name of GRADIENT_INPUTS -> gradient (None: none arrived)
     loss_dtype: torch.dtype
     # The dtype each result was returned in, by tensor name ("loss", "grad_weight", ...).
     dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
@@ -37,7 +37,7 @@ class Outcome:
     magnitudes: dict[str, torch.Tensor] | None = None
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
-        """Every compared tensor by name: loss, z_loss, grad_hidden, grad_weight, grad_bias."""
+        """Every compared tensor by name: loss, z_loss, grad_hidden, grad_weight, grad_bias, ..."""
         return {"loss": self.loss, "z_loss": self.z_loss, **{f"grad_{k}": v for k, v in self.grads.items()}}
 
 
@@ -110,11 +110,17 @@ def run_implementation(impl: Implementation, case: Case, *, device: str = "cpu",
 
 def logit_terms(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 logits of ``hidden`` (any shape ``(..., D)``) and the size of their terms when
-    computed in ``dtype`` (see ``harness.semantics.logits_with_terms``)."""
+    """Float64 logits of ``hidden`` (any shape ``(..., D)``, before the head's norm) and the size of
+    their terms when computed in ``dtype`` (see ``harness.semantics.logits_with_terms``)."""
     with torch.no_grad():
+        spec = in_float64(spec)
         bias = None if bias is None else bias.detach().double()
-        terms = logits_with_terms(hidden.detach().double(), weight.detach().double(), bias, spec, dtype)
+        hidden = hidden.detach().double()
+        hidden_terms = hidden.abs()
+        if spec.norm is not None:
+            norm = norm_with_terms(hidden, spec, hidden_terms)
+            hidden, hidden_terms = norm.output, norm.size
+        terms = logits_with_terms(hidden, weight.detach().double(), bias, spec, dtype, hidden_terms)
     return terms.logits, terms.size
 
 
@@ -141,7 +147,12 @@ def term_magnitudes(
     - a logit gradient rounded to the case's ``dtype`` may also lose up to ``underflow(dtype)``
       outright, whatever its size: that is ``underflow / u`` in units of the terms;
     - the gradients of hidden, weight and bias sum the logit gradients' terms against ``|W|``,
-      ``|H|`` and ones; a tied weight adds the embedding path's.
+      ``|H|`` and ones; a tied weight adds the embedding path's; a class scale's against the raw
+      logits' terms;
+    - a norm before the projection: its output's terms are ``harness.semantics.norm_with_terms``'s,
+      its weight's and bias's gradients sum the output gradient's terms against ``|x_hat|`` (plus
+      the input's terms over sigma) and ones, and its input's gradient takes them back through the
+      norm's Jacobian with every term positive (``norm_backward_terms``).
 
     Reductions sum the per-token terms with the reduction's weights, and the upstream gradients
     (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results.
@@ -158,7 +169,12 @@ def term_magnitudes(
             pre_activation = F.linear(embedded.abs(), layer.weight.detach().double().abs(),
                                       layer.bias.detach().double().abs())
             hidden_terms = (1 - hidden.square()) * pre_activation + hidden.abs()
-        head = logits_with_terms(hidden, weight, bias, spec, dtype, hidden_terms)
+        spec = in_float64(spec)
+        projected, projected_terms, norm = hidden, hidden_terms, None
+        if spec.norm is not None:
+            norm = norm_with_terms(hidden, spec, hidden_terms)
+            projected, projected_terms = norm.output, norm.size
+        head = logits_with_terms(projected, weight, bias, spec, dtype, projected_terms)
         logits, logit_size = head.logits, head.size
         probs, lse = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)
         lse_terms = (probs * logit_size).sum(-1) + lse.abs()
@@ -199,18 +215,37 @@ def term_magnitudes(
                                  + eps / vocab * class_weight[None, :] * valid[:, None])
             + (z_scale * 2 * z_mult)[:, None] * (lse.abs()[:, None] * prob_terms + probs * lse_terms[:, None])
         )
+        if head.class_scale_terms is not None:  # d(loss)/d(scale_j) = sum over tokens of dL/dz_j dz_j/ds_j
+            terms["grad_class_scale"] = (logit_grad * head.class_scale_terms).sum(dim=0)
         if head.chain_terms is not None:  # back through the head's options to the raw logits
             logit_grad = logit_grad * head.chain_terms
         logit_grad = logit_grad + underflow(dtype) / unit_roundoff(dtype)
         grad_hidden = logit_grad @ weight.abs()
-        terms["grad_hidden"] = grad_hidden.reshape(inputs.hidden.shape)
-        terms["grad_weight"] = logit_grad.t() @ hidden_terms
+        terms["grad_weight"] = logit_grad.t() @ projected_terms
         terms["grad_bias"] = logit_grad.sum(dim=0)
+        if norm is not None:  # back through the norm: its parameters', then its input's gradient
+            terms["grad_norm_weight"] = (grad_hidden * (norm.normalized.abs() + hidden_terms * norm.inverse_scale)).sum(0)
+            terms["grad_norm_bias"] = grad_hidden.sum(dim=0)
+            grad_hidden = norm_backward_terms(grad_hidden, norm, spec)
+        terms["grad_hidden"] = grad_hidden.reshape(inputs.hidden.shape)
         if inputs.model is not None:  # tied: the embedding path adds to the weight's gradient
             layer = inputs.model.layer.weight.detach().double().abs()
             embedding_rows = grad_hidden @ layer
             terms["grad_weight"] = terms["grad_weight"].index_add(0, inputs.token_ids.reshape(-1), embedding_rows)
         return terms
+
+
+def norm_backward_terms(grad_output_terms: torch.Tensor, norm: NormTerms, spec: LossSpec) -> torch.Tensor:
+    """The terms of a norm's input gradient, from those of its output gradient ``dy``.
+
+    ``dx = (g dy - mean(g dy) - x_hat mean(g dy x_hat)) / sigma`` for a LayerNorm, without the
+    middle term for an RMSNorm: each term taken positive.
+    """
+    gain = 1.0 if spec.norm_weight is None else spec.norm_weight.double().abs()
+    scaled = grad_output_terms * gain
+    projection = norm.normalized.abs() * (scaled * norm.normalized.abs()).mean(-1, keepdim=True)
+    centring = scaled.mean(-1, keepdim=True) if spec.norm == "layernorm" else 0.0
+    return (scaled + centring + projection) * norm.inverse_scale
 
 
 def run_reference(case: Case, **kwargs) -> Outcome:

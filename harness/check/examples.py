@@ -129,8 +129,13 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
         return at_scale_examples()
     if property_id == "autograd/grad-subsets":
         subsets = (("hidden",), ("weight", "bias"), ("bias",), ("weight",), ("hidden", "bias"))
-        return [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], bias=True,
-                           ignored="some", grads=grads, seed=310 + i) for i, grads in enumerate(subsets)]
+        plain = [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], bias=True,
+                            ignored="some", grads=grads, seed=310 + i) for i, grads in enumerate(subsets)]
+        # A whole head: its norm alone (frozen trunk and projection), or everything but the norm.
+        head_subsets = (("norm_weight", "norm_bias"), ("hidden", "weight", "class_scale"))
+        return plain + [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], norm="layernorm",
+                                   class_scale=True, ignored="some", grads=grads, seed=315 + i)
+                        for i, grads in enumerate(head_subsets)]
     if property_id == "autograd/tied-weights":
         return [Case.build(tokens=(65,), dim=33, vocab=129, dtype=dtype, tied=True, bias=True, ignored="some",
                            seed=320 + i) for i, dtype in enumerate(dtypes[:2])]

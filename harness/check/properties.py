@@ -1,7 +1,7 @@
 """The properties the gate checks, each a function of (implementation, case) that raises on failure.
 
-- Equivalence: loss, reported z-loss and the gradients of hidden, weight and bias match the
-  float64 reference within the tolerance of ``harness.check.tolerance``.
+- Equivalence: loss, reported z-loss and the gradients of hidden states and of every parameter of
+  the head (weight, bias, norm, class scale) match the float64 reference within the tolerance of ``harness.check.tolerance``.
 - The autograd contract: gradients reach exactly the inputs that require grad; a scaled loss
   scales every gradient; a second backward with ``retain_graph=True`` accumulates exactly twice
   the gradient; ``torch.no_grad()`` gives the same loss; inputs are not modified; a tied head
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.adapter import Implementation
-from harness.case import Case, Inputs, make_inputs
+from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
 from harness.check.known_failures import KnownFailure, Mismatch, explain
 from harness.check.evaluation import (
     CheckFailure,
@@ -111,14 +111,16 @@ def summation_lengths(case: Case, tensor: str) -> tuple[int, ...]:
     """The lengths of the sums a compared tensor depends on (the tolerance's summation floor).
 
     D for the logits and V for the softmax, always; N where the tokens are summed (a reduced loss,
-    the weight and bias gradients); V once more for the hidden-state gradient; D and N once more
-    for a tied weight's embedding path.
+    the gradients of the head's parameters); V once more for the gradient of the projection's input,
+    and D once more through a norm; D and N once more for a tied weight's embedding path.
     """
     dim, vocab, tokens = case.dim, case.vocab, case.num_tokens
     if tensor in ("loss", "z_loss"):
         return (dim, vocab) if case.reduction == "none" else (dim, vocab, tokens)
     if tensor == "grad_hidden":
-        return (dim, vocab, vocab)
+        return (dim, vocab, vocab, dim) if case.option("norm") else (dim, vocab, vocab)
+    if tensor in ("grad_norm_weight", "grad_norm_bias"):
+        return (dim, vocab, vocab, tokens)
     if tensor == "logits":
         return (dim,)
     if tensor == "grad_weight" and case.tied:
@@ -337,13 +339,8 @@ def check_no_grad(impl: Implementation, case: Case, ctx: CheckContext) -> None:
 def check_inputs_unchanged(impl: Implementation, case: Case, ctx: CheckContext) -> None:
     """Forward and backward leave every input bit-for-bit as it was."""
     inputs = make_inputs(case, device=ctx.device)
-    watched = {
-        "hidden": inputs.hidden,
-        "weight": inputs.weight,
-        "bias": inputs.bias,
-        "labels": inputs.labels,
-        "class_weight": inputs.spec.class_weight,
-    }
+    watched = {name: getattr(inputs, name) for name in GRADIENT_INPUTS}
+    watched.update(labels=inputs.labels, class_weight=inputs.spec.class_weight)
     before = {name: t.detach().clone() for name, t in watched.items() if t is not None}
     evaluate(implementation_loss(impl), inputs)
     problems = []

@@ -110,7 +110,7 @@ def cases(
     scale = 1.0 if is_tied else draw(st.sampled_from(LOGIT_SCALES))
     grads = GRADIENT_INPUTS
     if grad_subsets and not is_tied:
-        available = [g for g in GRADIENT_INPUTS if g != "bias" or fields.get("bias")]
+        available = Case.build(tokens=(1,), dim=1, vocab=2, **fields).parameters
         chosen = draw(st.sets(st.sampled_from(available), min_size=1))
         grads = tuple(g for g in GRADIENT_INPUTS if g in chosen)
     num_tokens = tokens[0] * (tokens[1] if len(tokens) == 2 else 1)
@@ -145,9 +145,9 @@ def fit_to(case: Case, support: Support) -> Case | None:
     for option in OPTION_DECLARATIONS:
         if option.name not in support.options:
             changes[option.name] = option.default
-    if "bias" in changes and case.grads == ("bias",):
-        changes["grads"] = ("weight",)  # without a bias, a frozen-backbone-and-head case trains the head
     fitted = case.replace(**changes)
+    if not set(fitted.grads) & set(fitted.parameters):  # what it trained is gone: it trains the head
+        fitted = fitted.replace(grads=("weight",))
     if fitted.ignored == "all" and fitted.reduction == "mean":
         fitted = fitted.replace(ignored="some")
     return fitted
