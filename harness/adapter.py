@@ -11,6 +11,11 @@ An implementation subclasses ``Implementation`` and provides:
 Callers use ``loss(...)``, which validates the inputs, flattens ``(B, T, D)`` inputs, refuses
 unsupported cases with ``UnsupportedCase``, applies ``loss_div_factor`` and restores the
 ``(B, T)`` shape of per-token losses, so that ``compute`` stays about the kernel alone.
+
+A whole head (a module with its own options, norm and conventions) sets ``takes_batches``: its
+``compute`` then gets the inputs as the caller gave them, ``(B, T, D)`` or ``(N, D)``, and
+returns losses in the labels' shape; with ``applies_loss_div_factor`` it divides by
+``loss_div_factor`` itself (through its own argument, e.g. HF's ``num_items_in_batch``).
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class Implementation:
     summary: str = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
     has_logits_path: bool = True  # ``logits()`` is the implementation's own head (checked by the gate)
+    takes_batches: bool = False  # ``compute`` gets (B, T, D) inputs unflattened (a whole head)
+    applies_loss_div_factor: bool = False  # ``compute`` divides by ``spec.loss_div_factor`` itself
 
     def availability(self) -> Availability:
         return Availability(True)
@@ -138,9 +145,12 @@ class Implementation:
         )
         if reason is not None:
             raise UnsupportedCase(reason)
-        out = self.compute(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), spec, bias)
+        if self.takes_batches:
+            out = self.compute(hidden, weight, labels, spec, bias)
+        else:
+            out = self.compute(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), spec, bias)
         loss, z_loss = out.loss, out.z_loss
-        if spec.loss_div_factor != 1.0:
+        if spec.loss_div_factor != 1.0 and not self.applies_loss_div_factor:
             loss = loss / spec.loss_div_factor
             z_loss = None if z_loss is None else z_loss / spec.loss_div_factor
         if spec.reduction == "none":
@@ -155,10 +165,11 @@ class Implementation:
         *,
         bias: torch.Tensor | None = None,
         spec: LossSpec | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """The head without labels (generation): logits of the last ``logits_to_keep`` positions,
-        under the head's options in ``spec`` (softcap; its loss options play no part)."""
+        """The head without labels (generation): logits of the positions ``logits_to_keep`` names (the
+        last ones for an int, 0 for all; a tensor of positions, see ``harness.semantics.head_logits``),
+        under the head's options in ``spec`` (norm, scales, softcap; its loss options play no part)."""
         return head_logits(hidden, weight, bias, spec, logits_to_keep=logits_to_keep)
 
     def __repr__(self) -> str:

@@ -156,7 +156,9 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
                 Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[0], bias=True, softcap=5.0, scale=16.0,
                            seed=361),
                 Case.build(tokens=(3, 33), dim=64, vocab=257, dtype=dtypes[1 % len(dtypes)], keep=33, seed=362),
-                Case.build(tokens=(2, 40), dim=33, vocab=65, dtype=dtypes[2 % len(dtypes)], keep=17, bias=True, seed=363)]
+                Case.build(tokens=(2, 40), dim=33, vocab=65, dtype=dtypes[2 % len(dtypes)], keep=17, bias=True, seed=363),
+                Case.build(tokens=(2, 33), dim=65, vocab=129, dtype=dtypes[1 % len(dtypes)], keep=5, norm="rmsnorm",
+                           class_scale=True, softcap=5.0, seed=364)]
     if property_id in ("autograd/scaled-loss", "autograd/retain-graph", "autograd/no-grad", "autograd/inputs-unchanged"):
         return _contract_examples(dtypes)
     return []

@@ -40,7 +40,7 @@ from harness.check.evaluation import (
 )
 from harness.check.tolerance import Allowance, Error, allowance, mismatch, output_roundings
 from harness.errors import HarnessError
-from harness.semantics import head_logits, reference_loss
+from harness.semantics import head_logits, keep_positions, reference_loss
 from implementations.torch_native import TorchEager
 
 YARDSTICK = TorchEager()
@@ -454,34 +454,47 @@ def check_permutation(impl: Implementation, case: Case, ctx: CheckContext) -> No
 # --- the logits path ------------------------------------------------------------------------------
 
 
+def kept_positions(case: Case) -> torch.Tensor:
+    """Positions for ``logits_to_keep`` as a tensor, from the case's seed: ``keep`` of them (all T when
+    0) in random order, ``(K,)`` for ``(N, D)`` inputs and one row per sequence, ``(B, K)``, for
+    ``(B, T, D)``."""
+    generator = torch.Generator().manual_seed(case.seed + 2)
+    length = case.tokens[-1]
+    count = case.keep or length
+    rows = [torch.randperm(length, generator=generator)[:count] for _ in case.tokens[:-1]]
+    return torch.stack(rows) if rows else torch.randperm(length, generator=generator)[:count]
+
+
 def check_logits(impl: Implementation, case: Case, ctx: CheckContext) -> None:
     """``logits(hidden, weight, bias=..., spec=..., logits_to_keep=k)``: the reference's logits of
-    the last k positions (all when k = 0), in the shape ``hidden.shape[:-2] + (k, V)``."""
+    the last k positions (all when k = 0), in the shape ``hidden.shape[:-2] + (k, V)``; and the
+    same for a tensor of positions in random order (see ``kept_positions``)."""
     inputs = make_inputs(case, device=ctx.device)
-    keep = case.keep
-
-    def logits_of(which: Implementation) -> torch.Tensor:
-        with torch.no_grad():
-            out = which.logits(inputs.hidden, inputs.weight, bias=inputs.bias, spec=inputs.spec,
-                               logits_to_keep=keep)
-        return out
-
-    got = logits_of(impl)
     reference_inputs = make_inputs(case, reference=True)
-    with torch.no_grad():
-        expected = head_logits(reference_inputs.hidden, reference_inputs.weight, reference_inputs.bias,
-                               reference_inputs.spec, logits_to_keep=keep)
-        hidden = reference_inputs.hidden[..., -keep:, :] if keep else reference_inputs.hidden
-        _, terms = logit_terms(hidden, reference_inputs.weight, reference_inputs.bias, reference_inputs.spec,
-                               case.torch_dtype)
-    if tuple(got.shape) != tuple(expected.shape):
-        message = f"logits: shape {tuple(got.shape)}, expected {tuple(expected.shape)} for logits_to_keep={keep}"
-        ctx.fail_if([Mismatch(ctx.property_id, case, "logits", message)])
-    eager_errors = None if is_yardstick(impl) else [Error.between(logits_of(YARDSTICK).detach().cpu(), expected, terms)]
-    allowed = allowed_error("logits", expected, terms, case, eager_errors, [got.dtype])
-    problem = mismatch("logits", got.detach().cpu(), expected, allowed)
-    if problem:
-        ctx.fail_if([Mismatch(ctx.property_id, case, "logits", problem, got, expected, allowed, terms)])
+    positions = kept_positions(case)
+    for keep in (case.keep, positions):
+
+        def logits_of(which: Implementation) -> torch.Tensor:
+            with torch.no_grad():
+                return which.logits(inputs.hidden, inputs.weight, bias=inputs.bias, spec=inputs.spec,
+                                    logits_to_keep=keep.to(ctx.device) if isinstance(keep, torch.Tensor) else keep)
+
+        got = logits_of(impl)
+        with torch.no_grad():
+            expected = head_logits(reference_inputs.hidden, reference_inputs.weight, reference_inputs.bias,
+                                   reference_inputs.spec, logits_to_keep=keep)
+            _, terms = logit_terms(keep_positions(reference_inputs.hidden, keep), reference_inputs.weight,
+                                   reference_inputs.bias, reference_inputs.spec, case.torch_dtype)
+        what = f"logits_to_keep={keep}" if isinstance(keep, int) else f"logits_to_keep=positions {keep.tolist()}"
+        if tuple(got.shape) != tuple(expected.shape):
+            message = f"logits: shape {tuple(got.shape)}, expected {tuple(expected.shape)} for {what}"
+            ctx.fail_if([Mismatch(ctx.property_id, case, "logits", message)])
+        eager_errors = None if is_yardstick(impl) else [Error.between(logits_of(YARDSTICK).detach().cpu(), expected,
+                                                                      terms)]
+        allowed = allowed_error("logits", expected, terms, case, eager_errors, [got.dtype])
+        problem = mismatch("logits", got.detach().cpu(), expected, allowed)
+        if problem:
+            ctx.fail_if([Mismatch(ctx.property_id, case, "logits", problem, got, expected, allowed, terms)], what)
 
 
 # --- the list the gate runs ------------------------------------------------------------------------
@@ -542,7 +555,8 @@ PROPERTIES = (
     Property("invariance/chunk-size", check_chunk_size, "the result does not depend on the chunk size",
              {"dtypes": ALL_DTYPES, "chunked": True}, share=0.5, needs_chunk_size=True),
     Property("logits/keep-last", check_logits,
-             "the generation path: logits of the last logits_to_keep positions match the reference",
+             "the generation path: logits of the last logits_to_keep positions, or of a tensor of positions, "
+             "match the reference",
              {"dtypes": ALL_DTYPES, "logits": True, "tied": False}, share=0.2, needs_logits=True),
 )
 
