@@ -28,7 +28,7 @@ from harness.errors import UnsupportedCase
 from harness.semantics import head_logits
 from harness.spec import OPTIONS, ORIGINAL_OPTIONS, REDUCTIONS, LossOutput, LossSpec, dtype_name, validate_inputs
 
-FAMILIES = ("native", "triton", "cuda", "distributed", "plugin")
+FAMILIES = ("native", "triton", "cuda", "distributed", "heads", "plugin")  # heads: real modules (OLMo-core, HF)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -11,6 +11,7 @@ from implementations.cce import CutCrossEntropy
 from implementations.chunked import Chunked
 from implementations.distributed import ChunkedVocabParallel, DTensorLossParallel, MegatronVocabParallel
 from implementations.liger import Liger
+from implementations.olmo_core import OlmoCoreFusedHead, OlmoCoreHead, OlmoCoreNormalizedHead
 from implementations.torch_linear_ce import TorchLinearCrossEntropy
 from implementations.torch_native import TorchCompile, TorchEager
 
@@ -29,4 +30,7 @@ def builtin_implementations() -> tuple[Implementation, ...]:
         DTensorLossParallel(),
         ChunkedVocabParallel(),
         MegatronVocabParallel(),
+        OlmoCoreHead(),
+        OlmoCoreFusedHead(),
+        OlmoCoreNormalizedHead(),
     )

@@ -40,7 +40,8 @@ def test_every_entry_names_built_ins_and_properties(known):
     if hasattr(known, "example"):
         property_id, case = known.example.split(": ")
         assert property_id in PROPERTY_IDS and parse_case(case)
-        assert (known.matches is None) != (known.extra is None), "a signature is a shape or an extra error"
+        signatures = [known.matches, known.extra, known.raises]
+        assert sum(s is not None for s in signatures) == 1, "a signature is a shape, an extra error or an exception"
     else:
         assert set(known.properties) <= set(PROPERTY_IDS) and known.error_type and known.message
 

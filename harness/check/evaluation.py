@@ -215,11 +215,13 @@ def term_magnitudes(
                                  + eps / vocab * class_weight[None, :] * valid[:, None])
             + (z_scale * 2 * z_mult)[:, None] * (lse.abs()[:, None] * prob_terms + probs * lse_terms[:, None])
         )
+        lost_to_underflow = underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
         if head.class_scale_terms is not None:  # d(loss)/d(scale_j) = sum over tokens of dL/dz_j dz_j/ds_j
-            terms["grad_class_scale"] = (logit_grad * head.class_scale_terms).sum(dim=0)
+            products = (logit_grad + lost_to_underflow) * head.class_scale_terms + lost_to_underflow
+            terms["grad_class_scale"] = products.sum(dim=0)
         if head.chain_terms is not None:  # back through the head's options to the raw logits
             logit_grad = logit_grad * head.chain_terms
-        logit_grad = logit_grad + underflow(dtype) / unit_roundoff(dtype)
+        logit_grad = logit_grad + lost_to_underflow
         grad_hidden = logit_grad @ weight.abs()
         terms["grad_weight"] = logit_grad.t() @ projected_terms
         terms["grad_bias"] = logit_grad.sum(dim=0)

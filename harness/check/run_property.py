@@ -24,7 +24,7 @@ from hypothesis import given, reject, seed
 from harness.adapter import Implementation
 from harness.case import Case
 from harness.check.examples import fitted_examples
-from harness.check.known_failures import known_failures, known_limitations
+from harness.check.known_failures import Mismatch, known_failures, known_limitations
 from harness.check.evaluation import CheckFailure
 from harness.check.profiles import Profile
 from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
@@ -152,7 +152,12 @@ class _Run:
             return
         except (CheckFailure, CaseRejected, HarnessError):
             raise
-        except Exception as exc:  # noqa: BLE001 - an error is a failure unless a known limitation says so
+        except Exception as exc:  # noqa: BLE001 - an error is a failure unless a known entry says so
+            known = next((k for k in self.ctx.known_failures if k.explains_error(exc)), None)
+            if known is not None:
+                message = f"raised {type(exc).__name__}: {exc}"
+                self.ctx.observed.append((known, Mismatch(self.prop.id, case, "error", message)))
+                return
             limitation = next((k for k in self.limitations if k.matches(self.prop.id, exc)), None)
             if limitation is None:
                 raise
@@ -205,12 +210,14 @@ def run_property(
             continue
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its reproducer
             return result(FAIL, describe_failure(exc), reproducer(target.given, prop.id, case))
+        if not run.passed and any(known.raises for known, _ in run.ctx.observed):
+            break  # a known failure that raises: every further case would raise it again
         seconds.append(time.perf_counter() - case_started)
 
     fraction = prop.share / TOTAL_SHARE
     drawn = profile.drawn_examples(fraction, statistics.fmean(seconds) if seconds else None)
-    if run.refused and not run.passed:
-        drawn = 0  # every explicit example was refused: drawn cases would only repeat the refusal
+    if (run.refused or run.ctx.observed) and not run.passed:
+        drawn = 0  # every explicit example was refused or failed as known: drawn cases would only repeat it
 
     # The speed of the explicit examples is an estimate: an implementation that compiles for every
     # new guard (torch.compile) ran them from its cache, and pays a compile per drawn case. So the
