@@ -393,6 +393,8 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
         bias = torch.randn(case.vocab, generator=generator, dtype=torch.float64) * (case.scale / 2) if has_bias else None
         if case.logits == "peaked":
             hidden = peaked_hidden(hidden, weight, labels, case)
+        if case.option("norm") is not None:
+            hidden = hidden * norm_input_scales(case)
         # Round to the case's dtype first, so the reference sees exactly the candidate's inputs.
         hidden, weight = (t.to(dtype).to(device, work_dtype) for t in (hidden, weight))
         bias = None if bias is None else bias.to(dtype).to(device, work_dtype)
@@ -410,6 +412,18 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
             tensor.requires_grad_()
         gradient_inputs[name] = tensor
     return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs, model, token_ids)
+
+
+def norm_input_scales(case: Case) -> torch.Tensor:
+    """A scale per token, 10^-3 to 10^0.5, for the hidden states a norm takes.
+
+    A norm does not see the scale of its input, except through its epsilon: a mean square near
+    ``norm_eps`` is where an epsilon in the wrong place, or statistics in a low precision, show.
+    Drawn from a generator of their own, so the other tensors are those of the case without a norm.
+    """
+    generator = torch.Generator().manual_seed(case.seed + 0x4E4F524D)
+    exponent = torch.rand(*case.tokens, 1, generator=generator, dtype=torch.float64) * 3.5 - 3.0
+    return 10.0**exponent
 
 
 def _head_parameters(case: Case, generator: torch.Generator, device: str, dtype: torch.dtype) -> dict:

@@ -13,7 +13,7 @@ import csv
 import pytest
 
 from harness.cli import main
-from tests import subtle_bugs
+from tests import subtle_bugs, subtle_head_bugs
 
 BUG_NAMES = [bug.__name__ for bug in subtle_bugs.BUGS]
 
@@ -52,5 +52,33 @@ def test_the_correct_fused_kernel_passes_the_full_ci_gate(tmp_path):
     status = main(["check", "--profile", "ci", "--no-behaviour", "--impl", "tests.subtle_bugs:fused_chunked",
                    "--out", str(tmp_path)])
     statuses = property_statuses(tmp_path)["tests.subtle_bugs:fused_chunked"]
+    assert status == 0, statuses
+    assert set(statuses.values()) <= {"pass", "n/a"}
+
+
+# --- a whole head's bugs (tests/subtle_head_bugs.py) -------------------------------------------------
+
+HEAD_BUGS = list(subtle_head_bugs.BUGS)
+
+
+@pytest.fixture(scope="module")
+def head_bug_statuses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("subtle-head-bugs")
+    impls = [arg for name in HEAD_BUGS for arg in ("--impl", f"tests.subtle_head_bugs:{name}")]
+    status = main(["check", "--profile", "ci", "--max-examples", "0", "--no-behaviour", *impls, "--out", str(out)])
+    assert status == 1
+    return property_statuses(out)
+
+
+@pytest.mark.parametrize("bug", HEAD_BUGS)
+def test_the_ci_gate_rejects_a_subtle_bug_of_a_head(head_bug_statuses, bug):
+    statuses = head_bug_statuses[f"tests.subtle_head_bugs:{bug}"]
+    assert "fail" in statuses.values(), f"{bug} ({subtle_head_bugs.BUGS[bug]}) passed: {statuses}"
+
+
+def test_the_correct_head_passes_the_full_ci_gate(tmp_path):
+    status = main(["check", "--profile", "ci", "--no-behaviour", "--impl", "tests.subtle_head_bugs:correct_head",
+                   "--out", str(tmp_path)])
+    statuses = property_statuses(tmp_path)["tests.subtle_head_bugs:correct_head"]
     assert status == 0, statuses
     assert set(statuses.values()) <= {"pass", "n/a"}
