@@ -10,6 +10,7 @@ from harness.adapter import Implementation
 from implementations.cce import CutCrossEntropy
 from implementations.chunked import Chunked
 from implementations.distributed import ChunkedVocabParallel, DTensorLossParallel, MegatronVocabParallel
+from implementations.hf_heads import hf_implementations
 from implementations.liger import Liger
 from implementations.torch_linear_ce import TorchLinearCrossEntropy
 from implementations.torch_native import TorchCompile, TorchEager
@@ -29,4 +30,5 @@ def builtin_implementations() -> tuple[Implementation, ...]:
         DTensorLossParallel(),
         ChunkedVocabParallel(),
         MegatronVocabParallel(),
+        *hf_implementations(),
     )
