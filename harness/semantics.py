@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from harness.errors import HarnessError
 from harness.spec import LossOutput, LossSpec, underflow, unit_roundoff
 
 
@@ -99,6 +100,10 @@ def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> 
     if isinstance(logits_to_keep, torch.Tensor):
         if logits_to_keep.dim() == 1:
             return hidden.index_select(-2, logits_to_keep)
+        if hidden.dim() != 3 or logits_to_keep.dim() != 2 or logits_to_keep.shape[0] != hidden.shape[0]:
+            # gather would take a (1, K) index for (B, T, D) hidden states as the first sequence's only
+            raise HarnessError(f"logits_to_keep positions of shape {tuple(logits_to_keep.shape)} for hidden states "
+                               f"{tuple(hidden.shape)}: expected (K,) or, for (B, T, D), (B, K)")
         index = logits_to_keep.unsqueeze(-1).expand(*logits_to_keep.shape, hidden.shape[-1])
         return hidden.gather(-2, index)
     return hidden[..., -logits_to_keep:, :] if logits_to_keep else hidden

@@ -10,6 +10,7 @@ from harness.adapter import Implementation
 from implementations.cce import CutCrossEntropy
 from implementations.chunked import Chunked
 from implementations.distributed import ChunkedVocabParallel, DTensorLossParallel, MegatronVocabParallel
+from implementations.hf_heads import hf_implementations
 from implementations.liger import Liger
 from implementations.olmo_core import OlmoCoreFusedHead, OlmoCoreHead, OlmoCoreNormalizedHead
 from implementations.torch_linear_ce import TorchLinearCrossEntropy
@@ -33,4 +34,5 @@ def builtin_implementations() -> tuple[Implementation, ...]:
         OlmoCoreHead(),
         OlmoCoreFusedHead(),
         OlmoCoreNormalizedHead(),
+        *hf_implementations(),
     )

@@ -9,7 +9,7 @@ import pytest
 from harness.case import parse_case
 from harness.check.run_property import FAIL, PASS, UNSUPPORTED, Target, run_case, run_property
 from harness.check.profiles import get_profile
-from harness.check.properties import Property, check_equivalence, find_property
+from harness.check.properties import Property, check_equivalence, find_property, kept_positions
 from harness.check.support_probe import discover_support
 from harness.registry import resolve
 
@@ -142,6 +142,14 @@ def test_the_result_does_not_depend_on_the_chunk_size():
         assert_passes("chunked", "invariance/chunk-size", f"N=13,D=5,V=129,chunk={chunk},seed=9")
     assert_passes(BROKEN + "dropped_last_chunk", "invariance/chunk-size", "N=12,D=5,V=129,chunk=4,seed=9")
     assert_fails(BROKEN + "dropped_last_chunk", "invariance/chunk-size", "N=13,D=5,V=129,chunk=4,seed=9", "loss")
+
+
+def test_the_logits_path_is_checked_with_positions_of_each_sequence():
+    """A tensor ``logits_to_keep`` is ``(K,)`` for ``(N, D)`` inputs and one row per sequence, ``(B, K)``,
+    for ``(B, T, D)`` inputs."""
+    assert kept_positions(parse_case("N=7,D=5,V=11,keep=2,seed=1")).shape == (2,)
+    assert kept_positions(parse_case("B=3,T=7,D=5,V=11,keep=2,seed=1")).shape == (3, 2)
+    assert_passes("torch-eager", "logits/keep-last", "B=3,T=7,D=5,V=11,keep=2,seed=1")
 
 
 # --- support and Hypothesis ------------------------------------------------------------------------

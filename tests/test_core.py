@@ -292,6 +292,17 @@ class TestUnsupportedAndInference:
         assert logits.shape == (2, 1, VOCAB)
         torch.testing.assert_close(logits[:, 0], hidden[:, -1] @ weight.T)
 
+    def test_logits_to_keep_positions_are_given_per_sequence(self):
+        """``(B, K)`` positions pick K positions of each sequence; a ``(1, K)`` tensor for two sequences
+        is refused, where ``gather`` would silently return the first sequence's only."""
+        hidden = torch.randn(2, 5, DIM)
+        weight = torch.randn(VOCAB, DIM)
+        positions = torch.tensor([[4, 0], [1, 2]])
+        logits = resolve("torch-eager").logits(hidden, weight, logits_to_keep=positions)
+        torch.testing.assert_close(logits[1], hidden[1, [1, 2]] @ weight.T)
+        with pytest.raises(HarnessError, match=r"expected \(K,\) or, for \(B, T, D\), \(B, K\)"):
+            resolve("torch-eager").logits(hidden, weight, logits_to_keep=positions[:1])
+
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=300)

@@ -332,6 +332,16 @@ KNOWN_FAILURES = (
         extra=_softcap_in_the_input_dtype,
         devices=("cpu",),
     ),
+    KnownFailure(
+        ("hf-gemma2",),
+        "transformers 5.23's Gemma2ForCausalLM soft-caps the logits in the model's dtype (modeling_gemma2.py: "
+        "logits / final_logit_softcapping, tanh, * final_logit_softcapping on the lm_head output) and upcasts "
+        "only in the loss (ForCausalLMLoss: logits.float()), where torch-eager caps the float32 logits",
+        "bfloat16/float16 with a softcap: results off by up to three input-dtype roundings of their terms",
+        "equivalence/bfloat16: B=2,T=37,D=65,V=257,dtype=bfloat16,reduction=mean,softcap=30.0,ignored=some,"
+        "scale=16.0,seed=2153",
+        extra=_softcap_in_the_input_dtype,
+    ),
 )
 
 # Every property that runs a backward (the class-weight bug of loss_parallel shows in each of them).

@@ -461,8 +461,9 @@ def kept_positions(case: Case) -> torch.Tensor:
     generator = torch.Generator().manual_seed(case.seed + 2)
     length = case.tokens[-1]
     count = case.keep or length
-    rows = [torch.randperm(length, generator=generator)[:count] for _ in case.tokens[:-1]]
-    return torch.stack(rows) if rows else torch.randperm(length, generator=generator)[:count]
+    if len(case.tokens) == 1:
+        return torch.randperm(length, generator=generator)[:count]
+    return torch.stack([torch.randperm(length, generator=generator)[:count] for _ in range(case.tokens[0])])
 
 
 def check_logits(impl: Implementation, case: Case, ctx: CheckContext) -> None:
