@@ -227,6 +227,7 @@ def _megatron_import_error() -> str | None:
 
 MEGATRON_UNSUPPORTED = {
     "z_loss": "vocab_parallel_cross_entropy computes the cross-entropy only (Megatron's z-loss is the MoE router's)",
+    "logit_scale": "neither vocab_parallel_cross_entropy nor Megatron-core 0.16.1's output layer scales the logits",
     "class_weight": "vocab_parallel_cross_entropy takes no class weights",
 }
 
