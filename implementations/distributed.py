@@ -9,7 +9,9 @@ logits, and the softmax's maximum, sum and target logit are all-reduced. The imp
 - ``chunked-vocab-parallel``: the project's chunked loss with the weight sharded by vocabulary,
   written from the math in ``implementations.vocab_parallel.ranks``: every option;
 - ``megatron-vocab-parallel``: Megatron-core's ``vocab_parallel_cross_entropy``, when
-  megatron-core is installed (an optional extra: it installs and imports on a CPU).
+  megatron-core is installed (the ``megatron`` extra, part of ``all``: it installs and imports on
+  a CPU). Its label smoothing is local to each rank's shard: a known failure of the gate
+  (``harness.check.known_failures``).
 
 How they run: ``compute`` hands each rank its shard through a persistent pool of P processes
 (``implementations.vocab_parallel.pool``; gloo on CPU, NCCL on GPUs) and wraps the result in an
@@ -227,6 +229,7 @@ def _megatron_import_error() -> str | None:
 
 MEGATRON_UNSUPPORTED = {
     "z_loss": "vocab_parallel_cross_entropy computes the cross-entropy only (Megatron's z-loss is the MoE router's)",
+    "logit_scale": "neither vocab_parallel_cross_entropy nor Megatron-core 0.16.1's output layer scales the logits",
     "class_weight": "vocab_parallel_cross_entropy takes no class weights",
 }
 

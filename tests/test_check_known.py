@@ -7,10 +7,12 @@ way is a failure. A known limitation (an error raised on purpose) makes a case u
 when the error is of its type and says its message.
 """
 
+import math
+
 import pytest
 import torch
 
-from harness.case import parse_case
+from harness.case import make_inputs, parse_case
 from harness.check.run_property import FAIL, KNOWN_FAILURE, UNSUPPORTED, Target, run_case
 from harness.check.known_failures import KNOWN_FAILURES, KNOWN_LIMITATIONS, Mismatch, explain, known_failures
 from harness.check.properties import PROPERTY_IDS, find_property
@@ -90,6 +92,37 @@ def test_a_precision_signature_excuses_its_own_error_size_only():
     assert explain(mismatch_with(reference + 3 * u), (entry,)) == (entry,)
     assert explain(mismatch_with(reference + 0.2), (entry,)) == ()  # far more than chunks x u
     assert explain(mismatch_with(reference + 3 * u, tensor="grad_hidden"), (entry,)) == ()  # not accumulated
+
+
+def test_the_megatron_signatures_excuse_its_shard_local_smoothing_and_nothing_else():
+    """megatron-core's smoothing is rank 0's shard-local loss (``megatron_loss_model``), +inf only where a
+    probability may underflow; the model needs no megatron-core, so this runs everywhere."""
+    from harness.check.evaluation import run_reference
+    from harness.check.known_failures import megatron_loss_model
+
+    local, underflow = [k for k in KNOWN_FAILURES if "megatron-vocab-parallel" in k.implementations]
+
+    def mismatch_with(case, smoothing=0.1, factor=1.0, first=None):
+        """The model's loss (with another smoothing, times ``factor``, its first token set to ``first``)."""
+        ref, inputs = run_reference(case), make_inputs(case, reference=True)
+        spec = inputs.spec.replace(label_smoothing=smoothing)
+        actual = (megatron_loss_model(inputs.hidden, inputs.weight, inputs.labels, spec, None).loss * factor).detach()
+        if first is not None:
+            actual[0] = first
+        terms = ref.magnitudes["loss"]
+        allowed = allowance([Error(1e-7, 1e-7)], ref.loss, terms, torch.float32, [torch.float32], [10])
+        return Mismatch("equivalence/float32", case, "loss", "differs", actual.float(), ref.loss, allowed, terms)
+
+    both = (local, underflow)
+    ordinary = parse_case("N=6,D=5,V=8,reduction=none,label_smoothing=0.1,scale=16.0,seed=0")  # P = 2, K = 4
+    assert explain(mismatch_with(ordinary), both) == (local,)
+    assert explain(mismatch_with(ordinary, factor=1.001), both) == ()
+    # PyTorch's smoothing handed to Megatron unconverted (the adapter's old bug) is not the signature.
+    assert explain(mismatch_with(ordinary, smoothing=0.1 * 8 / 7), both) == ()
+    assert explain(mismatch_with(ordinary, first=math.inf), both) == ()  # no probability underflows there
+    spread = parse_case("N=6,D=5,V=8,reduction=none,label_smoothing=0.1,scale=100.0,seed=0")  # logits past 103
+    assert explain(mismatch_with(spread, first=math.inf), both) == (underflow,)
+    assert explain(mismatch_with(spread, first=math.nan), both) == ()
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,26 @@ def test_dtensor_declares_label_smoothing_unsupported_with_the_reason():
     assert "loss_parallel" in reasons["label_smoothing"]
 
 
+def test_megatron_leaves_out_an_ignored_token_whose_smoothed_loss_is_inf():
+    """Megatron's smoothing takes the log of the probabilities, +inf where one underflows (a known
+    failure); an ignored token's +inf is left out of the loss, not multiplied by 0 into NaN. The rest
+    is Megatron's shard-local smoothing (P = 2, K = 2), with PyTorch's smoothing converted."""
+    from harness.check.known_failures import megatron_loss_model
+
+    impl = resolve("megatron-vocab-parallel")
+    if not impl.availability().available:
+        pytest.skip(impl.availability().detail)
+    hidden = torch.tensor([[0.01], [1.0]], requires_grad=True)
+    weight = torch.tensor([[0.0], [200.0], [1.0], [2.0]], requires_grad=True)  # token 1: logits 0 and 200 on rank 0
+    labels = torch.tensor([1, -100])
+    spec = LossSpec(label_smoothing=0.1)
+    loss = impl.loss(hidden, weight, labels, spec).loss
+    loss.backward()
+    expected = megatron_loss_model(hidden.double(), weight.double(), labels, spec, None).loss
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
 def test_torchrun_sweep_job_records_time_per_rank_memory_and_bytes_communicated():
     """P = 3 ranks under torchrun; the chunked loss's collectives are known exactly: the class-weight
     and owner all-reduce (2 (N + 1) floats), per chunk the max (N) and the packed sums (3 N), and the

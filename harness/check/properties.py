@@ -382,7 +382,7 @@ def check_tied_weights(impl: Implementation, case: Case, ctx: CheckContext) -> N
 # --- invariances ---------------------------------------------------------------------------------
 
 
-def _token_groups(case: Case, parts: int) -> list[torch.Tensor]:
+def token_groups(case: Case, parts: int) -> list[torch.Tensor]:
     """A permutation of the flat token positions from the case's seed, cut into ``parts`` groups."""
     generator = torch.Generator().manual_seed(case.seed + 1)
     order = torch.randperm(case.num_tokens, generator=generator)
@@ -415,7 +415,7 @@ def check_sum_split(impl: Implementation, case: Case, ctx: CheckContext) -> None
         whole = run_implementation(which, case, device=ctx.device)
         inputs = make_inputs(case, device=ctx.device)
         total = torch.zeros((), dtype=torch.float64)
-        for index in _token_groups(case, 2):
+        for index in token_groups(case, 2):
             part = _loss_on_tokens(which, inputs, index, ctx.device).loss
             total = total + part.detach().double().cpu()
             if inputs.gradient_inputs:
@@ -432,7 +432,7 @@ def check_permutation(impl: Implementation, case: Case, ctx: CheckContext) -> No
     """Permuting the tokens permutes the ``none`` losses; the gradients are unchanged."""
     if case.reduction != "none" or case.tied:
         raise HarnessError("the permutation property needs an untied case with reduction=none")
-    (order,) = _token_groups(case, 1)
+    (order,) = token_groups(case, 1)
 
     def sides(which: Implementation) -> Sides:
         plain = run_implementation(which, case, device=ctx.device)

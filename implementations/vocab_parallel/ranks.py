@@ -16,7 +16,8 @@ the head weight (and of the bias and class weights). Three ways to compute the l
   backward inside the context, as its documentation requires. A softcap is applied elementwise to
   the local logits; the z-loss is ``torch.logsumexp`` of the DTensor.
 - ``megatron``: Megatron-core's ``vocab_parallel_cross_entropy`` on ``(N, 1, V_r)`` logits; the
-  caller masks ignored tokens and reduces, as Megatron's trainers do.
+  caller masks ignored tokens and reduces, as Megatron's trainers do, and converts PyTorch's label
+  smoothing to Megatron's convention (``megatron_smoothing``).
 
 A label that no rank owns (out of range) makes every rank raise the same ``IndexError``, after the
 all-reduce that finds it, so no rank is left waiting in a collective.
@@ -316,6 +317,13 @@ def _use_megatron_group(where: Group) -> None:
     parallel_state.set_tensor_model_parallel_rank(where.rank)
 
 
+def megatron_smoothing(label_smoothing: float, vocab: int) -> float:
+    """Megatron's ``label_smoothing`` for PyTorch's: Megatron (after NeMo) gives the target 1 - a and
+    every other class a / (V - 1), PyTorch the target 1 - e + e / V and every class e / V, the same
+    distribution when a = e (V - 1) / V (with one rank, Megatron then returns F.cross_entropy's loss)."""
+    return label_smoothing * (vocab - 1) / vocab
+
+
 def megatron_loss(request: Request, where: Group) -> Reply:
     """Megatron-core's ``vocab_parallel_cross_entropy``; ignored tokens masked and the loss reduced
     by the caller, as Megatron's trainers do with their loss mask."""
@@ -332,8 +340,11 @@ def megatron_loss(request: Request, where: Group) -> Reply:
         if spec.softcap is not None:
             logits = spec.softcap * torch.tanh(logits / spec.softcap)
         per_token = vocab_parallel_cross_entropy(logits[:, None, :], torch.where(valid, labels, 0)[:, None],
-                                                 spec.label_smoothing)[:, 0]
-        loss = _reduce_like_loss(per_token * valid, valid, spec.reduction)
+                                                 megatron_smoothing(spec.label_smoothing, request.vocab))[:, 0]
+        # Selected, not multiplied by the mask: an ignored token's loss may be inf (smoothing takes the
+        # log of probabilities that underflow), and inf x 0 would make the whole loss NaN.
+        per_token = torch.where(valid, per_token, 0.0)
+        loss = _reduce_like_loss(per_token, valid, spec.reduction)
         if grad_enabled:
             (loss * request.upstream.float()).sum().backward()
     grad_h = None
