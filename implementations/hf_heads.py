@@ -143,7 +143,7 @@ def head_only(spec: LossSpec | None) -> LossSpec:
 class HFHead(Implementation):
     """A transformers causal-LM model's own head and loss (see the module docstring)."""
 
-    family = "native"
+    family = "heads"
     takes_batches = True  # HF models take (B, T, D); (N, D) inputs run as one sequence
     applies_loss_div_factor = True  # through num_items_in_batch
 
