@@ -250,6 +250,16 @@ def _z_loss_of_ignored_tokens_kept(m: Mismatch) -> bool:
     return mismatch(m.tensor, m.actual, expected, widened) is None
 
 
+def _class_scale_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
+    """The logits rounded to the input dtype, then multiplied by the class scale and rounded again:
+    one more rounding of every logit, so of the terms of every result."""
+    tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_class_scale")
+    sides = _sides(m, tensors, ("bfloat16", "float16"))
+    if not sides or not m.case.option("class_scale"):
+        return None
+    return sides * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+
+
 # OLMo-core's heads whose loss is its own cross_entropy_loss (the fused one's is Liger-Kernel's).
 OLMO_CORE_LOSS = ("olmo-core", "olmo-core-normalized")
 
@@ -403,6 +413,15 @@ KNOWN_FAILURES = (
         "reduction none with z-loss: the results are those of a z-loss counted at ignored tokens too",
         "equivalence/float32: B=2,T=9,D=33,V=257,dtype=float32,reduction=none,z_loss=0.01,ignored=some,seed=4",
         matches=_z_loss_of_ignored_tokens_kept,
+    ),
+    KnownFailure(
+        ("olmo-core-normalized",),
+        "ai2-olmo-core 3.0.0's NormalizedLMHead multiplies the logits by sz in the model's dtype "
+        "(lm_head.py: logits = sz * self.w_out(x)) and upcasts only in the loss, where torch-eager scales the "
+        "float32 logits: one more rounding of every logit in bfloat16 and float16",
+        "bfloat16/float16 with a class scale: results off by up to one more input-dtype rounding of their terms",
+        "equivalence/bfloat16: N=1,D=1,V=3,dtype=bfloat16,reduction=mean,class_scale=1,seed=0",
+        extra=_class_scale_in_the_input_dtype,
     ),
     KnownFailure(
         ("olmo-core-fused",),

@@ -182,7 +182,7 @@ def allowed_error(
     each side, None when torch-eager itself is judged)."""
     roundings = output_roundings(name, case.option("loss_div_factor") != 1)
     return allowance(eager_errors, expected, terms, case.torch_dtype, out_dtypes, summation_lengths(case, name),
-                     roundings, inherited=case.tied)
+                     roundings, inherited=case.tied or case.option("norm") is not None)
 
 
 def compare_to_reference(
