@@ -28,13 +28,26 @@ def property_statuses(out_dir) -> dict[str, dict[str, str]]:
     return statuses
 
 
+def explicit_example_statuses(out_dir, plugins: list[str]) -> dict[str, dict[str, str]]:
+    """The statuses of the plugins on the CI profile's explicit examples (the gate fails: bugs)."""
+    impls = [arg for plugin in plugins for arg in ("--impl", plugin)]
+    status = main(["check", "--profile", "ci", "--max-examples", "0", "--no-behaviour", *impls, "--out", str(out_dir)])
+    assert status == 1
+    return property_statuses(out_dir)
+
+
+def full_gate_statuses(out_dir, plugin: str) -> dict[str, str]:
+    """The statuses of one plugin on the whole CI-profile gate, which it must pass."""
+    status = main(["check", "--profile", "ci", "--no-behaviour", "--impl", plugin, "--out", str(out_dir)])
+    statuses = property_statuses(out_dir)[plugin]
+    assert status == 0, statuses
+    return statuses
+
+
 @pytest.fixture(scope="module")
 def bug_statuses(tmp_path_factory):
-    out = tmp_path_factory.mktemp("subtle-bugs")
-    impls = [arg for name in BUG_NAMES for arg in ("--impl", f"tests.subtle_bugs:{name}")]
-    status = main(["check", "--profile", "ci", "--max-examples", "0", "--no-behaviour", *impls, "--out", str(out)])
-    assert status == 1
-    return property_statuses(out)
+    return explicit_example_statuses(tmp_path_factory.mktemp("subtle-bugs"),
+                                     [f"tests.subtle_bugs:{name}" for name in BUG_NAMES])
 
 
 def test_there_are_at_least_twenty_bugs_each_its_own_plugin():
@@ -49,10 +62,7 @@ def test_the_ci_gate_rejects_a_subtle_bug(bug_statuses, bug):
 
 
 def test_the_correct_fused_kernel_passes_the_full_ci_gate(tmp_path):
-    status = main(["check", "--profile", "ci", "--no-behaviour", "--impl", "tests.subtle_bugs:fused_chunked",
-                   "--out", str(tmp_path)])
-    statuses = property_statuses(tmp_path)["tests.subtle_bugs:fused_chunked"]
-    assert status == 0, statuses
+    statuses = full_gate_statuses(tmp_path, "tests.subtle_bugs:fused_chunked")
     assert set(statuses.values()) <= {"pass", "n/a"}
 
 
@@ -63,11 +73,8 @@ HEAD_BUGS = list(subtle_head_bugs.BUGS)
 
 @pytest.fixture(scope="module")
 def head_bug_statuses(tmp_path_factory):
-    out = tmp_path_factory.mktemp("subtle-head-bugs")
-    impls = [arg for name in HEAD_BUGS for arg in ("--impl", f"tests.subtle_head_bugs:{name}")]
-    status = main(["check", "--profile", "ci", "--max-examples", "0", "--no-behaviour", *impls, "--out", str(out)])
-    assert status == 1
-    return property_statuses(out)
+    return explicit_example_statuses(tmp_path_factory.mktemp("subtle-head-bugs"),
+                                     [f"tests.subtle_head_bugs:{name}" for name in HEAD_BUGS])
 
 
 @pytest.mark.parametrize("bug", HEAD_BUGS)
@@ -77,8 +84,5 @@ def test_the_ci_gate_rejects_a_subtle_bug_of_a_head(head_bug_statuses, bug):
 
 
 def test_the_correct_head_passes_the_full_ci_gate(tmp_path):
-    status = main(["check", "--profile", "ci", "--no-behaviour", "--impl", "tests.subtle_head_bugs:correct_head",
-                   "--out", str(tmp_path)])
-    statuses = property_statuses(tmp_path)["tests.subtle_head_bugs:correct_head"]
-    assert status == 0, statuses
+    statuses = full_gate_statuses(tmp_path, "tests.subtle_head_bugs:correct_head")
     assert set(statuses.values()) <= {"pass", "n/a"}
