@@ -42,6 +42,9 @@ BLOCK_EDGE_SHAPES = (
     ((300,), 96, 1023),
     ((255,), 257, 65),
 )
+# 2 x 2 x 3 x 11: divisible by the 2 and 3 ranks of the distributed family, and past 128 (a block edge).
+VOCAB_DIVIDED_BY_RANKS = 132
+
 # Shapes for the option examples: each past a 64-wide block in N, D and V.
 OPTION_SHAPES = (((67,), 72, 131), ((2, 37), 65, 257), ((70,), 96, 193), ((129,), 66, 129))
 
@@ -116,6 +119,10 @@ def _contract_examples(dtypes: tuple[str, ...], **extra) -> list[Case]:
         fields = {**variant, **extra}
         cases.append(Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtypes[i % len(dtypes)],
                                 ignored="some", seed=300 + i, **fields))
+    # A vocabulary that 2 and 3 divide: a vocab-parallel kernel that needs V divisible by its P
+    # ranks (Megatron's) refuses the others.
+    cases.append(Case.build(tokens=(66,), dim=65, vocab=VOCAB_DIVIDED_BY_RANKS, dtype=dtypes[0], ignored="some",
+                            seed=303, **extra))
     return cases
 
 
@@ -141,6 +148,8 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
                            seed=320 + i) for i, dtype in enumerate(dtypes[:2])]
     if property_id == "invariance/sum-split":
         return [Case.build(tokens=(67,), dim=72, vocab=131, dtype=dtypes[0], reduction="sum", ignored="some", seed=330),
+                Case.build(tokens=(67,), dim=65, vocab=VOCAB_DIVIDED_BY_RANKS, dtype=dtypes[0], reduction="sum",
+                           ignored="some", seed=332),
                 Case.build(tokens=(2, 40), dim=65, vocab=257, dtype=dtypes[1 % len(dtypes)], reduction="sum",
                            bias=True, z_loss=1e-2, ignored="some", seed=331)]
     if property_id == "invariance/permutation":
