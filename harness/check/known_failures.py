@@ -260,6 +260,16 @@ def _class_scale_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
     return sides * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
 
 
+def _strided_head_linear_rounds_twice(m: Mismatch) -> torch.Tensor | None:
+    """The matmul rounded to the input dtype before the bias is added: one more rounding of every
+    logit, so of the terms of every result."""
+    tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias", "grad_norm_weight", "grad_norm_bias")
+    sides = _sides(m, tensors, ("bfloat16", "float16"))
+    if not sides or not (m.case.strided and m.case.option("bias")):
+        return None
+    return sides * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+
+
 # OLMo-core's heads whose loss is its own cross_entropy_loss (the fused one's is Liger-Kernel's).
 OLMO_CORE_LOSS = ("olmo-core", "olmo-core-normalized")
 
@@ -413,6 +423,18 @@ KNOWN_FAILURES = (
         "reduction none with z-loss: the results are those of a z-loss counted at ignored tokens too",
         "equivalence/float32: B=2,T=9,D=33,V=257,dtype=float32,reduction=none,z_loss=0.01,ignored=some,seed=4",
         matches=_z_loss_of_ignored_tokens_kept,
+    ),
+    KnownFailure(
+        ("olmo-core",),
+        "torch 2.13's F.linear on a CPU, for a (B, T, D) input (what LMHead's w_out gets) with a non-contiguous "
+        "weight and bias, rounds the matmul to the input dtype before adding the bias (with contiguous ones, or "
+        "the (N, D) input torch-eager flattens to, it rounds once): one more rounding of every logit in "
+        "bfloat16 and float16",
+        "CPU, bfloat16/float16, strided inputs with a bias: results off by up to one more input-dtype rounding "
+        "of their terms",
+        "equivalence/bfloat16: N=1,D=1,V=140,dtype=bfloat16,reduction=mean,bias=1,scale=100.0,strided=1,seed=0",
+        extra=_strided_head_linear_rounds_twice,
+        devices=("cpu",),
     ),
     KnownFailure(
         ("olmo-core-normalized",),
