@@ -3,9 +3,10 @@
 Tokens are processed in chunks. Each chunk's logits are written by the matmul into one float32
 buffer, which two steps turn, in place, into the gradient of the logits:
 
-1. row statistics: the options that change the logits (``_to_logits_``), then an in-place
-   ``softmax`` (one exp per logit), from which the loss, the z-loss and the log-sum-exp are read
-   per token (logsumexp = z_y - log p_y);
+1. row statistics: the options that change the logits (the logit scale, and a softcap's 1 / cap,
+   as the matmul's own scalar factor; then ``_to_logits_``), an in-place ``softmax`` (one exp per
+   logit), from which the loss, the z-loss and the log-sum-exp are read per token
+   (logsumexp = z_y - log p_y);
 2. the gradient, divided by its per-token scale alpha: the label's and the smoothing's terms and
    the chain rule of the options that changed the logits. alpha itself is applied on the
    matmuls' small operands (rows of grad_hidden; a scaled (tokens, D) copy of the chunk's hidden
@@ -16,9 +17,9 @@ accumulators for weight and bias). Peak extra memory is the chunk's buffers, siz
 relative to the lower bound (the gradients of hidden and weight), plus the gradients themselves.
 
 With ``reduction="mean"``/``"sum"`` the gradients are computed in the forward (the upstream
-gradient is a scalar, applied in backward). With ``reduction="none"`` the upstream gradient is
-per token, so the forward computes the losses only and backward recomputes each chunk with it
-(as Liger-Kernel does).
+gradient is a scalar, applied in backward unless it is 1 and on the CPU). With
+``reduction="none"`` the upstream gradient is per token, so the forward computes the losses only
+and backward recomputes each chunk with it (as Liger-Kernel does).
 
 Gradient of the per-token loss with respect to the logits z, with p = softmax(z), target y, class
 weights w (all ones without ``class_weight``), smoothing eps, V classes and z-loss multiplier m:
@@ -27,7 +28,7 @@ weights w (all ones without ``class_weight``), smoothing eps, V classes and z-lo
              + 2 * m * logsumexp(z) * p_j
 
 then multiplied by d(logits)/d(raw matmul output): the logit scale s, and 1 - tanh(s raw / cap)^2
-with a softcap.
+with a softcap (tanh kept in a second float32 buffer for it).
 
 Low-precision inputs (bfloat16, float16): statistics and gradient are computed in the float32
 buffer; the gradient is written into a buffer of the input dtype for the two gradient matmuls.
@@ -57,7 +58,10 @@ CHUNK_BUDGET_FRACTION = 1.0
 # (V, D) weight-gradient accumulator, which small chunks do not repay. On the 2-core CPU machine
 # under load, V = 16384, D = 64, N = 1024 took 275 ms in 15 chunks and 133 ms in 2 (torch-eager
 # 315 ms); V = 128256, D = 64, N = 1024 took 1.46 s in 16 chunks of 64 tokens (torch-eager 1.99 s).
-MIN_CHUNK_BUFFER_BYTES = 32 * 2**20
+# It stays below 32 MiB, the largest allocation glibc serves from the heap: a larger buffer is
+# mapped afresh on every call, and each of its 4 KiB pages faults on first touch (about 1 us a
+# page on the CPU machine: 8 ms a call for 32 MiB), where a heap buffer's pages are reused.
+MIN_CHUNK_BUFFER_BYTES = 31 * 2**20
 
 # Below this many tokens per chunk the matmuls turn skinny; a case whose budget allows fewer takes
 # the memory.
@@ -70,8 +74,8 @@ def lower_bound_bytes(num_tokens: int, vocab: int, dim: int, itemsize: int, has_
 
 
 def buffer_bytes_per_token(vocab: int, dtype: torch.dtype, spec: LossSpec, want_grad: bool) -> int:
-    """Bytes of chunk buffers per token: float32 logits, plus (with gradients) the softcap's chain-rule
-    factor in float32 and, for low-precision inputs, the gradient in the input dtype."""
+    """Bytes of chunk buffers per token: float32 logits, plus (with gradients) the softcap's tanh in
+    float32, kept for its chain rule, and, for low-precision inputs, the gradient in the input dtype."""
     per_class = 4
     if want_grad and spec.softcap is not None:
         per_class += 4
@@ -96,61 +100,120 @@ def default_chunk_size(
 
 @dataclass(frozen=True)
 class _Batch:
-    """What every chunk needs from the whole batch, computed once from the labels before any chunk."""
+    """What every chunk needs from the whole batch, computed once from the labels before any chunk.
+
+    Per-token values that enter a chunk's arithmetic are (N, 1) columns, the shape its gathers give
+    and its (tokens, V) and (tokens, D) operands broadcast against: no reshaping per chunk."""
 
     valid: torch.Tensor  # (N,) bool: the label is not ignore_index
-    safe_labels: torch.Tensor  # (N,) int64: ignored labels replaced by 0, so they can index
+    safe_labels: torch.Tensor  # (N, 1) int64: ignored labels replaced by 0, so they can index
     num_valid: torch.Tensor  # z-loss's mean denominator
     ce_denominator: torch.Tensor  # cross-entropy's mean denominator (the labels' class weights)
-    class_weight: torch.Tensor | None  # float32, on the device
-    smoothing_weights: torch.Tensor | None  # (V,) float32: w, or ones; only with label smoothing
+    label_weights: torch.Tensor | None  # (N, 1) float32: the labels' class weights w_y; only with class_weight
+    smoothing_weights: torch.Tensor | None  # (V, 1) float32: w, or ones; only with label smoothing
+    smoothing_sum: torch.Tensor | int | None  # sum(w), V without class_weight; only with label smoothing
 
     @staticmethod
     def of(labels: torch.Tensor, spec: LossSpec, vocab: int) -> _Batch:
         valid = labels != spec.ignore_index
-        safe = torch.where(valid, labels, 0).long()
+        safe = (labels * valid).long()[:, None]  # ignored labels times 0
         num_valid = valid.sum().to(torch.float32)
-        class_weight = None if spec.class_weight is None else spec.class_weight.to(labels.device, torch.float32)
-        ce_denominator = num_valid if class_weight is None else (class_weight[safe] * valid).sum()
-        smoothing = None
+        class_weight = label_weights = None
+        ce_denominator = num_valid
+        if spec.class_weight is not None:
+            class_weight = spec.class_weight.to(labels.device, torch.float32)
+            label_weights = class_weight[safe]
+            ce_denominator = (label_weights[:, 0] * valid).sum()
+        smoothing = smoothing_sum = None
         if spec.label_smoothing:
-            smoothing = class_weight if class_weight is not None else torch.ones(vocab, device=labels.device)
-        return _Batch(valid, safe, num_valid, ce_denominator, class_weight, smoothing)
+            if class_weight is None:
+                smoothing, smoothing_sum = torch.ones(vocab, 1, device=labels.device), vocab
+            else:
+                smoothing, smoothing_sum = class_weight[:, None], class_weight.sum()
+        return _Batch(valid, safe, num_valid, ce_denominator, label_weights, smoothing, smoothing_sum)
 
 
-def _to_logits_(raw: torch.Tensor, spec: LossSpec, factor: torch.Tensor | None):
-    """Turn the matmul's output into the logits the softmax sees, in place, and return the chain
-    rule d(logits)/d(raw) as (a scalar, an elementwise factor or None).
+@dataclass(frozen=True)
+class _GradientTerms:
+    """Per-token coefficients of d(loss)/d(logits) = alpha p - beta [j == y] - gamma w_j (before the
+    softcap's chain rule), (N, 1) columns computed for every token of the pass at once rather than
+    per chunk. alpha's z-loss part, 2 m s z_scale logsumexp, needs the token's logsumexp and is
+    completed per chunk. ce_scale and z_scale are d(loss)/d(the token's cross-entropy, z-loss term):
+    the reduction and, with reduction="none", the upstream gradient; s is the logit scale."""
 
-    Every option that changes the logits is applied here and nowhere else; ``factor`` is the
-    buffer for the elementwise part (None when no gradient is wanted).
-    """
-    scale = spec.logit_scale
-    if spec.softcap is None:
-        if scale != 1.0:
-            raw.mul_(scale)
-        return scale, None
-    tanh = raw.mul_(scale / spec.softcap).tanh_()  # the logit scale, then the softcap: one pass
-    if factor is not None:
-        # d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2, in one pass.
-        torch.addcmul(torch.ones((), device=raw.device), tanh, tanh, value=-1, out=factor)
-    raw.mul_(spec.softcap)
-    return scale, factor
+    softmax: torch.Tensor  # alpha without the z-loss: s ce_scale ((1 - eps) w_y + eps / V sum(w))
+    label: torch.Tensor | None  # beta = s ce_scale (1 - eps) w_y; None where it equals alpha (no eps, no m)
+    smoothing: torch.Tensor | None  # gamma = s ce_scale eps / V; only with label smoothing
+    z_loss: torch.Tensor | None  # 2 m s z_scale; only with z-loss
 
-
-def _logits_matmul(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``out`` (float32) = hidden @ weight.T + bias."""
-    if hidden.dtype == out.dtype:
-        if bias is None:
-            torch.mm(hidden, weight.t(), out=out)
+    @staticmethod
+    def of(batch: _Batch, spec: LossSpec, vocab: int, token_scale: torch.Tensor | None) -> _GradientTerms:
+        eps, m, scale = spec.label_smoothing, spec.z_loss_multiplier, spec.logit_scale
+        valid = batch.valid[:, None]
+        if spec.reduction == "mean":
+            ce_scale = torch.where(valid, batch.ce_denominator.reciprocal(), 0.0)
+            z_scale = torch.where(valid, batch.num_valid.reciprocal(), 0.0) if m else None
         else:
-            torch.addmm(bias, hidden, weight.t(), out=out)
-    elif out.is_cuda:
+            ce_scale = z_scale = valid.float()
+        if token_scale is not None:
+            upstream = token_scale.float()[:, None]
+            ce_scale = ce_scale * upstream
+            z_scale = z_scale * upstream if m else None
+        # Without class weights the factors are numbers, and a factor of 1 is not multiplied in.
+        label = scale * (1 - eps) if batch.label_weights is None else scale * (1 - eps) * batch.label_weights
+        softmax = label + scale * eps / vocab * batch.smoothing_sum if eps else label
+        return _GradientTerms(
+            softmax=ce_scale if isinstance(softmax, float) and softmax == 1.0 else ce_scale * softmax,
+            label=ce_scale * label if eps or m else None,
+            smoothing=ce_scale * (scale * eps / vocab) if eps else None,
+            z_loss=z_scale * (2 * m * scale) if m else None,
+        )
+
+
+def _matmul_scale(spec: LossSpec) -> float:
+    """The factor on the raw logits that the logits matmul applies itself (its alpha and, with a bias,
+    its beta), so that it costs no pass of its own: the logit scale, over the softcap with one."""
+    return spec.logit_scale if spec.softcap is None else spec.logit_scale / spec.softcap
+
+
+def _to_logits_(scaled: torch.Tensor, spec: LossSpec, tanh: torch.Tensor | None) -> None:
+    """Turn the logits matmul's output (raw times ``_matmul_scale``) into the logits the softmax
+    sees, in place. With a softcap, ``tanh`` (None when no gradient is wanted) keeps
+    tanh(s raw / cap) for ``_apply_softcap_chain_rule_``."""
+    if spec.softcap is None:
+        return
+    if tanh is None:
+        scaled.tanh_().mul_(spec.softcap)
+    else:
+        torch.tanh(scaled, out=tanh)
+        torch.mul(tanh, spec.softcap, out=scaled)
+
+
+def _apply_softcap_chain_rule_(grad: torch.Tensor, tanh: torch.Tensor) -> None:
+    """grad *= d(cap tanh(x / cap))/dx = 1 - tanh(x / cap)^2, in one pass (tanh's own backward op)."""
+    torch.ops.aten.tanh_backward.grad_input(grad, tanh, grad_input=grad)
+
+
+def _logits_matmul(
+    out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> None:
+    """``out`` (float32) = (hidden @ weight.T + bias) * scale."""
+    if hidden.dtype == out.dtype:
+        if bias is not None:
+            torch.addmm(bias, hidden, weight.t(), beta=scale, alpha=scale, out=out)
+        elif scale == 1.0:
+            torch.mm(hidden, weight.t(), out=out)
+        else:  # with beta = 0 the matmul ignores out's old contents, NaNs included
+            out.addmm_(hidden, weight.t(), beta=0, alpha=scale)
+        return
+    if out.is_cuda:
         torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
         if bias is not None:
             out.add_(bias)
     else:  # no mixed-dtype matmul on the CPU: round to the input dtype first, as torch-eager does
         out.copy_(torch.nn.functional.linear(hidden, weight, bias))
+    if scale != 1.0:
+        out.mul_(scale)
 
 
 def _accumulate_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor, first: bool) -> None:
@@ -167,128 +230,131 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, hidden: to
         torch.addmm(grad_w, grad.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
 
 
-def _rows_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec):
-    """logsumexp of a few rows' logits, recomputed from scratch."""
+def _rows_label_log_probability(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec
+):
+    """log p at the label of a few rows, z_y - logsumexp(z), recomputed from their logits."""
     logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
-    _logits_matmul(logits, hidden, weight, bias)
+    _logits_matmul(logits, hidden, weight, bias, _matmul_scale(spec))
     _to_logits_(logits, spec, None)
-    return torch.logsumexp(logits, 1)
+    return logits.gather(1, labels) - torch.logsumexp(logits, 1, keepdim=True)
 
 
-# Below this, p at the label has lost precision to float32's subnormals (or underflowed to 0), so
-# the token's logsumexp is recomputed from its logits instead of read off p at the label.
-TINY_PROBABILITY = 1e-30
+# Below this log p at the label, p has lost precision to float32's subnormals (or underflowed to
+# 0), so the token's log p at the label is recomputed from its logits instead of read off p.
+LOG_TINY_PROBABILITY = math.log(1e-30)
 
 
 def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_scale=None):
-    """Run every chunk; return per-token (ce, z) before any reduction and the requested gradients
-    (float32 accumulators for weight and bias)."""
+    """Run every chunk; return per-token (ce, z) before any reduction (z is None without z-loss) and
+    the requested gradients (float32 accumulators for weight and bias)."""
     # One contiguous copy per pass, if any, instead of a strided matmul (or a copy) per chunk.
     hidden, weight = hidden.contiguous(), weight.contiguous()
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
+    eps, m = spec.label_smoothing, spec.z_loss_multiplier
     need_h, need_w, need_b = needs
     want_grad = need_h or need_w or need_b
-    ce_all = torch.empty(num_tokens, dtype=torch.float32, device=device)
-    z_all = torch.empty_like(ce_all)
+    ce_all = torch.empty(num_tokens, 1, dtype=torch.float32, device=device)
+    z_all = torch.empty_like(ce_all) if m else None
     grad_h = torch.empty_like(hidden) if need_h else None
     # Zeros only for an empty batch: otherwise the first chunk's matmul overwrites them.
     new_accumulator = torch.zeros if num_tokens == 0 else torch.empty
     grad_w = new_accumulator(weight.shape, dtype=torch.float32, device=device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     if num_tokens == 0:
-        return ce_all, z_all, grad_h, grad_w, grad_b
+        return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
     if chunk_size is None:
         chunk_size = default_chunk_size(
             num_tokens, vocab, hidden.shape[1], dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad
         )
     rows = min(chunk_size, num_tokens)
-    # The chunk's buffers, allocated once and reused by every chunk.
-    logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    factor_buf = torch.empty_like(logits_buf) if want_grad and spec.softcap is not None else None
+    # The chunk's buffers, allocated once and reused by every chunk. The float32 ones (logits, and a
+    # softcap's tanh) are one allocation: glibc returns the heap's free top to the system once it
+    # exceeds a threshold that adapts to twice the largest allocation freed, which two equal buffers
+    # freed together exceed, and the next call would fault all their pages in again.
+    keep_tanh = want_grad and spec.softcap is not None
+    float_bufs = torch.empty(2 if keep_tanh else 1, rows, vocab, dtype=torch.float32, device=device)
+    logits_buf, tanh_buf = float_bufs[0], float_bufs[1] if keep_tanh else None
     low_precision = dtype != torch.float32
     grad_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if want_grad and low_precision else None
     hidden_for_w = hidden.float() if need_w and low_precision and device.type != "cuda" else hidden
+    matmul_scale = _matmul_scale(spec)
+    if want_grad:
+        terms = _GradientTerms.of(batch, spec, vocab, token_scale)
+        if terms.label is None:  # beta = alpha: the gradient over alpha is p - 1 at the label
+            minus_ones = torch.full((rows, 1), -1.0, device=device)
 
-    eps, m = spec.label_smoothing, spec.z_loss_multiplier
-    cw = batch.class_weight
-    weight_sum = vocab if cw is None else cw.sum()
     for start in range(0, num_tokens, rows):
         end = min(start + rows, num_tokens)
         z = logits_buf[: end - start]
-        _logits_matmul(z, hidden[start:end], weight, bias)
-        scale, factor = _to_logits_(z, spec, None if factor_buf is None else factor_buf[: end - start])
+        tanh = None if tanh_buf is None else tanh_buf[: end - start]
+        _logits_matmul(z, hidden[start:end], weight, bias, matmul_scale)
+        _to_logits_(z, spec, tanh)
 
         # Row statistics: softmax in place (each exp computed once); logsumexp = z_y - log p_y.
-        y = batch.safe_labels[start:end, None]
-        z_y = z.gather(1, y).squeeze(1)
-        weight_y = 1.0 if cw is None else cw[y.squeeze(1)]
+        y = batch.safe_labels[start:end]
+        if eps or m:  # the label's logit, before the softmax overwrites it
+            z_y = z.gather(1, y)
         if eps:  # -sum_j w_j log p_j = sum(w) (lse - max) - sum_j w_j (z_j - max): shifted, so no large sums cancel
-            shift = z.amax(1)
-            shifted_dot = z.sub_(shift[:, None]) @ batch.smoothing_weights
+            shift = z.amax(1, keepdim=True)
+            shifted_dot = z.sub_(shift) @ batch.smoothing_weights
         torch.softmax(z, 1, out=z)
-        log_p_y = z.gather(1, y).squeeze(1).log()
-        tiny = (log_p_y < math.log(TINY_PROBABILITY)).nonzero().squeeze(1)
-        if tiny.numel():
-            token = tiny + start
-            lse_tiny = _rows_logsumexp(hidden[token], weight, bias, spec)
-            log_p_y[tiny] = z_y[tiny] - lse_tiny
-        lse = z_y - log_p_y
-        ce = (1 - eps) * weight_y * -log_p_y
+        log_p_y = z.gather(1, y).log_()
+        if log_p_y.amin().item() < LOG_TINY_PROBABILITY:
+            tiny = (log_p_y[:, 0] < LOG_TINY_PROBABILITY).nonzero()[:, 0]
+            log_p_y[tiny] = _rows_label_log_probability(hidden[tiny + start], y[tiny], weight, bias, spec)
+        ce = torch.neg(log_p_y, out=ce_all[start:end])
+        if batch.label_weights is not None:
+            ce.mul_(batch.label_weights[start:end])
         if eps:
-            ce = ce + eps / vocab * (weight_sum * ((z_y - shift) - log_p_y) - shifted_dot)
-        ce_all[start:end] = ce
-        z_all[start:end] = m * lse.square()
+            ce.mul_(1 - eps).add_(eps / vocab * (batch.smoothing_sum * ((z_y - shift) - log_p_y) - shifted_dot))
+        if m:
+            lse = z_y - log_p_y
+            torch.mul(lse.square(), m, out=z_all[start:end])
         if not want_grad:
             continue
 
-        # Per-token scale of each loss term: the reduction, and the upstream gradient with "none".
-        valid = batch.valid[start:end]
-        if spec.reduction == "mean":
-            ce_scale = torch.where(valid, 1 / batch.ce_denominator, 0.0)
-            z_scale = torch.where(valid, 1 / batch.num_valid, 0.0)
-        else:
-            ce_scale = z_scale = valid.float()
-        if token_scale is not None:
-            upstream = token_scale[start:end].float()
-            ce_scale, z_scale = ce_scale * upstream, z_scale * upstream
         # d(loss)/dz = alpha * p - beta at the label - gamma * w. The buffer holds it divided by
         # alpha, which is applied on the matmuls' small operands instead of in a pass of its own.
-        alpha = scale * (ce_scale * ((1 - eps) * weight_y + eps / vocab * weight_sum) + 2 * m * lse * z_scale)
-        nonzero = alpha != 0
-        inverse = torch.where(nonzero, 1 / torch.where(nonzero, alpha, 1.0), 0.0)
-        beta = scale * ce_scale * (1 - eps) * weight_y
-
+        alpha = terms.softmax[start:end]
+        if m:
+            alpha = alpha + terms.z_loss[start:end] * lse
         grad = z  # p, turned in place into the gradient over alpha
-        grad.scatter_add_(1, y, -(beta * inverse)[:, None])
-        if eps:
-            grad.addr_(scale * ce_scale * (eps / vocab) * inverse, batch.smoothing_weights, alpha=-1)
-        if factor is not None:
-            grad.mul_(factor)
+        if terms.label is None:
+            grad.scatter_add_(1, y, minus_ones[: end - start])
+        else:
+            inverse = torch.where(alpha != 0, alpha.reciprocal(), 0.0)
+            grad.scatter_add_(1, y, -(terms.label[start:end] * inverse))
+            if eps:
+                grad.addmm_(terms.smoothing[start:end] * inverse, batch.smoothing_weights.t(), alpha=-1)
+        if tanh is not None:
+            _apply_softcap_chain_rule_(grad, tanh)
 
         if need_b:
-            grad_b.addmv_(grad.t(), alpha)
+            grad_b.addmv_(grad.t(), alpha[:, 0])
         if grad_buf is not None:  # the copy to the input dtype applies alpha on the way
-            matmul_grad = torch.mul(grad, alpha[:, None], out=grad_buf[: end - start])
+            matmul_grad = torch.mul(grad, alpha, out=grad_buf[: end - start])
             if need_h:
                 torch.mm(matmul_grad, weight, out=grad_h[start:end])
             if need_w:
                 on_cuda = hidden_for_w.dtype != torch.float32
                 _accumulate_weight_grad(grad_w, matmul_grad if on_cuda else grad,
-                                        hidden[start:end] if on_cuda else hidden_for_w[start:end] * alpha[:, None],
+                                        hidden[start:end] if on_cuda else hidden_for_w[start:end] * alpha,
                                         first=start == 0)
         else:
             if need_h:
-                torch.mm(grad, weight, out=grad_h[start:end]).mul_(alpha[:, None])
+                torch.mm(grad, weight, out=grad_h[start:end]).mul_(alpha)
             if need_w:
-                _accumulate_weight_grad(grad_w, grad, hidden[start:end] * alpha[:, None], first=start == 0)
-    return ce_all, z_all, grad_h, grad_w, grad_b
+                _accumulate_weight_grad(grad_w, grad, hidden[start:end] * alpha, first=start == 0)
+    return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
 
 
 def _reduce(ce, z, batch: _Batch, spec: LossSpec):
-    """The loss and z-loss from per-token terms, as ``harness.semantics.loss_from_logits`` reduces them."""
+    """The loss and z-loss from per-token terms (z None: no z-loss, its terms 0), as
+    ``harness.semantics.loss_from_logits`` reduces them."""
     ce = torch.where(batch.valid, ce, 0.0)
-    z = z * batch.valid
+    z = torch.zeros_like(ce) if z is None else z * batch.valid
     if spec.reduction == "sum":
         ce, z = ce.sum(), z.sum()
     elif spec.reduction == "mean":  # an empty or all-ignored batch gives 0/0 = NaN, as the reference
@@ -318,19 +384,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z_loss):
-        hidden, weight, bias, labels = ctx.saved_tensors
         if ctx.grads is not None:
             # The first backward takes the forward's gradients over: no copy, and autograd may
             # keep them as .grad, which later backwards accumulate into in place, so ctx lets go.
             grads, ctx.grads = ctx.grads, None
         else:  # reduction="none" (a per-token upstream gradient), or again through a retained graph
+            hidden, weight, bias, labels = ctx.saved_tensors
             batch = _Batch.of(labels, ctx.spec, weight.shape[0])
             upstream = grad_loss if ctx.defer else None
             _, _, *grads = _chunked_pass(
                 hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, token_scale=upstream
             )
         grad_h, grad_w, grad_b = grads
-        if not ctx.defer:  # in place: these buffers belong to this backward alone now
+        # The forward's gradients are for an upstream gradient of 1; scaled in place (these buffers
+        # belong to this backward alone now). The usual 1 is skipped where reading it is free (the
+        # CPU; a GPU would sync), sparing a pass over the (V, D) weight gradient.
+        if not ctx.defer and not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
             for grad in grads:
                 if grad is not None:
                     grad.mul_(grad_loss)
