@@ -124,6 +124,36 @@ def logit_terms(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return terms.logits, terms.size
 
 
+def _head_with_terms(inputs: Inputs, dtype: torch.dtype):
+    """The head's forward in float64 with the terms of every step (``term_magnitudes``' first part):
+    (hidden, its terms, weight, the float64 spec, the norm's terms or None, the projection input's
+    terms, the logits with their terms)."""
+    hidden = inputs.hidden.detach().double().reshape(-1, inputs.hidden.shape[-1])
+    weight = inputs.weight.detach().double()
+    bias = None if inputs.bias is None else inputs.bias.detach().double()
+    hidden_terms = hidden.abs()
+    if inputs.model is not None:  # tied: the hidden states are computed by the trunk, tanh(layer(embedding))
+        layer = inputs.model.layer
+        embedded = inputs.model.embedding.weight.detach().double()[inputs.token_ids.reshape(-1)]
+        pre_activation = F.linear(embedded.abs(), layer.weight.detach().double().abs(),
+                                  layer.bias.detach().double().abs())
+        hidden_terms = (1 - hidden.square()) * pre_activation + hidden.abs()
+    spec = in_float64(inputs.spec)
+    projected, projected_terms, norm = hidden, hidden_terms, None
+    if spec.norm is not None:
+        norm = norm_with_terms(hidden, spec, hidden_terms)
+        projected, projected_terms = norm.output, norm.size
+    head = logits_with_terms(projected, weight, bias, spec, dtype, projected_terms)
+    return hidden, hidden_terms, weight, spec, norm, projected_terms, head
+
+
+def largest_logit_terms(inputs: Inputs, dtype: torch.dtype) -> float:
+    """The largest terms of any logit of ``inputs`` (``L`` of ``term_magnitudes``' model)."""
+    with torch.no_grad():
+        size = _head_with_terms(inputs, dtype)[-1].size
+    return float(size.max()) if size.numel() else 0.0
+
+
 def term_magnitudes(
     inputs: Inputs, dtype: torch.dtype, *, loss_scale: float = 1.0, backward_calls: int = 1
 ) -> dict[str, torch.Tensor]:
@@ -157,24 +187,8 @@ def term_magnitudes(
     Reductions sum the per-token terms with the reduction's weights, and the upstream gradients
     (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results.
     """
-    spec = inputs.spec
     with torch.no_grad():
-        hidden = inputs.hidden.detach().double().reshape(-1, inputs.hidden.shape[-1])
-        weight = inputs.weight.detach().double()
-        bias = None if inputs.bias is None else inputs.bias.detach().double()
-        hidden_terms = hidden.abs()
-        if inputs.model is not None:  # tied: the hidden states are computed by the trunk, tanh(layer(embedding))
-            layer = inputs.model.layer
-            embedded = inputs.model.embedding.weight.detach().double()[inputs.token_ids.reshape(-1)]
-            pre_activation = F.linear(embedded.abs(), layer.weight.detach().double().abs(),
-                                      layer.bias.detach().double().abs())
-            hidden_terms = (1 - hidden.square()) * pre_activation + hidden.abs()
-        spec = in_float64(spec)
-        projected, projected_terms, norm = hidden, hidden_terms, None
-        if spec.norm is not None:
-            norm = norm_with_terms(hidden, spec, hidden_terms)
-            projected, projected_terms = norm.output, norm.size
-        head = logits_with_terms(projected, weight, bias, spec, dtype, projected_terms)
+        hidden, hidden_terms, weight, spec, norm, projected_terms, head = _head_with_terms(inputs, dtype)
         logits, logit_size = head.logits, head.size
         probs, lse = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)
         lse_terms = (probs * logit_size).sum(-1) + lse.abs()
