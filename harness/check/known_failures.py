@@ -204,7 +204,7 @@ def _softcap_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
     sides = _sides(m, tensors, ("bfloat16", "float16"))
     if not sides or m.case.option("softcap") is None:
         return None
-    return sides * 3 * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+    return sides * _logit_rounding_factor(m, 3) * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
 
 
 @functools.lru_cache(maxsize=8)
