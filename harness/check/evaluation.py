@@ -147,11 +147,11 @@ def _head_with_terms(inputs: Inputs, dtype: torch.dtype):
     return hidden, hidden_terms, weight, spec, norm, projected_terms, head
 
 
-def largest_logit_terms(inputs: Inputs, dtype: torch.dtype) -> float:
-    """The largest terms of any logit of ``inputs`` (``L`` of ``term_magnitudes``' model)."""
+def largest_logit(inputs: Inputs, dtype: torch.dtype) -> float:
+    """The largest magnitude of any logit of ``inputs``, after the head's options, in float64."""
     with torch.no_grad():
-        size = _head_with_terms(inputs, dtype)[-1].size
-    return float(size.max()) if size.numel() else 0.0
+        logits = _head_with_terms(inputs, dtype)[-1].logits
+    return float(logits.abs().max()) if logits.numel() else 0.0
 
 
 def term_magnitudes(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.case import Case, Inputs, make_inputs
-from harness.check.evaluation import evaluate, largest_logit_terms, term_magnitudes
+from harness.check.evaluation import evaluate, largest_logit, term_magnitudes
 from harness.check.tolerance import Allowance, mismatch
 from harness.semantics import apply_norm, in_float64, loss_from_logits, transform_logits
 from harness.spec import DTYPES, LossOutput, LossSpec, unit_roundoff
@@ -251,19 +251,19 @@ def _z_loss_of_ignored_tokens_kept(m: Mismatch) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _largest_logit_terms(case: Case) -> float:
-    return largest_logit_terms(make_inputs(case, reference=True), case.torch_dtype)
+def _largest_logit(case: Case) -> float:
+    return largest_logit(make_inputs(case, reference=True), case.torch_dtype)
 
 
 def _logit_rounding_factor(m: Mismatch, roundings: int) -> float:
     """How many roundings of their terms ``roundings`` more roundings of every logit cost a result.
 
-    The term model is linear: a relative error e of a logit of terms L moves its probability by
-    e L. That holds while e L is small; with logits of hundreds in bfloat16 a rounding moves one by
-    units, and its probability by a factor. Each logit moves by at most k u L_j and the
-    logsumexp by at most k u L_max, so a probability by a factor within exp(+-x), x = 2 k u L_max:
-    the linear k roundings, times (e^x - 1) / x (which is 1 + x/2 + ... for a small x)."""
-    x = 2 * roundings * unit_roundoff(m.case.torch_dtype) * _largest_logit_terms(m.case)
+    The term model is linear: a relative error e of a logit moves its probability by about e times
+    the logit. That holds while the product is small; with logits of hundreds in bfloat16 a rounding
+    moves one by units, and its probability by a factor. k roundings move each logit z_j by at most
+    k u |z_j| and the logsumexp by at most k u max|z|, so a probability by a factor within exp(+-x),
+    x = 2 k u max|z|: the linear k roundings, times (e^x - 1) / x (1 + x/2 + ... for a small x)."""
+    x = 2 * roundings * unit_roundoff(m.case.torch_dtype) * _largest_logit(m.case)
     return roundings * (math.expm1(x) / x if x > 1e-12 else 1.0)
 
 
