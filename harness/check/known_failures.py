@@ -201,10 +201,9 @@ def _softcap_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
     """x / cap, its tanh and the product by cap each rounded to the input dtype: up to three
     roundings of every capped logit, so of the terms of every result."""
     tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
-    sides = _sides(m, tensors, ("bfloat16", "float16"))
-    if not sides or m.case.option("softcap") is None:
+    if m.case.option("softcap") is None:
         return None
-    return sides * _logit_rounding_factor(m, 3) * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+    return _extra_logit_roundings(m, tensors, 3)
 
 
 @functools.lru_cache(maxsize=8)
@@ -267,6 +266,16 @@ def _logit_rounding_factor(m: Mismatch, roundings: int) -> float:
     return roundings * (math.expm1(x) / x if x > 1e-12 else 1.0)
 
 
+def _extra_logit_roundings(m: Mismatch, tensors: tuple[str, ...], roundings: int, backward: int = 0):
+    """The extra of ``roundings`` more input-dtype roundings of every logit (bfloat16, float16), for a
+    mismatch of one of ``tensors``, plus ``backward`` more roundings of the result's own terms."""
+    sides = _sides(m, tensors, ("bfloat16", "float16"))
+    if not sides:
+        return None
+    factor = _logit_rounding_factor(m, roundings) + backward
+    return sides * factor * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+
+
 def _class_scale_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
     """The logits rounded to the input dtype, then multiplied by the class scale and rounded again:
     one more rounding of every logit, so of the terms of every result. The class scale's own
@@ -275,22 +284,19 @@ def _class_scale_in_the_input_dtype(m: Mismatch) -> torch.Tensor | None:
     roundings of each of its terms; the raw logits' gradient, the logits' gradient times the scale,
     is rounded once more than torch-eager's, so one more for hidden's and the weight's."""
     tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_class_scale")
-    sides = _sides(m, tensors, ("bfloat16", "float16"))
-    if not sides or not m.case.option("class_scale"):
+    if not m.case.option("class_scale"):
         return None
     backward = {"grad_class_scale": 2, "grad_hidden": 1, "grad_weight": 1}.get(m.tensor, 0)
-    roundings = _logit_rounding_factor(m, 1) + backward
-    return sides * roundings * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+    return _extra_logit_roundings(m, tensors, 1, backward)
 
 
 def _strided_head_linear_rounds_twice(m: Mismatch) -> torch.Tensor | None:
     """The matmul rounded to the input dtype before the bias is added: one more rounding of every
     logit, so of the terms of every result."""
     tensors = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias", "grad_norm_weight", "grad_norm_bias")
-    sides = _sides(m, tensors, ("bfloat16", "float16"))
-    if not sides or not (m.case.strided and m.case.option("bias")):
+    if not (m.case.strided and m.case.option("bias")):
         return None
-    return sides * _logit_rounding_factor(m, 1) * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
+    return _extra_logit_roundings(m, tensors, 1)
 
 
 # OLMo-core's heads whose loss is its own cross_entropy_loss (the fused one's is Liger-Kernel's).
