@@ -36,6 +36,10 @@ On CUDA the logits matmul writes float32 directly and the weight gradient is acc
 float32 by the matmul itself (``out_dtype``); PyTorch's CPU matmuls have no ``out_dtype``, so
 there the logits are rounded to the input dtype first (as torch-eager's are) and the weight
 gradient is accumulated from the float32 buffer and a float32 copy of hidden made once per pass.
+
+Float32 on the CPU: the matmuls go through oneDNN where torch has it (``harness.onednn``), in
+blocks of classes, since it runs at about twice torch.mm's rate on the project's AMD CPU machine;
+``Chunked(onednn=False)`` keeps torch.mm, as a torch without oneDNN does.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.adapter import Capabilities, Implementation
+from harness.onednn import onednn_linear
 from harness.spec import LossOutput, LossSpec
 
 # The chunk's buffers may take this fraction of the lower bound (the bytes of the gradients of
@@ -85,11 +90,13 @@ def buffer_bytes_per_token(vocab: int, dtype: torch.dtype, spec: LossSpec, want_
 
 
 def default_chunk_size(
-    num_tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, spec: LossSpec, has_bias: bool, want_grad: bool
+    num_tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, spec: LossSpec, has_bias: bool, want_grad: bool,
+    workspace_bytes: int = 0,
 ) -> int:
-    """Tokens per chunk: as many as the budget allows, split evenly over the chunks that needs."""
+    """Tokens per chunk: as many as the budget allows (less the matmuls' ``workspace_bytes``), split
+    evenly over the chunks that needs."""
     budget = max(
-        CHUNK_BUDGET_FRACTION * lower_bound_bytes(num_tokens, vocab, dim, dtype.itemsize, has_bias),
+        CHUNK_BUDGET_FRACTION * lower_bound_bytes(num_tokens, vocab, dim, dtype.itemsize, has_bias) - workspace_bytes,
         MIN_CHUNK_BUFFER_BYTES,
     )
     most = max(MIN_CHUNK_TOKENS, int(budget // buffer_bytes_per_token(vocab, dtype, spec, want_grad)))
@@ -194,6 +201,71 @@ def _apply_softcap_chain_rule_(grad: torch.Tensor, tanh: torch.Tensor) -> None:
     torch.ops.aten.tanh_backward.grad_input(grad, tanh, grad_input=grad)
 
 
+# On the CPU, float32 matmuls go through oneDNN where torch has it (``harness.onednn``: about twice
+# torch.mm's rate on the project's AMD CPU machine). Its linear returns a new tensor, so the head
+# is cut into blocks of classes: each product is a small temporary, copied into place (or added to
+# the weight gradient) while it is in cache, and oneDNN's reorder of a weight operand covers a
+# block, never the whole head. On the CPU machine, temporaries of 1 to 8 MiB ran within its noise
+# of each other (5-10% from run to run) over the CPU preset's shapes and the floor case, while the
+# memory they add grows with them: the floor case's peak was 1.6, 3.3 and 9 MiB above torch.mm's
+# path with 0.5, 1 and 2 MiB.
+ONEDNN_BLOCK_BYTES = 2**20
+# What they and the allocator's slack add at the peak, left to them in the chunk's budget so that
+# buffers and temporaries together keep to it: in three sweeps of the floor case with 512-token
+# chunks (62.5 MiB of buffer, 70.5 MiB of gradients) the peak was 141.6-144.6 MiB, 8-11 MiB more.
+ONEDNN_WORKSPACE_BYTES = 12 * 2**20
+
+
+def onednn_vocab_block(tokens: int, dim: int) -> int:
+    """Classes per oneDNN product: its (tokens, block) and (block, D) float32 temporaries take about
+    ``ONEDNN_BLOCK_BYTES`` (each at least 64 classes, a multiple of 64)."""
+    return max(64, ONEDNN_BLOCK_BYTES // (4 * max(tokens, dim)) // 64 * 64)
+
+
+def _onednn_logits_matmul(out, hidden, weight, bias, scale):
+    """``out`` (float32, CPU) = (hidden @ weight.T + bias) * scale through oneDNN, a block of classes at a time."""
+    linear, size = onednn_linear(), onednn_vocab_block(*hidden.shape)
+    for start in range(0, weight.shape[0], size):
+        block = slice(start, start + size)
+        part = linear(hidden, weight[block], None if bias is None else bias[block], "none", [], "")
+        if scale == 1.0:
+            out[:, block].copy_(part)
+        else:
+            torch.mul(part, scale, out=out[:, block])
+
+
+def _onednn_gradient_matmuls(grad, weight, hidden_scaled, alpha, grad_h, grad_w, first):
+    """grad_h = (grad @ weight) * alpha and grad_w (+)= grad.T @ hidden_scaled, a block of classes at
+    a time while the block of ``grad`` is in cache; grad_h is accumulated over the blocks in a
+    (tokens, D) temporary.
+
+    oneDNN is slow on the weight gradient of a chunk of more tokens than D (its K longer than its
+    N): on the CPU machine, 1024 tokens at D = 64, V = 4096 took 10.8 ms against torch.mm's 3.6,
+    and at D = 256, V = 16384, 56 against 45; with as many tokens as D or fewer it was faster (512
+    at D = 512, V = 32000: 47 against 85 ms). Such chunks keep torch.mm for it. The block of the
+    gradient is transposed first: oneDNN reads a transposed source slowly."""
+    linear = onednn_linear()
+    onednn_weight_grad = grad_w is not None and grad.shape[0] <= weight.shape[1]
+    if grad_w is not None and not onednn_weight_grad:
+        _accumulate_weight_grad(grad_w, grad, hidden_scaled, first)
+    hidden_t = hidden_scaled.t().contiguous() if onednn_weight_grad else None  # (D, tokens): oneDNN's weight operand
+    acc, size = None, onednn_vocab_block(grad.shape[0], weight.shape[1])
+    for start in range(0, weight.shape[0], size):
+        block = slice(start, start + size)
+        grad_block = grad[:, block]
+        if grad_h is not None:
+            part = linear(grad_block, weight[block].t(), None, "none", [], "")
+            acc = part if acc is None else acc.add_(part)
+        if onednn_weight_grad:
+            part = linear(grad_block.t().contiguous(), hidden_t, None, "none", [], "")
+            if first:
+                grad_w[block].copy_(part)
+            else:
+                grad_w[block].add_(part)
+    if grad_h is not None:
+        torch.mul(acc, alpha, out=grad_h)
+
+
 def _logits_matmul(
     out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> None:
@@ -245,11 +317,14 @@ def _rows_label_log_probability(
 LOG_TINY_PROBABILITY = math.log(1e-30)
 
 
-def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_scale=None):
+def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, token_scale=None):
     """Run every chunk; return per-token (ce, z) before any reduction (z is None without z-loss) and
-    the requested gradients (float32 accumulators for weight and bias)."""
-    # One contiguous copy per pass, if any, instead of a strided matmul (or a copy) per chunk.
+    the requested gradients (float32 accumulators for weight and bias). ``onednn``: the float32 CPU
+    matmuls go through oneDNN (``onednn_linear``)."""
+    # One contiguous copy per pass, if any, instead of a strided matmul (or a copy) per chunk; oneDNN
+    # reads a strided bias as if it were contiguous.
     hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     eps, m = spec.label_smoothing, spec.z_loss_multiplier
@@ -266,7 +341,8 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_sc
         return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            num_tokens, vocab, hidden.shape[1], dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad
+            num_tokens, vocab, hidden.shape[1], dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad,
+            workspace_bytes=ONEDNN_WORKSPACE_BYTES if onednn else 0,
         )
     rows = min(chunk_size, num_tokens)
     # The chunk's buffers, allocated once and reused by every chunk. The float32 ones (logits, and a
@@ -289,7 +365,10 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_sc
         end = min(start + rows, num_tokens)
         z = logits_buf[: end - start]
         tanh = None if tanh_buf is None else tanh_buf[: end - start]
-        _logits_matmul(z, hidden[start:end], weight, bias, matmul_scale)
+        if onednn:
+            _onednn_logits_matmul(z, hidden[start:end], weight, bias, matmul_scale)
+        else:
+            _logits_matmul(z, hidden[start:end], weight, bias, matmul_scale)
         _to_logits_(z, spec, tanh)
 
         # Row statistics: softmax in place (each exp computed once); logsumexp = z_y - log p_y.
@@ -342,6 +421,9 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, token_sc
                 _accumulate_weight_grad(grad_w, matmul_grad if on_cuda else grad,
                                         hidden[start:end] if on_cuda else hidden_for_w[start:end] * alpha,
                                         first=start == 0)
+        elif onednn:
+            _onednn_gradient_matmuls(grad, weight, hidden[start:end] * alpha if need_w else None, alpha,
+                                     grad_h[start:end] if need_h else None, grad_w, first=start == 0)
         else:
             if need_h:
                 torch.mm(grad, weight, out=grad_h[start:end]).mul_(alpha)
@@ -364,20 +446,20 @@ def _reduce(ce, z, batch: _Batch, spec: LossSpec):
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, spec, chunk_size, compute_grads):
+    def forward(ctx, hidden, weight, bias, labels, spec, chunk_size, onednn, compute_grads):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         needs = tuple(n and compute_grads for n in needs)
         defer = spec.reduction == "none"
         batch = _Batch.of(labels, spec, weight.shape[0])
         ce, z, grad_h, grad_w, grad_b = _chunked_pass(
-            hidden, weight, bias, batch, spec, chunk_size, (False, False, False) if defer else needs
+            hidden, weight, bias, batch, spec, chunk_size, (False, False, False) if defer else needs, onednn
         )
         loss, z_loss = _reduce(ce, z, batch, spec)
         # The inputs are saved (references, no memory) for a recomputation; the forward's gradients
         # are kept outside save_for_backward, to be handed over to the first backward.
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.grads = None if defer else (grad_h, grad_w, grad_b)
-        ctx.spec, ctx.chunk_size, ctx.needs, ctx.defer = spec, chunk_size, needs, defer
+        ctx.spec, ctx.chunk_size, ctx.needs, ctx.defer, ctx.onednn = spec, chunk_size, needs, defer, onednn
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(z_loss)
         return loss, z_loss
@@ -393,7 +475,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             batch = _Batch.of(labels, ctx.spec, weight.shape[0])
             upstream = grad_loss if ctx.defer else None
             _, _, *grads = _chunked_pass(
-                hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, token_scale=upstream
+                hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, ctx.onednn, token_scale=upstream
             )
         grad_h, grad_w, grad_b = grads
         # The forward's gradients are for an upstream gradient of 1; scaled in place (these buffers
@@ -406,7 +488,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(weight_dtype)
         grad_b = None if grad_b is None else grad_b.to(bias_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 SUPPORTED = ("bias", "ignore_index", "label_smoothing", "z_loss", "logit_scale", "softcap", "loss_div_factor",
@@ -418,18 +500,22 @@ class Chunked(Implementation):
     family = "native"
     summary = "project's pure-PyTorch chunked loss: gradients computed chunk by chunk in the forward"
 
-    def __init__(self, chunk_size: int | None = None) -> None:
+    def __init__(self, chunk_size: int | None = None, *, onednn: bool = True) -> None:
+        """``onednn=False`` keeps float32 CPU matmuls on torch.mm, the path of a torch without oneDNN."""
         self.chunk_size = chunk_size
+        self.onednn = onednn
 
     def with_chunk_size(self, chunk_size):
-        return Chunked(chunk_size=chunk_size)
+        return Chunked(chunk_size=chunk_size, onednn=self.onednn)
 
     def capabilities(self, device):
         return Capabilities(supported_options=SUPPORTED)
 
     def compute(self, hidden, weight, labels, spec, bias):
         chunk_size = None if self.chunk_size is None else max(1, self.chunk_size)
+        onednn = (self.onednn and hidden.device.type == "cpu" and hidden.dtype == torch.float32
+                  and onednn_linear() is not None)
         loss, z_loss = _ChunkedLinearCrossEntropy.apply(
-            hidden, weight, bias, labels, spec, chunk_size, torch.is_grad_enabled()
+            hidden, weight, bias, labels, spec, chunk_size, onednn, torch.is_grad_enabled()
         )
         return LossOutput(loss, z_loss)

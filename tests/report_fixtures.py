@@ -73,6 +73,7 @@ def write_sweep_run(
             "host": "test-host",
             "command": "python -m harness sweep --preset synthetic",
             "matmul_tflops": {"float32": 2.0, "bfloat16": 1.0},
+            "matmul_routines": {"float32": {"torch.mm": 1.0, "onednn": 2.0}, "bfloat16": {"torch.mm": 1.0}},
         },
     )
     writer = RowWriter(run_dir / "rows.csv")

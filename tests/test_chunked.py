@@ -2,7 +2,8 @@
 
 The gate (``python -m harness check --impl chunked``) compares it with the float64 reference on
 drawn cases; these are the fixed cases of its own design: the chunk-size budget, the NaN of an
-empty batch, and the tokens whose label probability underflows float32.
+empty batch, the tokens whose label probability underflows float32, and its two float32 CPU
+matmul paths (oneDNN in blocks of classes, and torch.mm, the path of a torch without oneDNN).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 import pytest
 import torch
 
+import implementations.chunked as chunked_module
+from harness.onednn import onednn_linear
 from harness.registry import resolve
 from harness.semantics import reference_result
 from harness.spec import LossSpec
@@ -19,9 +22,11 @@ from implementations.chunked import (
     CHUNK_BUDGET_FRACTION,
     MIN_CHUNK_BUFFER_BYTES,
     MIN_CHUNK_TOKENS,
+    Chunked,
     buffer_bytes_per_token,
     default_chunk_size,
     lower_bound_bytes,
+    onednn_vocab_block,
 )
 
 SHAPES = [  # (N, V, D): issue 10's floor case and the CPU preset's shapes
@@ -52,9 +57,13 @@ def test_chunk_buffers_stay_within_the_budget_and_chunks_are_even(shape, spec, d
     assert tokens - (chunks - 1) * rows >= rows - chunks + 1  # even chunks: the last is no stub
 
 
-def test_the_floor_case_runs_in_eight_chunks_of_512_tokens():
-    rows = default_chunk_size(4096, 32000, 512, dtype=torch.float32, spec=LossSpec(), has_bias=False, want_grad=True)
-    assert rows == 512
+def test_the_floor_case_runs_in_eight_chunks_of_512_tokens_or_nine_beside_onednns_temporaries():
+    def rows(workspace):
+        return default_chunk_size(4096, 32000, 512, dtype=torch.float32, spec=LossSpec(), has_bias=False,
+                                  want_grad=True, workspace_bytes=workspace)
+
+    assert rows(0) == 512
+    assert rows(chunked_module.ONEDNN_WORKSPACE_BYTES) == 456
 
 
 def test_a_softcap_halves_the_chunk_for_its_chain_rule_buffer():
@@ -112,3 +121,57 @@ def test_a_scaled_loss_leaves_a_retained_graph_intact():
     (3 * loss).backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(weight.grad, 5 * once)
+
+
+def test_onednn_is_found_where_this_torch_has_it():
+    """A torch that renames or changes its oneDNN linear would quietly halve chunked's CPU speed."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this build of torch has no oneDNN")
+    assert onednn_linear() is not None
+
+
+def test_onednn_blocks_are_multiples_of_64_classes_with_temporaries_near_their_size():
+    assert onednn_vocab_block(64, 256) == chunked_module.ONEDNN_BLOCK_BYTES // (4 * 256)
+    assert onednn_vocab_block(512, 512) % 64 == 0
+    assert onednn_vocab_block(10**6, 8) == 64
+
+
+CPU_PATH_SPECS = {
+    "plain": {},
+    "softcap+scale": {"softcap": 5.0, "logit_scale": 0.5},
+    "smoothing+z+weights": {"label_smoothing": 0.1, "z_loss_multiplier": 1e-3, "class_weight": True},
+}
+
+
+@pytest.mark.parametrize("grads", [("hidden", "weight", "bias"), ("hidden",), ("weight",)], ids="+".join)
+@pytest.mark.parametrize("options", CPU_PATH_SPECS.values(), ids=CPU_PATH_SPECS.keys())
+@pytest.mark.parametrize("chunk", [5, 7, 40], ids=["chunks<=D", "chunks>D", "one-chunk"])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch.mm"])
+def test_both_cpu_matmul_paths_match_the_reference_across_blocks_and_chunks(onednn, chunk, options, grads,
+                                                                            monkeypatch):
+    """Blocks of 64 classes over V = 257 (four and a 1-class tail), token chunks as wide as D = 6 or
+    wider (the weight gradient's two paths), several chunks or one, a strided bias."""
+    monkeypatch.setattr(chunked_module, "ONEDNN_BLOCK_BYTES", 1)
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(40, 6, generator=gen) * 2
+    weight = torch.randn(257, 6, generator=gen)
+    bias = torch.randn(257, 2, generator=gen)[:, 0]  # strided
+    labels = torch.randint(0, 257, (40,), generator=gen)
+    labels[[0, 1, 2]] = torch.tensor([0, 256, -100])
+    options = dict(options)
+    if options.pop("class_weight", False):
+        options["class_weight"] = torch.rand(257, generator=gen) + 0.5
+    spec = LossSpec(**options)
+    inputs = {"hidden": hidden, "weight": weight, "bias": bias}
+    for name in grads:
+        inputs[name].requires_grad_()
+    out = Chunked(chunk_size=chunk, onednn=onednn).loss(hidden, weight, labels, spec, bias=bias)
+    out.loss.backward()
+    ref = reference_result(hidden, weight, labels, spec, bias)
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-5)
+    expected = {"hidden": ref.grad_hidden, "weight": ref.grad_weight, "bias": ref.grad_bias}
+    for name, tensor in inputs.items():
+        if name in grads:
+            torch.testing.assert_close(tensor.grad.double(), expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert tensor.grad is None, name

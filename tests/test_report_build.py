@@ -68,6 +68,8 @@ def test_markdown_summary_is_pull_request_sized(report):
     assert f"measured on: **{SYNTHETIC_DEVICE}**" in summary
     assert "### bfloat16" in summary and "### float32" in summary
     assert "| case | fastest |" in summary
+    assert ("matmul rate (what `matmul_fraction` divides by): 20260101-120000: bfloat16 1.00 TFLOP/s (torch.mm), "
+            "float32 2.00 TFLOP/s (onednn; torch.mm 1.00)") in summary, "the rate, the routine that reached it and the others'"
     assert "**oom**, CUDA out of memory (synthetic)" in summary
     assert XSS not in summary and "&lt;script&gt;" in summary
     assert len(summary) < 65536, "fits in one GitHub comment"

@@ -20,6 +20,7 @@ from harness.cli import main
 from harness.registry import builtin_names
 from harness.results import list_runs, read_meta, read_rows
 from harness.environment import PROJECT_ROOT
+from harness.onednn import onednn_linear
 
 PLUGINS = "tests.sweep_plugins"
 QUICK = ["--measure-time", "0.01", "--min-repeats", "1"]
@@ -82,6 +83,10 @@ def test_crash_timeout_and_out_of_memory_become_rows_while_the_other_cases_are_r
             "memory_over_lower_bound", "memory_over_logits"} <= set(eager.metric)
     meta = read_meta(only_run(results))
     assert meta["kind"] == "sweep" and meta["finished"] and meta["matmul_tflops"]["float32"] > 0
+    # The rate matmul_fraction divides by is the fastest routine's, each routine's kept beside it.
+    routines = meta["matmul_routines"]["float32"]
+    assert "torch.mm" in routines and meta["matmul_tflops"]["float32"] == max(routines.values())
+    assert ("onednn" in routines) == (onednn_linear() is not None)
 
 
 def test_a_case_holding_more_host_memory_than_the_limit_is_stopped_and_recorded_as_oom(tmp_path):

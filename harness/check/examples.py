@@ -14,6 +14,7 @@ reaches the structure of a real kernel:
   with ordinary logits, logits in the tens and logits past float32's exp range (88.7), and
   half of them with non-contiguous inputs (``strided=1``);
 - **each dtype its own seeds**, so the three dtypes do not see the same inputs;
+- **each subset of the inputs requiring grad in every dtype** (``autograd/grad-subsets``);
 - the labels always include the first and the last class (``harness.case.make_labels``).
 
 An implementation that lacks an option gets the examples without it (``strategies.fit_to``);
@@ -135,9 +136,11 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
     if property_id == "precision/at-scale":
         return at_scale_examples()
     if property_id == "autograd/grad-subsets":
+        # Every subset in every dtype: a kernel's path for a frozen input (no weight gradient, say)
+        # may differ by dtype (a float32-only fast path).
         subsets = (("hidden",), ("weight", "bias"), ("bias",), ("weight",), ("hidden", "bias"))
-        plain = [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], bias=True,
-                            ignored="some", grads=grads, seed=310 + i) for i, grads in enumerate(subsets)]
+        plain = [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtype, bias=True, ignored="some", grads=grads,
+                            seed=340 + i) for i, (grads, dtype) in enumerate(itertools.product(subsets, dtypes))]
         # A whole head: its norm alone (frozen trunk and projection), or everything but the norm.
         head_subsets = (("norm_weight", "norm_bias"), ("hidden", "weight", "class_scale"))
         return plain + [Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtypes[i % len(dtypes)], norm="layernorm",

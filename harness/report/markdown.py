@@ -41,6 +41,9 @@ def write_summary(
         f"full dashboard: `{escape(dashboard)}`",
         "",
     ]
+    rates = [rate for run in runs for rate in [matmul_rate_line(run.name, run.meta)] if rate]
+    if rates:
+        lines += ["matmul rate (what `matmul_fraction` divides by): " + "; ".join(rates), ""]
     if frame.empty:
         lines += ["No measurements in these runs.", ""]
     for dtype in sorted(frame["dtype"].unique()) if not frame.empty else []:
@@ -57,6 +60,19 @@ def write_summary(
     lines += _failures(failures)
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def matmul_rate_line(name: str, meta: dict) -> str:
+    """The run's matmul rate per dtype, with the routine that reached it and the others', as
+    "RUN float32 0.40 TFLOP/s (onednn; torch.mm 0.19)"; empty for a run that measured none."""
+    parts = []
+    for dtype, rate in sorted((meta.get("matmul_tflops") or {}).items()):
+        routines = (meta.get("matmul_routines") or {}).get(dtype, {})
+        fastest = max(routines, key=routines.get) if routines else None
+        others = ", ".join(f"{n} {r:.2f}" for n, r in routines.items() if n != fastest)
+        detail = f" ({escape(fastest)}{'; ' + escape(others) if others else ''})" if fastest else ""
+        parts.append(f"{escape(dtype)} {rate:.2f} TFLOP/s{detail}")
+    return f"{escape(name)}: " + ", ".join(parts) if parts else ""
 
 
 def _failures(failures: pd.DataFrame) -> list[str]:

@@ -42,6 +42,7 @@ import torch
 from harness.adapter import Implementation
 from harness.case import Inputs
 from harness.errors import UnsupportedCase
+from harness.onednn import onednn_linear
 from harness.spec import DTYPES
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
@@ -268,8 +269,11 @@ def _retained_backward_or_unsupported(fn):
     return backward
 
 
-def matmul_tflops(dtype_name: str, device: str, timing: TimingSettings) -> float:
-    """The device's matmul rate in this dtype: TFLOP/s of a square matmul (median time).
+def matmul_routine_tflops(dtype_name: str, device: str, timing: TimingSettings) -> dict[str, float]:
+    """The device's matmul rate in this dtype through each routine torch offers for it: TFLOP/s of a
+    square matmul (median time), ``torch.mm`` and, on a CPU whose torch has it, oneDNN's
+    (``harness.onednn``; on the project's AMD CPU machine about twice torch.mm's in float32). A
+    routine that fails on this dtype is left out; torch.mm's failure propagates.
 
     On a GPU the matrices are 8192 x 8192, large enough to reach the peak of its tensor cores. On a
     CPU the size grows from 512 until one call takes 50 ms (at most 4096), because some CPUs are
@@ -292,5 +296,19 @@ def matmul_tflops(dtype_name: str, device: str, timing: TimingSettings) -> float
         if call_seconds >= 0.05:
             break
         size *= 2
-    median_ms = time_repeated(matmul, [], device, timing, call_seconds)[0]
-    return 2 * size**3 / (median_ms / 1000) / 1e12
+    routines = {"torch.mm": (matmul, call_seconds)}
+    linear = None if device.startswith("cuda") else onednn_linear()
+    if linear is not None:
+        def onednn_matmul():
+            linear(a, b, None, "none", [], "")  # a @ b.T: the same work
+
+        try:
+            routines["onednn"] = (onednn_matmul, time_first_call(onednn_matmul, device))
+        except RuntimeError:  # e.g. a dtype this CPU's oneDNN does not take
+            pass
+    rates = {}
+    for name, (fn, seconds) in routines.items():
+        median_ms = time_repeated(fn, [], device, timing, seconds)[0]
+        rates[name] = 2 * size**3 / (median_ms / 1000) / 1e12
+    return rates
+

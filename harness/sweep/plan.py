@@ -149,7 +149,9 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         rates = dict(meta.get("matmul_tflops") or {})
         missing = [d for d in plan.dtypes if d not in rates]
         if missing:
-            rates.update(measure_environment(settings, missing)["matmul_tflops"])
+            measured = measure_environment(settings, missing)
+            rates.update(measured["matmul_tflops"])
+            meta["matmul_routines"] = {**meta.get("matmul_routines", {}), **measured["matmul_routines"]}
         meta["matmul_tflops"] = rates
         meta.setdefault("resumed", []).append(
             {"time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -169,6 +171,7 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         **environment,
         "device": environment["device_name"],
         "matmul_tflops": device["matmul_tflops"],
+        "matmul_routines": device["matmul_routines"],
         "matmul_failures": device["matmul_failures"],
         "preset": plan.preset,
         "modes": list(settings.modes),

@@ -7,7 +7,8 @@ peak memory) and the derived ones:
   for ``backward`` alone: fused implementations do that work in the forward, so a rate computed
   from 4*N*D*V would be meaningless for them;
 - ``matmul_fraction``: that rate over the device's own matmul rate in the same dtype, measured
-  once per run (``meta.json``: ``matmul_tflops``);
+  once per run: the fastest of the square matmuls torch offers there (``meta.json``:
+  ``matmul_tflops``, and each routine's in ``matmul_routines``: on a CPU, torch.mm and oneDNN's);
 - ``memory_over_lower_bound``: peak memory over the bytes of the gradients of hidden and weight
   (the lower bound of the Cut Cross-Entropy paper);
 - ``memory_over_logits``: peak memory over the bytes of the N x V logits in the input dtype.

@@ -26,7 +26,7 @@ from harness.registry import resolve
 from harness.case import make_inputs
 from harness.sweep.cases import SweepCase
 from harness.environment import device_environment
-from harness.sweep.measure import TimingSettings, matmul_tflops, measure_mode
+from harness.sweep.measure import TimingSettings, matmul_routine_tflops, measure_mode
 
 
 def free_memory(device: str) -> None:
@@ -78,14 +78,16 @@ def run_environment(job: dict, out: Report) -> int:
     device = job["device"]
     timing = TimingSettings(**job["timing"])
     environment = device_environment(device)
-    rates, failures = {}, {}
+    rates, routines, failures = {}, {}, {}
     for dtype in job["dtypes"]:
         try:
-            rates[dtype] = matmul_tflops(dtype, device, timing)
+            routines[dtype] = matmul_routine_tflops(dtype, device, timing)
         except Exception as exc:
             failures[dtype] = classify(exc)[1]
+            continue
+        rates[dtype] = max(routines[dtype].values())
     out.send({"event": "environment", "environment": environment, "matmul_tflops": rates,
-              "matmul_failures": failures})
+              "matmul_routines": routines, "matmul_failures": failures})
     return 0
 
 
