@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from harness.adapter import Capabilities, Implementation
 from harness.semantics import keep_positions, loss_from_logits, transform_logits
-from harness.spec import LossOutput, LossSpec
+from harness.spec import LossSpec
 
 SUPPORTED = ("norm", "bias", "class_scale", "ignore_index", "label_smoothing", "z_loss", "softcap", "loss_div_factor")
 

@@ -15,6 +15,7 @@ from harness.check.tolerance import (
     YARDSTICK,
     Error,
     allowance,
+    logit_rounding_factor,
     mismatch,
     summation_floor,
     unit_roundoff,
@@ -103,6 +104,21 @@ def test_torch_eager_is_held_to_its_own_error_model():
     edge = (YARDSTICK * unit_roundoff(BF16) + summation_floor([1])) * TERMS + rounding
     assert torch.allclose(allowed.bound, edge + torch.finfo(BF16).smallest_normal * torch.finfo(BF16).eps / 2)
     assert mismatch("loss", REFERENCE + 1.1 * edge, REFERENCE, allowed) is not None
+
+
+def test_one_rounding_of_huge_logits_widens_the_cap_and_the_yardstick_by_its_non_linear_cost():
+    """A bfloat16 rounding of a logit of 1000 moves it by up to 2, and its probability by a factor
+    of up to e^4: the linear term model's roundoffs, times (e^x - 1) / x, x = 2 u max|z|."""
+    assert logit_rounding_factor(1, F32, 1e4) < 1.001  # float32: no widening
+    assert logit_rounding_factor(1, BF16, 10.0) < 1.05  # ordinary logits: none to speak of
+    x = 2 * unit_roundoff(BF16) * 1000.0
+    assert math.isclose(logit_rounding_factor(1, BF16, 1000.0), math.expm1(x) / x)
+    plain = allowance([Error(1.0, 1.0)], REFERENCE, TERMS, BF16, [F32], [1])
+    huge = allowance([Error(1.0, 1.0)], REFERENCE, TERMS, BF16, [F32], [1], largest_logit=1000.0)
+    assert float(huge.bound.max()) > 10 * float(plain.bound.max()) and "for logits up to 1e+03" in huge.explanation
+    eager_plain = allowance(None, REFERENCE, TERMS, BF16, [BF16], [1])
+    eager_huge = allowance(None, REFERENCE, TERMS, BF16, [BF16], [1], largest_logit=1000.0)
+    assert float(eager_huge.bound.max()) > 10 * float(eager_plain.bound.max())
 
 
 def test_an_exactly_zero_reference_with_no_terms_must_be_exactly_zero():

@@ -146,12 +146,14 @@ CPU_PATH_SPECS = {
 @pytest.mark.parametrize("grads", [("hidden", "weight", "bias"), ("hidden",), ("weight",)], ids="+".join)
 @pytest.mark.parametrize("options", CPU_PATH_SPECS.values(), ids=CPU_PATH_SPECS.keys())
 @pytest.mark.parametrize("chunk", [5, 7, 40], ids=["chunks<=D", "chunks>D", "one-chunk"])
+@pytest.mark.parametrize("block_bytes", [1, chunked_module.ONEDNN_BLOCK_BYTES], ids=["64-class-blocks", "one-block"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch.mm"])
-def test_both_cpu_matmul_paths_match_the_reference_across_blocks_and_chunks(onednn, chunk, options, grads,
-                                                                            monkeypatch):
-    """Blocks of 64 classes over V = 257 (four and a 1-class tail), token chunks as wide as D = 6 or
-    wider (the weight gradient's two paths), several chunks or one, a strided bias."""
-    monkeypatch.setattr(chunked_module, "ONEDNN_BLOCK_BYTES", 1)
+def test_both_cpu_matmul_paths_match_the_reference_across_blocks_and_chunks(onednn, block_bytes, chunk, options,
+                                                                            grads, monkeypatch):
+    """oneDNN's blocks of 64 classes over V = 257 (four and a 1-class tail) or one block, token
+    chunks as wide as D = 6 or wider (the weight gradient's two paths), several chunks or one, a
+    strided bias."""
+    monkeypatch.setattr(chunked_module, "ONEDNN_BLOCK_BYTES", block_bytes)
     gen = torch.Generator().manual_seed(11)
     hidden = torch.randn(40, 6, generator=gen) * 2
     weight = torch.randn(257, 6, generator=gen)

@@ -7,6 +7,7 @@ gradients, so outcomes of different dtypes and devices compare directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -152,6 +153,12 @@ def largest_logit(inputs: Inputs, dtype: torch.dtype) -> float:
     with torch.no_grad():
         logits = _head_with_terms(inputs, dtype)[-1].logits
     return float(logits.abs().max()) if logits.numel() else 0.0
+
+
+@functools.lru_cache(maxsize=8)
+def case_largest_logit(case: Case) -> float:
+    """``largest_logit`` of the case's own inputs (each comparison of a case asks for it)."""
+    return largest_logit(make_inputs(case, reference=True), case.torch_dtype)
 
 
 def term_magnitudes(

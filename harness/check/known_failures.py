@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.case import Case, Inputs, make_inputs
-from harness.check.evaluation import evaluate, largest_logit, term_magnitudes
-from harness.check.tolerance import Allowance, mismatch
+from harness.check.evaluation import case_largest_logit, evaluate, term_magnitudes
+from harness.check.tolerance import Allowance, logit_rounding_factor, mismatch
 from harness.semantics import apply_norm, in_float64, loss_from_logits, transform_logits
 from harness.spec import DTYPES, LossOutput, LossSpec, unit_roundoff
 from implementations.distributed import MegatronVocabParallel
@@ -249,30 +249,13 @@ def _z_loss_of_ignored_tokens_kept(m: Mismatch) -> bool:
     return mismatch(m.tensor, m.actual, expected, widened) is None
 
 
-@functools.lru_cache(maxsize=8)
-def _largest_logit(case: Case) -> float:
-    return largest_logit(make_inputs(case, reference=True), case.torch_dtype)
-
-
-def _logit_rounding_factor(m: Mismatch, roundings: int) -> float:
-    """How many roundings of their terms ``roundings`` more roundings of every logit cost a result.
-
-    The term model is linear: a relative error e of a logit moves its probability by about e times
-    the logit. That holds while the product is small; with logits of hundreds in bfloat16 a rounding
-    moves one by units, and its probability by a factor. k roundings move each logit z_j by at most
-    k u |z_j| and the logsumexp by at most k u max|z|, so a probability by a factor within exp(+-x),
-    x = 2 k u max|z|: the linear k roundings, times (e^x - 1) / x (1 + x/2 + ... for a small x)."""
-    x = 2 * roundings * unit_roundoff(m.case.torch_dtype) * _largest_logit(m.case)
-    return roundings * (math.expm1(x) / x if x > 1e-12 else 1.0)
-
-
 def _extra_logit_roundings(m: Mismatch, tensors: tuple[str, ...], roundings: int, backward: int = 0):
     """The extra of ``roundings`` more input-dtype roundings of every logit (bfloat16, float16), for a
     mismatch of one of ``tensors``, plus ``backward`` more roundings of the result's own terms."""
     sides = _sides(m, tensors, ("bfloat16", "float16"))
     if not sides:
         return None
-    factor = _logit_rounding_factor(m, roundings) + backward
+    factor = logit_rounding_factor(roundings, m.case.torch_dtype, case_largest_logit(m.case)) + backward
     return sides * factor * unit_roundoff(m.case.torch_dtype) * m.terms.double().abs()
 
 

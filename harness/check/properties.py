@@ -30,6 +30,7 @@ from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
 from harness.check.known_failures import KnownFailure, Mismatch, explain
 from harness.check.evaluation import (
     CheckFailure,
+    case_largest_logit,
     Outcome,
     evaluate,
     implementation_loss,
@@ -182,7 +183,8 @@ def allowed_error(
     each side, None when torch-eager itself is judged)."""
     roundings = output_roundings(name, case.option("loss_div_factor") != 1)
     return allowance(eager_errors, expected, terms, case.torch_dtype, out_dtypes, summation_lengths(case, name),
-                     roundings, inherited=case.tied or case.option("norm") is not None)
+                     roundings, inherited=case.tied or case.option("norm") is not None,
+                     largest_logit=case_largest_logit(case))
 
 
 def compare_to_reference(

@@ -81,6 +81,19 @@ SUM_ORDER = 4.0  # float32 roundoffs per sqrt(summation length), in units of the
 ACCUMULATION_DTYPE = torch.float32
 
 
+def logit_rounding_factor(roundings: int, dtype: torch.dtype, largest_logit: float) -> float:
+    """How many roundings of their terms ``roundings`` roundings of every logit in ``dtype`` cost a result.
+
+    The term model is linear: a relative error e of a logit moves its probability by about e times
+    the logit. That holds while the product is small; with logits of hundreds in bfloat16 a rounding
+    moves one by units, and its probability by a factor. k roundings move each logit z_j by at most
+    k u |z_j| and the logsumexp by at most k u max|z|, so a probability by a factor within exp(+-x),
+    x = 2 k u max|z|: the linear k roundings, times (e^x - 1) / x (1 + x/2 + ... for a small x, so
+    about 1 for ordinary logits and for float32)."""
+    x = 2 * roundings * unit_roundoff(dtype) * largest_logit
+    return roundings * (math.expm1(x) / x if x > 1e-12 else 1.0)
+
+
 def summation_floor(lengths: Sequence[int]) -> float:
     """``SUM_ORDER * u(float32) * sum(sqrt(k))``: reordering float32 sums, in units of the terms."""
     return SUM_ORDER * unit_roundoff(ACCUMULATION_DTYPE) * sum(math.sqrt(max(k, 1)) for k in lengths)
@@ -154,6 +167,7 @@ def allowance(
     lengths: Sequence[int],
     roundings: int = 1,
     inherited: bool = False,
+    largest_logit: float = 0.0,
 ) -> Allowance:
     """The rule for one tensor, summed over the sides of an identity (one side: a plain comparison).
 
@@ -161,11 +175,15 @@ def allowance(
     gets ``YARDSTICK`` roundoffs of the dtype instead. ``out_dtypes``: the candidate's output dtype
     on each side; ``roundings``: how many times the output may be rounded to it; ``inherited``: the
     inputs were computed in ``dtype`` (a tied model's hidden states), see the module docstring.
+    ``largest_logit``: the case's largest logit magnitude. torch-eager's error model, on which
+    ``YARDSTICK`` and ``CAP`` count roundoffs, is one rounding of every logit, whose cost is
+    linear in the terms only while u max|z| is small: both are widened by ``logit_rounding_factor``.
     """
     expected = expected.double()
     terms = terms.double().reshape(expected.shape).abs().nan_to_num(nan=0.0)  # NaN reference: exact NaN due
     size = expected.abs().nan_to_num(nan=0.0, posinf=0.0)
     u = unit_roundoff(dtype)
+    widening = logit_rounding_factor(1, dtype, largest_logit)
     floor = summation_floor(lengths)
     bound = torch.zeros_like(terms)
     norm = 0.0
@@ -173,14 +191,16 @@ def allowance(
     for side, out_dtype in enumerate(out_dtypes):
         rounding = roundings * unit_roundoff(out_dtype) if out_dtype.is_floating_point else 0.0
         tiny = underflow(out_dtype) if out_dtype.is_floating_point else 0.0
+        widened = f" x {widening:.3g} for logits up to {largest_logit:.3g}" if widening > 1.01 else ""
         if yardstick is None:
-            relative, norm_part = YARDSTICK * u, YARDSTICK * u * float(terms.norm())
-            parts.append(f"torch-eager's own bound {YARDSTICK:g} u")
+            relative = YARDSTICK * widening * u
+            norm_part = relative * float(terms.norm())
+            parts.append(f"torch-eager's own bound {YARDSTICK:g} u{widened}")
         else:
             eager = yardstick[side]
-            relative = min(MULTIPLE * eager.relative, CAP * u)
-            norm_part = min(NORM_MULTIPLE * eager.norm, CAP * u * float(terms.norm()))
-            parts.append(f"min({MULTIPLE:g} x torch-eager's {eager.relative / u:.3g} u, {CAP:g} u)")
+            relative = min(MULTIPLE * eager.relative, CAP * widening * u)
+            norm_part = min(NORM_MULTIPLE * eager.norm, CAP * widening * u * float(terms.norm()))
+            parts.append(f"min({MULTIPLE:g} x torch-eager's {eager.relative / u:.3g} u, {CAP:g} u{widened})")
             if inherited and relative < INHERITED * u:
                 relative, norm_part = INHERITED * u, max(norm_part, INHERITED * u * float(terms.norm()))
                 parts[-1] = f"{INHERITED:g} u inherited from inputs computed in the dtype"
