@@ -121,6 +121,17 @@ def test_one_rounding_of_huge_logits_widens_the_cap_and_the_yardstick_by_its_non
     assert float(eager_huge.bound.max()) > 10 * float(eager_plain.bound.max())
 
 
+def test_a_gradient_near_zero_may_be_one_subnormal_step_off_after_its_two_roundings():
+    """Found by the dev profile on chunked: a weight-gradient element of -1.54e-44 returned as -1.68e-44."""
+    step = torch.finfo(F32).smallest_normal * torch.finfo(F32).eps  # the smallest float32 subnormal
+    reference = torch.tensor([-11 * step], dtype=torch.float64)
+    terms = torch.tensor([1e-50], dtype=torch.float64)
+    gradient = allowance([Error(0.0, 0.0)], reference, terms, F32, [F32], [1], roundings=2)
+    loss = allowance([Error(0.0, 0.0)], reference, terms, F32, [F32], [1], roundings=1)
+    assert mismatch("grad_weight", reference - step, reference, gradient) is None
+    assert mismatch("loss", reference - step, reference, loss) is not None
+
+
 def test_an_exactly_zero_reference_with_no_terms_must_be_exactly_zero():
     """Every token ignored: the loss and gradients must be exactly zero, as torch-eager's are."""
     zero = torch.zeros(5, dtype=torch.float64)

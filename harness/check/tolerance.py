@@ -42,7 +42,8 @@ Why each part:
   gets two (``output_roundings``): a backward may store the local gradient in the output dtype
   (a fused kernel does so in its forward) and round again when it multiplies by the upstream
   gradient or a mean's 1/N, which is the chain rule's own order; so does a loss divided by
-  ``loss_div_factor`` once computed.
+  ``loss_div_factor`` once computed. Each rounding has its half subnormal: two roundings of a
+  gradient near zero may cost one whole subnormal step.
 - **The summation order**, ``SUM_ORDER * u(float32) * sqrt(k)`` per sum of length k the tensor
   depends on (D for the logits, V for the softmax, V again for the hidden-state gradient, N for a
   reduced loss and the weight and bias gradients): every implementation accumulates in at least
@@ -190,7 +191,7 @@ def allowance(
     parts = []
     for side, out_dtype in enumerate(out_dtypes):
         rounding = roundings * unit_roundoff(out_dtype) if out_dtype.is_floating_point else 0.0
-        tiny = underflow(out_dtype) if out_dtype.is_floating_point else 0.0
+        tiny = roundings * underflow(out_dtype) if out_dtype.is_floating_point else 0.0  # per rounding
         widened = f" x {widening:.3g} for logits up to {largest_logit:.3g}" if widening > 1.01 else ""
         if yardstick is None:
             relative = YARDSTICK * widening * u
