@@ -21,6 +21,7 @@ import torch
 TOKEN_BLOCK = 64
 VOCAB_BLOCK = 128
 K_BLOCK = 64
+FLOAT32_SPLIT = 4096  # classes per split of the vocabulary in one bug's float32 fast path
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -197,6 +198,9 @@ def _block_logits(h, weight, bias, v0, v1, options):
     else:
         raw = h.float() @ weight[v0:v1].float().T
     b = None if bias is None else bias[v0:v1].float()
+    if bug == "float32_bias_offset_per_split" and bias is not None and h.dtype == torch.float32:
+        start = v0 % FLOAT32_SPLIT  # the split-local offset, where the global one was meant
+        b = bias[start:start + v1 - v0]
     if bug == "softcap_before_bias":
         y = raw if cap is None else cap * torch.tanh(raw / cap)
         return raw if b is None else raw + b, y if b is None else y + b
@@ -328,6 +332,10 @@ assumes_contiguous_inputs = _with_bug(
 k_tail_dropped = _with_bug(
     "k_tail_dropped", "the logits' K loop covers whole 64-wide blocks of D only: the last D % 64 features are lost"
 )
+float32_bias_offset_per_split = _with_bug(
+    "float32_bias_offset_per_split",
+    "float32 inputs take a path that splits V into 4096 classes and reads each split's bias from the first's offset",
+)
 
 BUGS = (
     last_class_gradient,
@@ -355,5 +363,6 @@ BUGS = (
     bias_grad_overwritten_per_chunk,
     online_softmax_without_rescale,
     k_tail_dropped,
+    float32_bias_offset_per_split,
     assumes_contiguous_inputs,
 )

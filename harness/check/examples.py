@@ -13,6 +13,9 @@ reaches the structure of a real kernel:
   127/129, 255/257, ... up to N, D = 300 and V = 4097), where a kernel's tail handling is, each
   with ordinary logits, logits in the tens and logits past float32's exp range (88.7), and
   half of them with non-contiguous inputs (``strided=1``);
+- **past 2^16 classes** (``equivalence/large-vocab``), two with a bias, one with class weights,
+  ordinary logits and the first and last class among the labels: every block of classes is
+  crossed, and reads its slice of each per-class input;
 - **each dtype its own seeds**, so the three dtypes do not see the same inputs;
 - **each subset of the inputs requiring grad in every dtype** (``autograd/grad-subsets``);
 - the labels always include the first and the last class (``harness.case.make_labels``).
@@ -89,8 +92,14 @@ def equivalence_examples(dtype: str) -> list[Case]:
 
 
 def large_vocab_examples() -> list[Case]:
+    # Past 2^16 classes every kernel's class blocks are crossed many times, with ordinary logits, so
+    # that the last blocks' classes carry probability: the per-class inputs (bias, class weights)
+    # go with them, as a kernel slices them block by block (a bias block read from the wrong
+    # offset, say, moves only the classes past the first block). The class-weighted one ignores no
+    # token: torch's loss_parallel() refuses class weights with ignored tokens (a known bug), and
+    # would then skip the bias as well.
     return [
-        Case.build(tokens=(64,), dim=64, vocab=65537, dtype="float32", ignored="some", seed=1),
+        Case.build(tokens=(64,), dim=64, vocab=65537, dtype="float32", bias=True, class_weight=True, seed=1),
         Case.build(tokens=(2, 48), dim=96, vocab=100003, dtype="bfloat16", reduction="none", bias=True,
                    ignored="some", seed=2),
         Case.build(tokens=(65,), dim=65, vocab=65536, dtype="float16", reduction="sum", label_smoothing=0.1,
