@@ -12,21 +12,26 @@ Callers use ``loss(...)``, which validates the inputs, flattens ``(B, T, D)`` in
 unsupported cases with ``UnsupportedCase``, applies ``loss_div_factor`` and restores the
 ``(B, T)`` shape of per-token losses, so that ``compute`` stays about the kernel alone.
 
-A whole head (a module with its own options, norm and conventions) sets ``takes_batches``: its
-``compute`` then gets the inputs as the caller gave them, ``(B, T, D)`` or ``(N, D)``, and
-returns losses in the labels' shape; with ``applies_loss_div_factor`` it divides by
+A whole head (a module with its own options, norm and conventions) and a plain-function plugin
+set ``takes_batches``: ``compute`` then gets the inputs exactly as the caller gave them, ``(B, T,
+D)`` or ``(N, D)``, views and all, and must return per-token losses in the labels' shape (the gate
+checks the shape, nothing reshapes it); with ``applies_loss_div_factor`` it divides by
 ``loss_div_factor`` itself (through its own argument, e.g. HF's ``num_items_in_batch``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from harness.errors import UnsupportedCase
 from harness.semantics import head_logits
 from harness.spec import OPTIONS, ORIGINAL_OPTIONS, REDUCTIONS, LossOutput, LossSpec, dtype_name, validate_inputs
+
+if TYPE_CHECKING:
+    from harness.known import KnownIssue
 
 FAMILIES = ("native", "triton", "cuda", "distributed", "heads", "plugin")  # heads: real modules (OLMo-core, HF)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -97,6 +102,11 @@ class Implementation:
         """The loss of ``(N, D)`` hidden against ``(N,)`` labels, ignoring ``spec.loss_div_factor``."""
         raise NotImplementedError
 
+    def known_issues(self, device: str) -> tuple[KnownIssue, ...]:
+        """What is known to be wrong with the package behind this adapter on ``device``
+        (``harness.known``): the gate excuses exactly that, for built-in implementations only."""
+        return ()
+
     def with_chunk_size(self, chunk_size: int) -> Implementation | None:
         """The same implementation with a fixed token chunk size, or None if it has no such knob."""
         return None
@@ -145,7 +155,7 @@ class Implementation:
         )
         if reason is not None:
             raise UnsupportedCase(reason)
-        if self.takes_batches:
+        if self.takes_batches:  # as given: its shapes are its own, and the gate checks them
             out = self.compute(hidden, weight, labels, spec, bias)
         else:
             out = self.compute(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), spec, bias)
@@ -153,7 +163,7 @@ class Implementation:
         if spec.loss_div_factor != 1.0 and not self.applies_loss_div_factor:
             loss = loss / spec.loss_div_factor
             z_loss = None if z_loss is None else z_loss / spec.loss_div_factor
-        if spec.reduction == "none":
+        if spec.reduction == "none" and not self.takes_batches:
             loss = loss.view(labels.shape)
             z_loss = None if z_loss is None else z_loss.view(labels.shape)
         return LossOutput(loss, z_loss)

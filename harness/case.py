@@ -13,10 +13,14 @@ a new option needs no change here.
 ``make_inputs(case)`` builds the tensors: hidden states, head weight, optional bias, labels (with
 the requested ignore pattern), class weights and the upstream gradient of per-token losses. With
 ``tied=1`` the hidden states come from a ``TinyLM`` whose head weight is its embedding, so the
-weight gradient is the sum of both paths. With ``strided=1`` every input is a non-contiguous view.
-With ``logits=peaked`` each hidden state leans toward its label's row of the head, so the softmax
-is peaked at the label as in a trained model (a loss of about ``PEAKED_LOSS`` nats), where the
-default ``random`` gives near-uniform logits (a loss of about ln V).
+weight gradient is the sum of both paths. ``layout`` says how the inputs are laid out in memory
+(the views users pass, see ``LAYOUTS``; ``strided=1`` is the older spelling of ``layout=strided``),
+``upstream`` how the gradient of per-token losses arrives, ``ignored`` where the padding is
+(``IGNORE_PATTERNS``). With ``logits=peaked`` each hidden state leans toward its label's row of the
+head, so the softmax is peaked at the label as in a trained model (a loss of about ``PEAKED_LOSS``
+nats); with ``logits=confident`` so much that the label's probability is near 1
+(``CONFIDENT_LOSS``, late in training); the default ``random`` gives near-uniform logits (a loss of
+about ln V).
 """
 
 from __future__ import annotations
@@ -31,12 +35,28 @@ from harness.errors import HarnessError
 from harness.model import TinyLM
 from harness.spec import DTYPES, OPTION_BY_NAME, OPTION_DECLARATIONS, OPTIONS, REDUCTIONS, LossSpec, parse_dtype, parse_flag
 
-IGNORE_PATTERNS = ("none", "some", "all")
-LOGIT_MODES = ("random", "peaked")  # the distribution of the logits (see make_inputs)
+# Where ignored tokens are: none; some, scattered (SOME_IGNORED_FRACTION); all; runs: long runs of
+# padding, whole sequences and runs of a kernel's chunk size (64, 128 tokens) among real tokens;
+# right: right-padded sequences of different lengths, as a batch of documents is.
+IGNORE_PATTERNS = ("none", "some", "all", "runs", "right")
+LOGIT_MODES = ("random", "peaked", "confident")  # the distribution of the logits (see make_inputs)
 # The loss, in nats, that "peaked" inputs aim at: a language model's in training is about 2-3.
 # Gradient filtering (Cut Cross-Entropy's) skips the classes whose softmax is negligible, which
 # depends on this: on random inputs every class has about the same small probability.
 PEAKED_LOSS = 2.5
+# "confident": the label's probability about 0.999, which rounds to 1 in bfloat16 and float16, so
+# that a true-class gradient p_y - 1 formed from a rounded p_y vanishes.
+CONFIDENT_LOSS = 1e-3
+# How inputs sit in memory. contiguous; strided: every other element of the last axis (a tensor
+# packed with another); sliced: the views a model passes, at an offset into a larger buffer with
+# rows longer than they are (hidden states a column slice or one half of a split, or the first T
+# positions of T + 1; labels shifted by one, ``ids[:, 1:]``; a weight that is a block of a larger
+# matrix); transposed: sequence-first activations ((T, B, D) transposed, as Megatron keeps them)
+# and a column-major weight.
+LAYOUTS = ("contiguous", "strided", "sliced", "transposed")
+# How the gradient of per-token losses (reduction none) arrives: random values; expanded: the
+# stride-0 ones of ``loss.sum().backward()``; strided: random values in a non-contiguous view.
+UPSTREAMS = ("random", "expanded", "strided")
 # The tensors whose gradients a case can ask for: the head's input and every parameter of the head.
 GRADIENT_INPUTS = ("hidden", "weight", "bias", "norm_weight", "norm_bias", "class_scale")
 
@@ -91,8 +111,9 @@ class Case:
     grads: tuple[str, ...] = GRADIENT_INPUTS  # inputs that require grad
     chunk: int | None = None  # the implementation's chunk size (None: its default)
     keep: int = 0  # logits_to_keep of the logits path (0: every position)
-    strided: bool = False  # inputs are non-contiguous views (see make_inputs)
-    logits: str = "random"  # random (near-uniform softmax) or peaked at the labels (see make_inputs)
+    layout: str = "contiguous"  # how the inputs sit in memory (LAYOUTS)
+    upstream: str = "random"  # how the gradient of per-token losses arrives (UPSTREAMS)
+    logits: str = "random"  # random (near-uniform softmax), peaked or confident at the labels (LOGIT_MODES)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,10 +131,14 @@ class Case:
             raise HarnessError(f"case grads must be a '+'-joined subset of {'+'.join(GRADIENT_INPUTS)}, got {self.grads}")
         if self.logits not in LOGIT_MODES:
             raise HarnessError(f"case logits must be one of {', '.join(LOGIT_MODES)}, got {self.logits!r}")
+        if self.layout not in LAYOUTS:
+            raise HarnessError(f"case layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.upstream not in UPSTREAMS:
+            raise HarnessError(f"case upstream must be one of {', '.join(UPSTREAMS)}, got {self.upstream!r}")
         if self.tied and self.logits != "random":
-            raise HarnessError("a tied case takes its hidden states from a model: logits=peaked needs tied=0")
-        if self.tied and self.strided:
-            raise HarnessError("a tied case takes its hidden states from a model: strided=1 needs tied=0")
+            raise HarnessError(f"a tied case takes its hidden states from a model: logits={self.logits} needs tied=0")
+        if self.tied and self.layout != "contiguous":
+            raise HarnessError(f"a tied case takes its hidden states from a model: layout={self.layout} needs tied=0")
         if self.tied and set(self.grads) != set(GRADIENT_INPUTS):
             raise HarnessError("a tied case trains the whole model: grads cannot be restricted with tied=1")
         if self.chunk is not None and self.chunk < 1:
@@ -210,12 +235,13 @@ _FIELD_KEYS = {
     "grads": ("grads", lambda v: tuple(v.split("+"))),
     "chunk": ("chunk", lambda v: None if v.lower() == "none" else int(v)),
     "keep": ("keep", int),
-    "strided": ("strided", parse_flag),
+    "layout": ("layout", str),
+    "upstream": ("upstream", str),
     "logits": ("logits", str),
     "seed": ("seed", int),
 }
 _OPTION_KEYS = {key: option for option in OPTION_DECLARATIONS for key in (option.name, *option.aliases)}
-CASE_KEYS = ("N", "B", "T", *_FIELD_KEYS, *OPTIONS)
+CASE_KEYS = ("N", "B", "T", *_FIELD_KEYS, *OPTIONS, "strided")
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Case) if f.default is not dataclasses.MISSING}
 
 
@@ -257,6 +283,8 @@ def parse_case(text: str) -> Case:
         try:
             if key in ("N", "B", "T"):
                 shape[key] = int(value)
+            elif key == "strided":  # the older spelling of layout=strided
+                fields["layout"] = "strided" if parse_flag(value) else "contiguous"
             elif key in _FIELD_KEYS:
                 name, parse = _FIELD_KEYS[key]
                 fields[name] = parse(value)
@@ -303,6 +331,7 @@ class Inputs:
     gradient_inputs: dict[str, torch.Tensor]
     model: TinyLM | None = None  # tied cases: the model, and the tokens it embeds
     token_ids: torch.Tensor | None = None
+    upstream_layout: str = "random"  # how ``upstream`` is handed to backward (UPSTREAMS)
 
     def reset_grads(self) -> None:
         for tensor in self.gradient_inputs.values():
@@ -339,6 +368,8 @@ def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
             flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = True
         if flat.all():
             flat[int(torch.randint(0, flat.numel(), (1,), generator=generator))] = False
+    elif case.ignored in ("runs", "right"):
+        ignored = padding_runs(case) if case.ignored == "runs" else right_padding(case)
     else:
         ignored = torch.zeros(case.tokens, dtype=torch.bool)
     kept = (~ignored).view(-1).nonzero().flatten()
@@ -348,6 +379,33 @@ def make_labels(case: Case, generator: torch.Generator) -> torch.Tensor:
     if 0 <= ignore_index < case.vocab:  # an in-range ignore_index must only mark ignored tokens
         labels[labels == ignore_index] = (ignore_index + 1) % case.vocab
     return labels.masked_fill(ignored, ignore_index)
+
+
+def padding_runs(case: Case) -> torch.Tensor:
+    """Long runs of padding among real tokens: with (B, T) tokens the first sequence is all padding;
+    along the flat tokens, runs of 64 and of 128 (a kernel's chunk size) start at a multiple of 64, and
+    the last token is real (at least one token is real)."""
+    ignored = torch.zeros(case.tokens, dtype=torch.bool)
+    if len(case.tokens) == 2 and case.tokens[0] > 1:
+        ignored[0] = True
+    flat = ignored.view(-1)
+    for start, length in ((64, 64), (256, 128), (0, 32)):
+        if start < flat.numel():
+            flat[start:start + length] = True
+    flat[-1] = False
+    return ignored
+
+
+def right_padding(case: Case) -> torch.Tensor:
+    """Right-padded sequences: each sequence (the one sequence of (N,) tokens) ends in padding, of a
+    length drawn from the case's seed (some none, one all but its first token)."""
+    generator = torch.Generator().manual_seed(case.seed + 0x50414444)
+    batch, length = (1, case.tokens[0]) if len(case.tokens) == 1 else case.tokens
+    kept = torch.randint(1, length + 1, (batch,), generator=generator)
+    kept[0] = 1
+    if batch > 1:
+        kept[-1] = length
+    return (torch.arange(length)[None, :] >= kept[:, None]).reshape(case.tokens)
 
 
 def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, draw_on_device: bool = False) -> Inputs:
@@ -365,6 +423,8 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
     upstream = None
     if case.reduction == "none":  # multiples of 1/4: exact in every dtype, so all see the same upstream
         upstream = torch.randint(-8, 9, case.tokens, generator=generator).double() / 4
+        if case.upstream == "expanded":  # loss.sum().backward(): ones (laid out by ``upstream_for``)
+            upstream = torch.ones(case.tokens, dtype=torch.float64)
     if class_weight is not None:
         class_weight = class_weight.to(device, torch.float64 if reference else torch.float32)
     spec = case.spec(class_weight)
@@ -391,15 +451,15 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
         hidden = torch.randn(*case.tokens, case.dim, generator=generator, dtype=torch.float64)
         weight = torch.randn(case.vocab, case.dim, generator=generator, dtype=torch.float64) * (case.scale / case.dim**0.5)
         bias = torch.randn(case.vocab, generator=generator, dtype=torch.float64) * (case.scale / 2) if has_bias else None
-        if case.logits == "peaked":
+        if case.logits != "random":
             hidden = peaked_hidden(hidden, weight, labels, case)
         if case.option("norm") is not None:
             hidden = hidden * norm_input_scales(case)
         # Round to the case's dtype first, so the reference sees exactly the candidate's inputs.
         hidden, weight = (t.to(dtype).to(device, work_dtype) for t in (hidden, weight))
         bias = None if bias is None else bias.to(dtype).to(device, work_dtype)
-    if case.strided and not reference:
-        hidden, weight, bias, labels = (None if t is None else strided_copy(t) for t in (hidden, weight, bias, labels))
+    if not reference:
+        hidden, weight, bias, labels = lay_out(case.layout, hidden, weight, bias, labels)
     # Drawn last, so that a case without them draws exactly what it drew before they existed.
     head = _head_parameters(case, generator, device, torch.float64 if reference else dtype)
     spec = spec.replace(**head)
@@ -411,7 +471,7 @@ def make_inputs(case: Case, *, device: str = "cpu", reference: bool = False, dra
         if tensor.is_leaf:  # a tied model's hidden states are not: their gradient is retained
             tensor.requires_grad_()
         gradient_inputs[name] = tensor
-    return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs, model, token_ids)
+    return Inputs(hidden, weight, bias, labels, spec, upstream, gradient_inputs, model, token_ids, case.upstream)
 
 
 def norm_input_scales(case: Case) -> torch.Tensor:
@@ -459,14 +519,14 @@ def _draw_on_device(case: Case, device: str, has_bias: bool, labels: torch.Tenso
     return tuple(None if t is None else t.to(case.torch_dtype) for t in (hidden, weight, bias))
 
 
-def peaked_margin(vocab: int, scale: float) -> float:
-    """How far above the others a target logit must lie for a loss of about ``PEAKED_LOSS`` nats.
+def peaked_margin(vocab: int, scale: float, loss: float = PEAKED_LOSS) -> float:
+    """How far above the others a target logit must lie for a loss of about ``loss`` nats.
 
     The other V - 1 logits are about normal with standard deviation ``scale``, so their softmax
     mass relative to the target's is about (V - 1) exp(scale^2 / 2 - margin); the loss is the log
     of one plus that. A vocabulary too small to reach that loss gets no margin.
     """
-    return max(0.0, math.log(vocab - 1) + scale**2 / 2 - math.log(math.expm1(PEAKED_LOSS)))
+    return max(0.0, math.log(vocab - 1) + scale**2 / 2 - math.log(math.expm1(loss)))
 
 
 def peaked_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, case: Case) -> torch.Tensor:
@@ -476,8 +536,61 @@ def peaked_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     labels = labels.to(hidden.device)
     kept = (labels != ignore_index) & (labels >= 0) & (labels < case.vocab)
     rows = weight[labels.clamp(0, case.vocab - 1)]
-    step = peaked_margin(case.vocab, case.scale) * kept.to(hidden.dtype) / rows.square().sum(-1)
+    loss = CONFIDENT_LOSS if case.logits == "confident" else PEAKED_LOSS
+    step = peaked_margin(case.vocab, case.scale, loss) * kept.to(hidden.dtype) / rows.square().sum(-1)
     return hidden + step.unsqueeze(-1) * rows
+
+
+def lay_out(layout: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The same values as views of the given layout (``LAYOUTS``)."""
+    if layout == "strided":
+        return strided_copy(hidden), strided_copy(weight), bias if bias is None else strided_copy(bias), strided_copy(labels)
+    if layout == "sliced":
+        return sliced_hidden(hidden), _block_of(weight, rows=(1, 2), columns=(0, 3)), \
+            bias if bias is None else _block_of(bias, rows=(1, 0)), shifted(labels)
+    if layout == "transposed":
+        hidden = _transposed_copy(hidden, (1, 0) if hidden.dim() == 2 else (1, 0, 2))
+        labels = labels if labels.dim() == 1 else _transposed_copy(labels, (1, 0))
+        return hidden, _transposed_copy(weight, (1, 0)), bias, labels
+    return hidden, weight, bias, labels
+
+
+def _block_of(tensor: torch.Tensor, rows: tuple[int, int], columns: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """``tensor`` as a block of a larger buffer, ``rows`` (before, after) rows and ``columns`` (before,
+    after) columns around it (a 1-D tensor takes ``rows`` only)."""
+    if tensor.dim() == 1:
+        buffer = tensor.new_zeros(rows[0] + tensor.shape[0] + rows[1])
+        buffer[rows[0]:rows[0] + tensor.shape[0]] = tensor
+        return buffer[rows[0]:rows[0] + tensor.shape[0]]
+    height, width = tensor.shape
+    buffer = tensor.new_zeros(rows[0] + height + rows[1], columns[0] + width + columns[1])
+    buffer[rows[0]:rows[0] + height, columns[0]:columns[0] + width] = tensor
+    return buffer[rows[0]:rows[0] + height, columns[0]:columns[0] + width]
+
+
+def sliced_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    """``(N, D)`` hidden states as the second half of a ``torch.split`` of ``(N, 2D)`` (rows of 2D);
+    ``(B, T, D)`` ones as the first T positions of ``(B, T + 1, D)``."""
+    if hidden.dim() == 2:
+        buffer = hidden.new_zeros(hidden.shape[0], 2 * hidden.shape[1])
+        buffer[:, hidden.shape[1]:] = hidden
+        return torch.split(buffer, hidden.shape[1], dim=1)[1]
+    buffer = hidden.new_zeros(hidden.shape[0], hidden.shape[1] + 1, hidden.shape[2])
+    buffer[:, :-1] = hidden
+    return buffer[:, :-1]
+
+
+def shifted(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as a causal LM takes them from its token ids: ``ids[..., 1:]`` of one more position."""
+    buffer = labels.new_zeros(*labels.shape[:-1], labels.shape[-1] + 1)
+    buffer[..., 1:] = labels
+    return buffer[..., 1:]
+
+
+def _transposed_copy(tensor: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """The same values, stored in the order ``order`` of the axes (a permuted contiguous buffer)."""
+    return tensor.permute(*order).contiguous().permute(*[order.index(i) for i in range(len(order))])
 
 
 def strided_copy(tensor: torch.Tensor) -> torch.Tensor:

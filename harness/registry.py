@@ -5,6 +5,10 @@
     fn(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
        label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None) -> loss
 
+It gets the inputs exactly as the caller has them: ``(N, D)`` hidden states and ``(N,)`` labels,
+or ``(B, T, D)`` and ``(B, T)``, possibly non-contiguous views, and returns a 0-d loss, or with
+reduction ``none`` one of exactly the labels' shape.
+
 that raises ``NotImplementedError`` for an option it does not support. It is called with the
 keywords of the options a case uses only (and ``reduction``): a function without the keyword of an
 option in use cannot run that case, which is then *unsupported*, with that reason. So a plugin
@@ -34,6 +38,7 @@ class FunctionImplementation(Implementation):
 
     family = "plugin"
     has_logits_path = False  # a loss function has no logits path of its own
+    takes_batches = True  # it gets (B, T, D) and (B, T) inputs as given, and its output shape is checked
 
     def __init__(self, name: str, function) -> None:
         self.name = name

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.baseline import BASELINE  # noqa: F401 - speed-ups in reports are over it
 from harness.errors import HarnessError
 
 RESULTS_DIR = Path("results")
 
 # What one timed call of a sweep does (see harness.sweep.measure).
 MODES = ("forward", "forward_backward", "backward")
-# The implementation everything is compared with: speed-ups in reports, the error yardstick of check.
-BASELINE = "torch-eager"
 
 ROW_COLUMNS = (
     "run_id",

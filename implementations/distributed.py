@@ -11,7 +11,7 @@ logits, and the softmax's maximum, sum and target logit are all-reduced. The imp
 - ``megatron-vocab-parallel``: Megatron-core's ``vocab_parallel_cross_entropy``, when
   megatron-core is installed (the ``megatron`` extra, part of ``all``: it installs and imports on
   a CPU). Its label smoothing is local to each rank's shard: a known failure of the gate
-  (``harness.check.known_failures``).
+  (declared beside it, ``implementations.vocab_parallel.megatron_known``).
 
 How they run: ``compute`` hands each rank its shard through a persistent pool of P processes
 (``implementations.vocab_parallel.pool``; gloo on CPU, NCCL on GPUs) and wraps the result in an
@@ -203,6 +203,11 @@ class DTensorLossParallel(VocabParallel):
     def full_class_weight(self):
         return True  # loss_parallel takes the class weights replicated
 
+    def known_issues(self, device):
+        from implementations.vocab_parallel.megatron_known import LOSS_PARALLEL_ISSUES
+
+        return LOSS_PARALLEL_ISSUES
+
     def shards(self, vocab, world_size):
         shards = super().shards(vocab, world_size)
         if any(shard.size == 0 for shard in shards):
@@ -246,6 +251,11 @@ class MegatronVocabParallel(VocabParallel):
 
     def capabilities(self, device):
         return Capabilities(supported_options=SUPPORTED, unsupported_options=MEGATRON_UNSUPPORTED)
+
+    def known_issues(self, device):
+        from implementations.vocab_parallel.megatron_known import MEGATRON_ISSUES
+
+        return MEGATRON_ISSUES
 
     def world_size(self, num_tokens, vocab):
         """P as for the others when it divides V, else the other one that does; else refused."""

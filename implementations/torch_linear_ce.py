@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.adapter import Availability, Capabilities, Implementation
+from harness.known import KnownImprecision, KnownLimitation
 from harness.spec import LossOutput
 
 SUPPORTED = ("bias", "ignore_index", "loss_div_factor", "class_weight")  # loss_div_factor: by the harness
@@ -40,6 +41,9 @@ class TorchLinearCrossEntropy(Implementation):
     def capabilities(self, device):
         return Capabilities(supported_options=SUPPORTED, unsupported_options=dict(UNSUPPORTED))
 
+    def known_issues(self, device):
+        return KNOWN_ISSUES
+
     def with_chunk_size(self, chunk_size):
         return TorchLinearCrossEntropy(batch_chunk_size=chunk_size)
 
@@ -60,3 +64,27 @@ class TorchLinearCrossEntropy(Implementation):
             options=self._options(),
         )
         return LossOutput(loss, None)
+
+
+# --- known issues of torch 2.13's F.linear_cross_entropy ---
+
+PACKAGE = "torch 2.13"
+CHUNKS_IN_INPUT_DTYPE = (
+    "F.linear_cross_entropy's chunked path (torch 2.13) keeps the loss of bfloat16 inputs in a bfloat16 "
+    "accumulator (linear_cross_entropy.py: output_dtype is the input dtype for bfloat16, float32 only for "
+    "float16) and adds every chunk's target logits and logsumexps into it; its weight and bias gradients lose "
+    "up to one input-dtype rounding per chunk in bfloat16 and float16. No option changes it: acc_dtype and "
+    "acc_policy govern the intermediates only"
+)
+AT_SCALE = "precision/at-scale: N=2048,D=64,V=2048,dtype=bfloat16,reduction=sum,bias=1,seed=21"
+KNOWN_ISSUES = (
+    KnownImprecision(CHUNKS_IN_INPUT_DTYPE, AT_SCALE, PACKAGE, ("bfloat16",), ("loss", "grad_weight", "grad_bias"),
+                     max_ratio=8.0),
+    KnownImprecision(CHUNKS_IN_INPUT_DTYPE, AT_SCALE.replace("bfloat16", "float16"), PACKAGE, ("float16",),
+                     ("grad_weight", "grad_bias"), max_ratio=8.0),
+    KnownLimitation(
+        "F.linear_cross_entropy frees its saved gradients after one backward unless "
+        "LinearCrossEntropyOptions(allow_retain_graph=True) (documented; the default is False)",
+        ("autograd/retain-graph",), "RuntimeError", "linear_cross_entropy chunked backward called twice", PACKAGE,
+    ),
+)

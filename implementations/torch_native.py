@@ -9,38 +9,15 @@ from __future__ import annotations
 import shutil
 
 import torch
-import torch.nn.functional as F
 
 from harness.adapter import Availability, Capabilities, Implementation
-from harness.semantics import apply_norm, loss_from_logits
-from harness.spec import OPTIONS, LossOutput, LossSpec
+from harness.baseline import TorchEager, eager_loss
+from harness.known import KnownLimitation
+from harness.spec import OPTIONS
+
+__all__ = ["TorchCompile", "TorchEager", "eager_loss"]
 
 RECOMPILE_LIMIT = 256
-
-
-def eager_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    spec: LossSpec,
-    bias: torch.Tensor | None,
-) -> LossOutput:
-    # The norm and the matmul run in the input dtype; the softmax in float32, as `logits.float()`
-    # in HF models.
-    logits = F.linear(apply_norm(hidden, spec), weight, bias).float()
-    return loss_from_logits(logits, labels, spec.replace(loss_div_factor=1.0))
-
-
-class TorchEager(Implementation):
-    name = "torch-eager"
-    family = "native"
-    summary = "materialised logits upcast to float32, then F.cross_entropy (HF / OLMo-core default)"
-
-    def capabilities(self, device):
-        return Capabilities(supported_options=OPTIONS)  # it runs the definition itself
-
-    def compute(self, hidden, weight, labels, spec, bias):
-        return eager_loss(hidden, weight, labels, spec, bias)
 
 
 class TorchCompile(Implementation):
@@ -60,6 +37,9 @@ class TorchCompile(Implementation):
     def capabilities(self, device):
         return Capabilities(supported_options=OPTIONS)  # the definition itself, compiled
 
+    def known_issues(self, device):
+        return (DONATED_BUFFERS,)
+
     def compute(self, hidden, weight, labels, spec, bias):
         if self._compiled is None:
             self._compiled = torch.compile(eager_loss, dynamic=None)
@@ -72,3 +52,10 @@ class TorchCompile(Implementation):
             except torch._dynamo.exc.FailOnRecompileLimitHit:
                 torch._dynamo.reset()
                 return self._compiled(hidden, weight, labels, spec, bias)
+
+
+DONATED_BUFFERS = KnownLimitation(
+    "torch.compile donates the saved buffers of its backward by default: a second backward "
+    "(retain_graph=True) raises and names the switch, torch._functorch.config.donated_buffer=False",
+    ("autograd/retain-graph",), "RuntimeError", "compiled with non-empty donated buffers", "torch 2.13",
+)

@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.case import parse_case
+from harness.check.replay import parse_step
 from harness.check.behaviour import EDGE_CASE_TIMEOUT_S, EDGE_CASES, BehaviourResult, probe, run_behaviour
 from harness.check.run_property import (
     FAIL,
@@ -85,7 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--property", action="append", metavar="ID", dest="properties",
         help=f"check only these properties (repeatable): {', '.join(PROPERTY_IDS)}",
     )
-    parser.add_argument("--case", metavar="CASE", help="rerun one case, e.g. 'N=7,D=5,V=257,dtype=bfloat16,seed=1'")
+    parser.add_argument("--case", metavar="CASE", action="append",
+                        help="rerun one case, e.g. 'N=7,D=5,V=257,dtype=bfloat16,seed=1'; repeated: run the cases in "
+                        "order in one process (PROPERTY@CASE runs one under another property), a reproducer of a "
+                        "failure that depends on earlier calls")
     parser.add_argument(
         "--profile", choices=PROFILES, default=None,
         help="how many cases to draw besides every property's explicit examples: ci (30 s of drawn cases "
@@ -200,16 +204,21 @@ def _selected_properties(ids: list[str] | None):
 
 
 def run_one_case(args: argparse.Namespace, console: Console) -> int:
-    case = parse_case(args.case)
+    """``--case``: one case under each chosen property, or a sequence of them under one, in order."""
     if not args.impl:
         raise HarnessError("--case needs --impl (the implementation to rerun it on)")
     props = _selected_properties(args.properties)
+    if len(args.case) > 1 and len(props) != 1:
+        raise HarnessError("a sequence of --case needs exactly one --property (the one its last case is judged by)")
+    steps = [parse_step(text, props[0].id if len(props) == 1 else None) for text in args.case]
     results = []
     for target in choose_targets(args.impl, console):
         for prop in props:
-            result = run_case(target, prop, case, local_device())
-            results.append(result)
-            console.print(f"{result.implementation}  {prop.id}  {_status_cell(result)}  {result.seconds:.1f} s")
+            for step in steps:
+                result = run_case(target, find_property(step.property_id or prop.id), step.case, local_device())
+                results.append(result)
+                console.print(f"{result.implementation}  {result.property}  {_status_cell(result)}  "
+                              f"{result.seconds:.1f} s")
     print_details(console, results)
     return 1 if any(r.status == FAIL for r in results) else 0
 
@@ -233,8 +242,9 @@ def check_in_process(
     chosen = get_profile(profile, max_examples)
     support = discover_support(target.impl, device)
     yield SupportResult(target.given, support)
+    history = []  # every case run for this implementation: a failure's reproducer may need the ones before it
     for property_id in property_ids:
-        yield run_property(target, find_property(property_id), support, chosen, device)
+        yield run_property(target, find_property(property_id), support, chosen, device, history=history)
     if behaviour:
         for edge in EDGE_CASES:
             yield BehaviourResult(target.given, edge.id, *probe(target.impl, edge, device))
@@ -367,10 +377,10 @@ def run(args: argparse.Namespace) -> int:
         "implementations": [t.given for t in targets],
         "properties": [p.id for p in props],
         "tolerance": {
-            "multiple": tolerance.MULTIPLE,
+            "budget": tolerance.BUDGET,
+            "spread": tolerance.SPREAD,
             "norm_multiple": tolerance.NORM_MULTIPLE,
-            "cap": tolerance.CAP,
-            "yardstick": tolerance.YARDSTICK,
+            "norm_min_elements": tolerance.NORM_MIN_ELEMENTS,
             "sum_order": tolerance.SUM_ORDER,
         },
         **environment(device),
@@ -380,10 +390,10 @@ def run(args: argparse.Namespace) -> int:
     precision_rows = RowWriter(run_dir / "precision.csv", PRECISION_COLUMNS)
     not_checked_rows = RowWriter(run_dir / "not_checked.csv", NOT_CHECKED_COLUMNS)
     behaviour_rows = RowWriter(run_dir / "behaviour.csv", BEHAVIOUR_COLUMNS)
-    budget = f"{profile.budget_s:g} s of drawn cases" if args.max_examples is None else f"{args.max_examples} drawn cases"
+    budget = profile.describe()
     console.print(
         f"checking {', '.join(t.given for t in targets)} on {device}, profile {profile_name} "
-        f"(explicit examples + {budget} per implementation), "
+        f"(explicit examples + {budget}), "
         f"{'in this process' if args.in_process else f'{jobs} at a time'} -> {run_dir}"
     )
 

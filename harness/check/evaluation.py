@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from harness.adapter import Implementation
-from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
+from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs, strided_copy
 from harness.errors import HarnessError
 from harness.semantics import NormTerms, in_float64, logits_with_terms, norm_with_terms, reference_loss
+from harness.check.tolerance import LOGIT_ROUNDINGS, logit_rounding_factor, summed_over_tokens
 from harness.spec import LossOutput, LossSpec, underflow, unit_roundoff
 
 
@@ -58,10 +59,19 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def upstream_for(inputs: Inputs, loss: torch.Tensor) -> torch.Tensor:
-    """The gradient fed to ``loss.backward``: ones, or the case's per-token upstream gradient."""
+    """The gradient fed to ``loss.backward``: ones, or the case's per-token upstream gradient, laid out
+    as the case says (the stride-0 ones of ``loss.sum().backward()``, or a non-contiguous view)."""
     if inputs.upstream is None or loss.dim() == 0:
         return torch.ones_like(loss)
-    return inputs.upstream.to(loss.device, loss.dtype)
+    if inputs.upstream_layout == "expanded":
+        return torch.ones((), device=loss.device, dtype=loss.dtype).expand(inputs.upstream.shape)
+    upstream = inputs.upstream.to(loss.device, loss.dtype)
+    return strided_copy(upstream) if inputs.upstream_layout == "strided" else upstream
+
+
+def expected_loss_shape(inputs: Inputs) -> tuple[int, ...]:
+    """The shape a loss must have: the labels' for reduction none, a scalar otherwise."""
+    return tuple(inputs.labels.shape) if inputs.spec.reduction == "none" else ()
 
 
 def evaluate(
@@ -79,6 +89,9 @@ def evaluate(
     with torch.set_grad_enabled(grad_enabled):
         out = loss_function(inputs)
     loss = out.loss
+    if tuple(loss.shape) != expected_loss_shape(inputs):
+        raise CheckFailure(f"loss: shape {tuple(loss.shape)} for labels of shape {tuple(inputs.labels.shape)} "
+                           f"with reduction={inputs.spec.reduction}, expected {expected_loss_shape(inputs)}")
     wants_grad = grad_enabled and bool(inputs.gradient_inputs) and backward_calls > 0
     if wants_grad:
         if not loss.requires_grad:
@@ -181,6 +194,8 @@ def term_magnitudes(
       positive, with ``p_j`` counted as ``p_j (1 + L_j + E)`` (an error in a logit or in the
       logsumexp is a relative error of every probability), and back through the head's options
       times the terms of their derivative (``LogitTerms.chain_terms``);
+    - everything a token's logits reach is widened by ``logit_rounding_factor`` of that token's own
+      largest logit (a rounding of a large logit moves its probability by a factor, not a fraction);
     - a logit gradient rounded to the case's ``dtype`` may also lose up to ``underflow(dtype)``
       outright, whatever its size: that is ``underflow / u`` in units of the terms;
     - the gradients of hidden, weight and bias sum the logit gradients' terms against ``|W|``,
@@ -189,7 +204,9 @@ def term_magnitudes(
     - a norm before the projection: its output's terms are ``harness.semantics.norm_with_terms``'s,
       its weight's and bias's gradients sum the output gradient's terms against ``|x_hat|`` (plus
       the input's terms over sigma) and ones, and its input's gradient takes them back through the
-      norm's Jacobian with every term positive (``norm_backward_terms``).
+      norm's Jacobian with every term positive (``norm_backward_terms``);
+    - a sum over tokens (a reduced loss, the gradients of the head's parameters) adds independent
+      per-token roundings: ``tolerance.summed_over_tokens`` of the linear sum and the root-sum-square.
 
     Reductions sum the per-token terms with the reduction's weights, and the upstream gradients
     (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results.
@@ -200,6 +217,8 @@ def term_magnitudes(
         probs, lse = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)
         lse_terms = (probs * logit_size).sum(-1) + lse.abs()
         vocab = logits.shape[-1]
+        largest = logits.abs().amax(-1) if vocab else lse.abs()
+        widening = logit_rounding_factor(LOGIT_ROUNDINGS, dtype, largest) / LOGIT_ROUNDINGS  # per token, >= 1
         labels = inputs.labels.reshape(-1)
         valid = (labels != spec.ignore_index).double()
         safe = torch.where(valid.bool(), labels, 0)
@@ -214,13 +233,15 @@ def term_magnitudes(
 
         label_terms = logit_size.gather(1, safe[:, None]).squeeze(1)
         smooth_terms = (logit_size * class_weight).sum(-1) / vocab + lse_terms * class_weight.sum() / vocab
-        per_token_ce = ((1 - eps) * weight_y * (lse_terms + label_terms) + eps * smooth_terms * valid)
-        per_token_z = 2 * z_mult * lse.abs() * lse_terms * valid
+        per_token_ce = ((1 - eps) * weight_y * (lse_terms + label_terms) + eps * smooth_terms * valid) * widening
+        per_token_z = 2 * z_mult * lse.abs() * lse_terms * valid * widening
         if spec.reduction == "none":
-            ce, z = per_token_ce.reshape(inputs.labels.shape), per_token_z.reshape(inputs.labels.shape)
+            total = (per_token_ce + per_token_z).reshape(inputs.labels.shape)
+            z = per_token_z.reshape(inputs.labels.shape)
         else:
-            ce, z = (per_token_ce * ce_scale).sum(), (per_token_z * z_scale).sum()
-        terms = {"loss": (ce + z) / spec.loss_div_factor, "z_loss": z / spec.loss_div_factor}
+            total = _token_sum(per_token_ce * ce_scale + per_token_z * z_scale)
+            z = _token_sum(per_token_z * z_scale)
+        terms = {"loss": total / spec.loss_div_factor, "z_loss": z / spec.loss_div_factor}
 
         # the gradients: times the upstream gradient of every backward
         upstream = valid if inputs.upstream is None else inputs.upstream.reshape(-1).abs().double()
@@ -235,20 +256,23 @@ def term_magnitudes(
             ce_scale[:, None] * (prob_terms * mix[:, None] + one_hot * ((1 - eps) * weight_y)[:, None]
                                  + eps / vocab * class_weight[None, :] * valid[:, None])
             + (z_scale * 2 * z_mult)[:, None] * (lse.abs()[:, None] * prob_terms + probs * lse_terms[:, None])
-        )
+        ) * widening[:, None]
         lost_to_underflow = underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
         if head.class_scale_terms is not None:  # d(loss)/d(scale_j) = sum over tokens of dL/dz_j dz_j/ds_j
             products = (logit_grad + lost_to_underflow) * head.class_scale_terms + lost_to_underflow
-            terms["grad_class_scale"] = products.sum(dim=0)
+            terms["grad_class_scale"] = summed_over_tokens(products.sum(0), products.square().sum(0).sqrt())
         if head.chain_terms is not None:  # back through the head's options to the raw logits
             logit_grad = logit_grad * head.chain_terms
         logit_grad = logit_grad + lost_to_underflow
         grad_hidden = logit_grad @ weight.abs()
-        terms["grad_weight"] = logit_grad.t() @ projected_terms
-        terms["grad_bias"] = logit_grad.sum(dim=0)
+        terms["grad_weight"] = summed_over_tokens(logit_grad.t() @ projected_terms,
+                                                  (logit_grad.square().t() @ projected_terms.square()).sqrt())
+        terms["grad_bias"] = summed_over_tokens(logit_grad.sum(0), logit_grad.square().sum(0).sqrt())
         if norm is not None:  # back through the norm: its parameters', then its input's gradient
-            terms["grad_norm_weight"] = (grad_hidden * (norm.normalized.abs() + hidden_terms * norm.inverse_scale)).sum(0)
-            terms["grad_norm_bias"] = grad_hidden.sum(dim=0)
+            norm_weight_terms = grad_hidden * (norm.normalized.abs() + hidden_terms * norm.inverse_scale)
+            terms["grad_norm_weight"] = summed_over_tokens(norm_weight_terms.sum(0),
+                                                           norm_weight_terms.square().sum(0).sqrt())
+            terms["grad_norm_bias"] = summed_over_tokens(grad_hidden.sum(0), grad_hidden.square().sum(0).sqrt())
             grad_hidden = norm_backward_terms(grad_hidden, norm, spec)
         terms["grad_hidden"] = grad_hidden.reshape(inputs.hidden.shape)
         if inputs.model is not None:  # tied: the embedding path adds to the weight's gradient
@@ -256,6 +280,11 @@ def term_magnitudes(
             embedding_rows = grad_hidden @ layer
             terms["grad_weight"] = terms["grad_weight"].index_add(0, inputs.token_ids.reshape(-1), embedding_rows)
         return terms
+
+
+def _token_sum(per_token: torch.Tensor) -> torch.Tensor:
+    """The terms of a reduced value from its per-token terms (see ``tolerance.summed_over_tokens``)."""
+    return summed_over_tokens(per_token.sum(), per_token.square().sum().sqrt())
 
 
 def norm_backward_terms(grad_output_terms: torch.Tensor, norm: NormTerms, spec: LossSpec) -> torch.Tensor:

@@ -1,21 +1,31 @@
 """The cases every run of the gate checks first, before anything Hypothesis draws.
 
-They are built to principles, not to a list of known bugs, so that even the smallest (ci) run
-reaches the structure of a real kernel:
+They are built to principles, one per dimension of real use, not to a list of known bugs, so that
+even the smallest (ci) run reaches the structure of a real kernel and the way it is called:
 
-- **every option alone, every pair of options and all of them at once in each reduction, in
-  every dtype**: the bugs of composing two options (in the wrong order, one normalised by the
-  other's weights, one applied to tokens the other masks) show only when both are on. Some
-  tokens are ignored in every one of them, never all: a case whose outputs are all exactly zero
-  checks nothing. Option values are the strong ones (logits of size 16 against a softcap of 5,
-  so that the cap bites).
+- **options**: every option alone, every pair of options and all of them at once in each
+  reduction, in every dtype: the bugs of composing two options (in the wrong order, one
+  normalised by the other's weights, one applied to tokens the other masks) show only when both
+  are on. Options that act on ignored tokens have some; the others alone have none, and all of
+  them at once run both with padding and without (a packed pretraining batch has none). Option
+  values are the strong ones (logits of size 16 against a softcap of 5, so that the cap bites).
 - **block edges**: N, D and V at, one below and one past power-of-two block sizes (63/64/65,
-  127/129, 255/257, ... up to N, D = 300 and V = 4097), where a kernel's tail handling is, each
-  with ordinary logits, logits in the tens and logits past float32's exp range (88.7), and
-  half of them with non-contiguous inputs (``strided=1``);
-- **past 2^16 classes** (``equivalence/large-vocab``), two with a bias, one with class weights,
-  ordinary logits and the first and last class among the labels: every block of classes is
-  crossed, and reads its slice of each per-class input;
+  127/129, ... up to N, D = 300 and V = 4097), where a kernel's tail handling is, each with
+  ordinary logits, logits in the tens and logits past float32's exp range (88.7);
+- **layouts and batch structure**: the block-edge cases rotate through every layout (contiguous,
+  every other element, the sliced views a model passes, sequence-first transposed), with ``(B, T)``
+  inputs passed as given, and the per-token upstream gradient in each of its forms (random,
+  the stride-0 ones of ``loss.sum().backward()``, a non-contiguous view);
+- **padding as batches have it**: runs of padding (a whole sequence, chunk-sized runs),
+  right-padded sequences of different lengths, and none at all, with the options that care;
+- **confident predictions**: the label's probability near 1 (late in training) in every dtype;
+- **past 2^16 classes** (``equivalence/large-vocab``): every block of classes crossed, and each
+  per-class input (bias, class weights) sliced with them;
+- **real sizes** (``equivalence/model-sizes``): past 2^16 tokens with a small head, and the hidden
+  sizes of real models (2048 to 8192) with few tokens;
+- **thousands of tokens** (``precision/at-scale``): partial sums kept in the input dtype add up;
+- **call patterns** (``autograd/interleaved``, ``autograd/accumulation``): several forwards before
+  their backwards, repeated calls with new values, gradients accumulated over micro-batches;
 - **each dtype its own seeds**, so the three dtypes do not see the same inputs;
 - **each subset of the inputs requiring grad in every dtype** (``autograd/grad-subsets``);
 - the labels always include the first and the last class (``harness.case.make_labels``).
@@ -28,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 
-from harness.case import Case
+from harness.case import LAYOUTS, Case
 from harness.check.strategies import LOGIT_SCALES
 from harness.spec import OPTION_BY_NAME, OPTIONS, REDUCTIONS
 
@@ -64,31 +74,87 @@ def option_fields(options: tuple[str, ...], variant: int) -> dict:
     return fields
 
 
-def _option_case(options: tuple[str, ...], index: int, dtype: str, seed: int) -> Case:
+def _option_case(options: tuple[str, ...], index: int, dtype: str, seed: int, ignored: str = "some") -> Case:
     tokens, dim, vocab = OPTION_SHAPES[index % len(OPTION_SHAPES)]
     fields = {"scale": 16.0 if index % 3 == 0 else 1.0, **option_fields(options, index)}
     return Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[index % 3],
-                      ignored="some", seed=seed, **fields)
+                      ignored=ignored, seed=seed, **fields)
+
+
+def _padding_for(options: tuple[str, ...]) -> str:
+    """An option alone runs without padding, unless it acts on ignored tokens (ignore_index)."""
+    return "some" if any(OPTION_BY_NAME[o].acts_on_ignored_tokens for o in options) else "none"
+
+
+# Per-token upstream gradients of the block-edge cases with reduction none, in turn.
+UPSTREAM_ROTATION = ("random", "expanded", "strided")
 
 
 def equivalence_examples(dtype: str) -> list[Case]:
     seed = DTYPE_SEEDS[dtype]
     cases = [Case.build(tokens=(1,), dim=1, vocab=2, dtype=dtype, seed=seed)]
     for i, (tokens, dim, vocab) in enumerate(BLOCK_EDGE_SHAPES):
-        cases.append(Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=REDUCTIONS[i % 3],
+        reduction = REDUCTIONS[i % 3]
+        upstream = UPSTREAM_ROTATION[i // 3 % 3] if reduction == "none" else "random"
+        cases.append(Case.build(tokens=tokens, dim=dim, vocab=vocab, dtype=dtype, reduction=reduction,
                                 scale=LOGIT_SCALES[i // 3 % 3], ignored="some", bias=i % 2 == 0,
-                                strided=i // 2 % 2 == 1, seed=seed + 10 + i))
+                                layout=LAYOUTS[i % len(LAYOUTS)], upstream=upstream, seed=seed + 10 + i))
     singles = [(option,) for option in OPTIONS]
     pairs = list(itertools.combinations(OPTIONS, 2))
-    for i, options in enumerate(singles + pairs):
+    for i, options in enumerate(singles):
+        cases.append(_option_case(options, i, dtype, seed + 100 + i, ignored=_padding_for(options)))
+    for i, options in enumerate(pairs, start=len(singles)):
         cases.append(_option_case(options, i, dtype, seed + 100 + i))
-    # All of them at once in each reduction: a normaliser of one option applied to another (the
-    # mean's class-weight sum to the smoothing or the z-loss) shows only in mean, and with both on.
+    # All of them at once in each reduction, with padding and without: a normaliser of one option
+    # applied to another (the mean's class-weight sum to the smoothing or the z-loss) shows only
+    # in mean, and with both on; a count of the tokens not ignored may be right only when some are.
     for k in range(len(REDUCTIONS)):
         cases.append(_option_case(OPTIONS, k, dtype, seed + 200 + 10 * k))
+        cases.append(_option_case(OPTIONS, k, dtype, seed + 201 + 10 * k, ignored="none"))
     cases.append(Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtype, tied=True, bias=True, z_loss=1e-2,
                             ignored="some", seed=seed + 201))
-    return cases
+    return cases + padding_examples(dtype) + confident_examples(dtype)
+
+
+def padding_examples(dtype: str) -> list[Case]:
+    """Padding as batches have it: a whole sequence and chunk-sized runs of it, right-padded
+    sequences of different lengths, with the options a padded token must not reach."""
+    seed = DTYPE_SEEDS[dtype] + 400
+    return [
+        Case.build(tokens=(3, 140), dim=33, vocab=131, dtype=dtype, reduction="mean", ignored="runs",
+                   z_loss=1e-2, label_smoothing=0.1, seed=seed),
+        Case.build(tokens=(420,), dim=17, vocab=65, dtype=dtype, reduction="sum", ignored="runs", bias=True,
+                   seed=seed + 1),
+        Case.build(tokens=(4, 70), dim=65, vocab=129, dtype=dtype, reduction="none", ignored="right", z_loss=1e-2,
+                   class_weight=True, seed=seed + 2),
+        Case.build(tokens=(4, 70), dim=33, vocab=257, dtype=dtype, reduction="mean", ignored="right",
+                   class_weight=True, label_smoothing=0.1, seed=seed + 3),
+    ]
+
+
+def confident_examples(dtype: str) -> list[Case]:
+    """The label's probability near 1, as late in training: p_y - 1 is a small difference of
+    numbers near 1, which a rounded p_y loses."""
+    seed = DTYPE_SEEDS[dtype] + 500
+    return [
+        Case.build(tokens=(2, 40), dim=64, vocab=129, dtype=dtype, reduction="none", logits="confident", seed=seed),
+        Case.build(tokens=(67,), dim=72, vocab=1031, dtype=dtype, reduction="mean", logits="confident", bias=True,
+                   ignored="some", scale=16.0, seed=seed + 1),
+    ]
+
+
+def model_size_examples() -> list[Case]:
+    """Past 2^16 tokens with a small head (a grid axis of 65535 blocks, 16-bit token offsets; one
+    token wrong in 65536 is invisible in a mean, so per-token losses too), and the hidden sizes of
+    real models, where a partial sum over D kept in the input dtype adds up."""
+    return [
+        Case.build(tokens=(65600,), dim=8, vocab=17, dtype="float32", reduction="none", ignored="some", seed=41),
+        Case.build(tokens=(2, 32800), dim=16, vocab=31, dtype="bfloat16", reduction="mean", bias=True, seed=42),
+        Case.build(tokens=(16,), dim=4096, vocab=64, dtype="bfloat16", reduction="sum", seed=43),
+        Case.build(tokens=(2, 4), dim=8192, vocab=33, dtype="float16", reduction="none", seed=44),
+        Case.build(tokens=(33,), dim=2304, vocab=130, dtype="bfloat16", reduction="mean", bias=True, z_loss=1e-2,
+                   ignored="some", seed=45),
+    ]
 
 
 def large_vocab_examples() -> list[Case]:
@@ -138,12 +204,16 @@ def _contract_examples(dtypes: tuple[str, ...], **extra) -> list[Case]:
 
 def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
     """The explicit examples of one property (``dtypes``: the dtypes it draws)."""
-    if property_id.startswith("equivalence/") and property_id != "equivalence/large-vocab":
+    if property_id in ("equivalence/float32", "equivalence/bfloat16", "equivalence/float16"):
         return equivalence_examples(dtypes[0])
     if property_id == "equivalence/large-vocab":
         return large_vocab_examples()
     if property_id == "precision/at-scale":
         return at_scale_examples()
+    if property_id == "equivalence/model-sizes":
+        return model_size_examples()
+    if property_id in ("autograd/interleaved", "autograd/accumulation"):
+        return call_pattern_examples(dtypes)
     if property_id == "autograd/grad-subsets":
         # Every subset in every dtype: a kernel's path for a frozen input (no weight gradient, say)
         # may differ by dtype (a float32-only fast path).
@@ -183,6 +253,18 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
     if property_id in ("autograd/scaled-loss", "autograd/retain-graph", "autograd/no-grad", "autograd/inputs-unchanged"):
         return _contract_examples(dtypes)
     return []
+
+
+def call_pattern_examples(dtypes: tuple[str, ...]) -> list[Case]:
+    """Cases for several calls on one head: mean with a bias over (B, T) inputs, none with z-loss and
+    class weights, sum with smoothing; each in the next dtype."""
+    variants = (
+        dict(tokens=(2, 33), dim=65, vocab=129, reduction="mean", bias=True),
+        dict(tokens=(65,), dim=33, vocab=257, reduction="none", z_loss=1e-2, class_weight=True),
+        dict(tokens=(70,), dim=64, vocab=131, reduction="sum", label_smoothing=0.1, bias=True),
+    )
+    return [Case.build(dtype=dtypes[i % len(dtypes)], ignored="some", seed=370 + i, **variant)
+            for i, variant in enumerate(variants)]
 
 
 def fitted_examples(property_id: str, dtypes: tuple[str, ...], fit) -> list[Case]:

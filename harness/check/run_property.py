@@ -13,7 +13,6 @@ many were, and why.
 from __future__ import annotations
 
 import collections
-import shlex
 import statistics
 import time
 from collections.abc import Callable
@@ -24,14 +23,17 @@ from hypothesis import given, reject, seed
 from harness.adapter import Implementation
 from harness.case import Case
 from harness.check.examples import fitted_examples
-from harness.check.known_failures import Mismatch, known_failures, known_limitations
 from harness.check.evaluation import CheckFailure
 from harness.check.profiles import Profile
 from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
+from harness.check.replay import Step, confirm
+from harness.check.replay import command as replay_command
 from harness.check.strategies import cases, fit_to
 from harness.check.support_probe import Support
 from harness.errors import HarnessError, UnsupportedCase
 from harness.isolation import is_fatal
+from harness.known import KnownLimitation, Mismatch, on_device
+from harness.registry import builtin_names
 
 # Statuses of a property result (the "status" column of properties.csv).
 PASS, FAIL, KNOWN_FAILURE, UNSUPPORTED, NOT_APPLICABLE = "pass", "fail", "known-failure", "unsupported", "n/a"
@@ -76,9 +78,10 @@ class PropertyResult:
         return [{"implementation": self.implementation, "property": self.property, **p} for p in self.precision]
 
 
-def reproducer(given: str, property_id: str, case: Case) -> str:
-    """The command that reruns one case of one property on the implementation named ``given``."""
-    return f"python -m harness check --impl {shlex.quote(given)} --property {property_id} --case '{case}'"
+def reproducer(given: str, property_id: str, case: Case, before: tuple[Step, ...] = ()) -> str:
+    """The command that reruns one case of one property on the implementation named ``given``
+    (after the cases ``before`` it, when the failure needs them)."""
+    return replay_command(given, property_id, [*before, Step(property_id, case)])
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -118,6 +121,14 @@ def _precision_summary(errors: list[ErrorRecord]) -> list[dict]:
     ]
 
 
+def known_issues(target: Target, device: str):
+    """The known issues the gate excuses for this implementation: a built-in's own, on this device;
+    none for a plugin (it cannot excuse its own failures)."""
+    if target.impl.name not in builtin_names():
+        return ()
+    return on_device(target.impl.known_issues(device), device)
+
+
 class _ContextLost(BaseException):
     """A fatal CUDA error (``harness.isolation.is_fatal``) in a drawn case. Not an ``Exception``, so
     that Hypothesis lets it through at once: shrinking, or any further case, would run on a context
@@ -131,11 +142,11 @@ class _ContextLost(BaseException):
 class _Run:
     """The bookkeeping of one property on one implementation: what ran, what was refused, and why."""
 
-    def __init__(self, target: Target, prop: Property, device: str, on_case: Callable[[Case], None] | None):
-        self.target, self.prop, self.on_case = target, prop, on_case
-        self.ctx = CheckContext(device=device, property_id=prop.id,
-                                known_failures=known_failures(target.impl.name, device))
-        self.limitations = known_limitations(target.impl.name, device)
+    def __init__(self, target: Target, prop: Property, device: str, on_case: Callable[[Case], None] | None,
+                 history: list[Step] | None = None):
+        self.target, self.prop, self.on_case, self.history = target, prop, on_case, history
+        self.ctx = CheckContext(device=device, property_id=prop.id, known=known_issues(target, device))
+        self.limitations = tuple(k for k in self.ctx.known if isinstance(k, KnownLimitation))
         self.passed = 0
         self.refused: collections.Counter = collections.Counter()
         self.last_case: Case | None = None
@@ -143,6 +154,8 @@ class _Run:
     def check(self, case: Case) -> None:
         """Run one case; raises ``CheckFailure`` (or the implementation's error) when it fails."""
         self.last_case = case
+        if self.history is not None:
+            self.history.append(Step(self.prop.id, case))
         if self.on_case is not None:
             self.on_case(case)
         try:
@@ -150,7 +163,10 @@ class _Run:
         except UnsupportedCase as exc:
             self.refused[str(exc)] += 1
             return
-        except (CheckFailure, CaseRejected, HarnessError):
+        except CaseRejected as exc:
+            self.refused[str(exc)] += 1
+            raise
+        except (CheckFailure, HarnessError):
             raise
         except Exception as exc:  # noqa: BLE001 - an error is a failure unless a known entry says so
             known = next((k for k in self.ctx.known_failures if k.explains_error(exc)), None)
@@ -164,6 +180,17 @@ class _Run:
             self.refused[f"{limitation.reason} ({type(exc).__name__})"] += 1
             return
         self.passed += 1
+
+    def failure(self, exc: BaseException, case: Case) -> tuple[str, str]:
+        """(detail, reproducer) of a failure on ``case``; with a history of this process's calls, the
+        reproducer is the shortest replay that fails in a fresh process (``harness.check.replay``)."""
+        detail = describe_failure(exc)
+        if self.history is None:
+            return detail, reproducer(self.target.given, self.prop.id, case)
+        confirmed = confirm(self.target.given, self.prop.id, case, self.history[:-1])
+        if confirmed.note:
+            detail = f"{detail} [reproducer: {confirmed.note}]"
+        return detail, reproducer(self.target.given, self.prop.id, case, tuple(confirmed.steps[:-1]))
 
     def refusals(self) -> str:
         return "; ".join(f"{count} x {reason}" for reason, count in self.refused.most_common())
@@ -182,12 +209,14 @@ def run_property(
     profile: Profile,
     device: str,
     on_case: Callable[[Case], None] | None = None,
+    history: list[Step] | None = None,
 ) -> PropertyResult:
     """Check one property: its explicit examples, then drawn cases; never raises for what the
     implementation does. ``on_case`` is called with each case before it runs (the worker reports
-    it, so that a crash names its case)."""
+    it, so that a crash names its case). ``history``: the cases run in this process so far, which
+    this property's are appended to; given, a failure is confirmed in a fresh process."""
     started = time.perf_counter()
-    run = _Run(target, prop, device, on_case)
+    run = _Run(target, prop, device, on_case, history)
 
     def result(status: str, detail: str = "", repro: str = "") -> PropertyResult:
         if status == PASS and run.refused:
@@ -209,27 +238,26 @@ def run_property(
         except CaseRejected:
             continue
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its reproducer
-            return result(FAIL, describe_failure(exc), reproducer(target.given, prop.id, case))
-        if not run.passed and any(known.raises for known, _ in run.ctx.observed):
+            return result(FAIL, *run.failure(exc, case))
+        if not run.passed and any(getattr(known, "raises", None) for known, _ in run.ctx.observed):
             break  # a known failure that raises: every further case would raise it again
         seconds.append(time.perf_counter() - case_started)
 
-    fraction = prop.share / TOTAL_SHARE
-    drawn = profile.drawn_examples(fraction, statistics.fmean(seconds) if seconds else None)
+    drawn = profile.drawn_examples(prop.share, TOTAL_SHARE, statistics.fmean(seconds) if seconds else None)
     if (run.refused or run.ctx.observed) and not run.passed:
         drawn = 0  # every explicit example was refused or failed as known: drawn cases would only repeat it
 
-    # The speed of the explicit examples is an estimate: an implementation that compiles for every
-    # new guard (torch.compile) ran them from its cache, and pays a compile per drawn case. So the
-    # budget is also a deadline: past it, the remaining drawn cases are skipped (the first
-    # ``min_drawn`` always run; once a case has failed, shrinking it runs to the end).
-    # ``--max-examples`` asks for an exact count and has no deadline.
-    deadline = time.perf_counter() + profile.budget_s * fraction
+    # In a time-budgeted profile the budget is also a deadline: the speed of the explicit examples
+    # is an estimate (torch.compile ran them from its cache and pays a compile per drawn case), so
+    # past it the remaining drawn cases are skipped (the first ``min_drawn`` always run; once a case
+    # has failed, shrinking it runs to the end). A fixed count has no deadline.
+    allowed_s = profile.deadline_s(prop.share, TOTAL_SHARE)
+    deadline = None if allowed_s is None else time.perf_counter() + allowed_s
     drawn_cases, failed = 0, False
 
     def body(case: Case) -> None:
         nonlocal drawn_cases, failed
-        if (profile.max_examples is None and not failed and drawn_cases >= profile.min_drawn
+        if (deadline is not None and not failed and drawn_cases >= profile.min_drawn
                 and time.perf_counter() > deadline):
             return
         drawn_cases += 1
@@ -254,9 +282,9 @@ def run_property(
         except _ContextLost as lost:  # the case that caused it is the reproducer, not a shrunk one
             return result(FAIL, describe_failure(lost.error), reproducer(target.given, prop.id, run.last_case))
         except Exception as exc:  # noqa: BLE001
-            case = run.last_case
-            repro = reproducer(target.given, prop.id, case) if case is not None else ""
-            return result(FAIL, describe_failure(exc), repro)
+            if run.last_case is None:
+                return result(FAIL, describe_failure(exc), "")
+            return result(FAIL, *run.failure(exc, run.last_case))
     if run.passed == 0 and run.refused:
         return result(UNSUPPORTED, f"every case was refused at run time: {run.refusals()}")
     if run.ctx.observed:

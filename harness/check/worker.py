@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     target = Target(args.impl, resolve(args.impl))
     support = discover_support(target.impl, args.device)
     profile = get_profile(args.profile, args.max_examples)
+    history = []  # every case run in this process: a failure's reproducer may need the ones before it
     for property_id in args.properties:
         report.send({"started": property_id})
         if property_id == SUPPORT_ITEM:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         def announce(case) -> None:
             report.send({"case": str(case)})
 
-        result = run_property(target, prop, support, profile, args.device, on_case=announce)
+        result = run_property(target, prop, support, profile, args.device, on_case=announce, history=history)
         report.send({"item": property_id, **dataclasses.asdict(result)})
         if result.status == FAIL and is_fatal(result.detail):
             return FATAL_EXIT_STATUS
