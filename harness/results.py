@@ -87,7 +87,8 @@ STATUSES = ("ok", "unsupported", "oom", "timeout", "crash", "error")
 PROPERTY_COLUMNS = ("implementation", "property", "status", "examples", "refused", "seconds", "detail", "reproducer")
 BEHAVIOUR_COLUMNS = ("implementation", "edge_case", "behaviour", "detail")
 # Per implementation x property x dtype x tensor: its worst error as a multiple of torch-eager's.
-PRECISION_COLUMNS = ("implementation", "property", "dtype", "tensor", "ratio", "error", "eager_error", "case")
+PRECISION_COLUMNS = ("implementation", "property", "dtype", "tensor", "budget_ratio", "ratio", "error", "eager_error",
+                     "case")
 # What was not checked: per implementation, each dtype, reduction or option it does not support here.
 NOT_CHECKED_COLUMNS = ("implementation", "what", "reason")
 

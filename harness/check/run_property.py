@@ -108,15 +108,18 @@ def cannot_run(target: Target, prop: Property, support: Support) -> tuple[str, s
 
 
 def _precision_summary(errors: list[ErrorRecord]) -> list[dict]:
-    """The worst ratio per (dtype, tensor), with the case it came from."""
+    """Per (dtype, tensor): the worst share of the gate's allowance used (``budget_ratio``, with the
+    case it came from) and the worst error as a multiple of torch-eager's (``ratio``)."""
     worst: dict[tuple[str, str], ErrorRecord] = {}
+    worst_ratio: dict[tuple[str, str], float] = {}
     for record in errors:
         key = (record.dtype, record.tensor)
-        if key not in worst or record.ratio > worst[key].ratio:
+        if key not in worst or record.budget_ratio > worst[key].budget_ratio:
             worst[key] = record
+        worst_ratio[key] = max(worst_ratio.get(key, 0.0), record.ratio)
     return [
-        {"dtype": dtype, "tensor": tensor, "ratio": record.ratio, "error": record.error,
-         "eager_error": record.eager_error, "case": str(record.case)}
+        {"dtype": dtype, "tensor": tensor, "ratio": worst_ratio[(dtype, tensor)], "budget_ratio": record.budget_ratio,
+         "error": record.error, "eager_error": record.eager_error, "case": str(record.case)}
         for (dtype, tensor), record in sorted(worst.items())
     ]
 

@@ -38,7 +38,8 @@ Where each part comes from:
   hidden dimension or over chunks kept in the input dtype) stays inside each element's budget; over
   a whole tensor it is many times torch-eager's error, which is an average over many elements and
   so stable from case to case. A candidate may be NORM_MULTIPLE times less accurate than torch-eager
-  in the norm: a second rounding of every logit costs about sqrt(2) times.
+  in the norm (a second rounding of every logit costs about sqrt(2) times), and never less than one
+  element's whole budget: a single element off by its budget is no drift.
 - **One rounding of the output**, ``u(out) |reference_i|`` (plus half the output dtype's smallest
   subnormal, for values that round to zero): returning a float32 result in bfloat16 is legitimate
   and costs exactly that. A gradient gets two (stored, then scaled by the upstream gradient or a
@@ -211,9 +212,9 @@ def allowance(
         rounding = roundings * unit_roundoff(out_dtype) if out_dtype.is_floating_point else 0.0
         tiny = roundings * underflow(out_dtype) if out_dtype.is_floating_point else 0.0  # per rounding
         bound = bound + budget + floor * terms + rounding * size + tiny
-        if yardstick is not None:
-            norm += (ratio * NORM_MULTIPLE * yardstick[side].norm + floor * float(terms.norm())
-                     + rounding * float(size.norm()) + tiny * size.numel() ** 0.5)
+        if yardstick is not None:  # never below one element's whole budget: the norm judges a drift
+            drift = max(ratio * NORM_MULTIPLE * yardstick[side].norm, float(budget.max()) if budget.numel() else 0.0)
+            norm += drift + floor * float(terms.norm()) + rounding * float(size.norm()) + tiny * size.numel() ** 0.5
         out_parts.append(f"{roundings} rounding{'s' * (roundings > 1)} of its {dtype_name(out_dtype)} output")
     sides = len(out_dtypes)
     scaled = f"{ratio:g} x " if ratio != 1 else ""
