@@ -99,12 +99,14 @@ class Plan:
 GPU_PLAN = Plan(
     name="gpu",
     sweep_cases=("gpu_smoke:cce-table1,llama3-8b-n8192",),
-    # 12 jobs: a process each with cold compile caches; torch-compile's, the slowest, compiles in
+    # 14 jobs, 12 processes with cold compile caches (torch 2.11 has no torch-linear-ce: recorded
+    # unsupported without one); torch-compile's, the slowest, compiles in
     # well under 90 s. The gpu preset's timing: 0.1 s of repetitions, at least 5.
     sweep_options=("--device", "cuda", "--timeout", "90", "--measure-time", "0.1", "--min-repeats", "5"),
-    # chunked's CUDA path and the Triton kernels first, torch-compile (a compile per option set) last.
+    # All six at once (their cases are small; compiling, most of the gate's time, shares 16 cores),
+    # so that a slow one (torch-compile compiles once per option set) cannot keep the others out.
     gate_implementations=("chunked", "cce", "cce-exact", "liger", "torch-eager", "torch-compile"),
-    gate_options=("--profile", "ci", "--max-examples", "0", "--no-behaviour", "--jobs", "3", "--timeout", "90"),
+    gate_options=("--profile", "ci", "--max-examples", "0", "--no-behaviour", "--jobs", "6", "--timeout", "90"),
     # 470 s in all, each stage's packing (a second or two) besides: within 8 minutes.
     budgets={"wheels": 20, "environment": 60, "sweep": 270, "gate": 120},
     needs_gpu=True,
@@ -253,11 +255,14 @@ def wheel_distribution(path: Path) -> str:
 
 
 def wheels_note(wheels: Path, found: list[Path]) -> str:
-    names = {wheel_distribution(path) for path in found}
+    names = [wheel_distribution(path) for path in found]
     missing = [name for name in EXPECTED_WHEELS if name not in names]
     if not found:
         return f"no wheels in {wheels}: the peers must be installed already (missing: {', '.join(missing)})"
     note = f"installing {', '.join(path.name for path in found)}"
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # pip refuses the whole install then
+        note += f"; more than one wheel of {', '.join(twice)}: keep one version of each"
     return note + (f"; missing: {', '.join(missing)}" if missing else "")
 
 

@@ -181,6 +181,16 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, capsys):
     assert "is not empty: give a new folder" in capsys.readouterr().err
 
 
+def test_missing_and_doubled_wheels_are_named():
+    wheels_note = driver().wheels_note
+    found = [Path(f"w/liger_kernel-{v}-py3-none-any.whl") for v in ("0.8.4", "0.8.5")]
+    assert wheels_note(Path("w"), found) == (
+        "installing liger_kernel-0.8.4-py3-none-any.whl, liger_kernel-0.8.5-py3-none-any.whl; more than one wheel "
+        "of liger_kernel: keep one version of each; missing: cut_cross_entropy, lmhead_bench")
+    assert wheels_note(Path("w"), []) == (
+        "no wheels in w: the peers must be installed already (missing: liger_kernel, cut_cross_entropy, lmhead_bench)")
+
+
 def test_the_gpu_stages_are_skipped_where_the_environment_stage_saw_no_gpu(tmp_path):
     gpu_missing = driver().gpu_missing
     assert gpu_missing(tmp_path) is None  # not described: they run, and the sweep's --device cuda says
