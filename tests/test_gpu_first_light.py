@@ -197,7 +197,8 @@ def test_the_gpu_stages_are_skipped_where_the_environment_stage_saw_no_gpu(tmp_p
     (tmp_path / "env").mkdir()
     facts = tmp_path / "env" / "facts.json"
     facts.write_text(json.dumps({"device_kind": "cpu", "gpu_missing": None, "packages": {"torch": "2.11.0+cu130"}}))
-    assert gpu_missing(tmp_path) == "no GPU: torch 2.11.0+cu130 sees no CUDA GPU (on a CPU machine, rehearse with --smoke)"
+    assert gpu_missing(tmp_path) == ("no GPU: torch 2.11.0+cu130 sees no CUDA GPU "
+                                     "(on a CPU machine, rehearse with --smoke)")
     # The GPU plan's sweep and gate then run nothing (the GPU cases would take hours on a CPU).
     module = driver()
     log = module.Log(tmp_path / "first_light.log")
