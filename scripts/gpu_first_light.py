@@ -323,7 +323,8 @@ def run_stage(stage: str, plan: Plan, budget: float, *, out: Path, wheels: Path,
             return StageResult(stage, "skipped", 0.0, budget, reason)
     codes = []
     stopped = False
-    (out / "env").mkdir(exist_ok=True)
+    if stage == "environment":
+        (out / "env").mkdir(exist_ok=True)
     for command in stage_commands(stage, plan, out, wheels, site):
         if time.monotonic() >= deadline:
             stopped = True
