@@ -141,7 +141,7 @@ def test_a_stage_out_of_time_is_stopped_and_a_killed_run_keeps_the_stages_before
     # limit: what the stages before wrote must be in the tarball and the log copied out after each.
     out, copies = tmp_path / "fl", tmp_path / "copies"
     argv = ["bash", str(SCRIPT), str(out), "--smoke", "--stage-timeout", "sweep=4", "--copy-to", str(copies),
-            "--wheels", str(tmp_path / "no-wheels")]
+            "--wheels", str(tmp_path / "no-wheels"), "--site", str(tmp_path / "site")]  # killed: it cannot clean up
     with open(tmp_path / "stdout.txt", "w") as stdout:
         run = subprocess.Popen(argv, cwd=PROJECT_ROOT, env={**os.environ, "PYTHON": sys.executable}, stdout=stdout,
                                stderr=subprocess.STDOUT)
