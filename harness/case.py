@@ -514,7 +514,7 @@ def _draw_on_device(case: Case, device: str, has_bias: bool, labels: torch.Tenso
     hidden = draw(*case.tokens, case.dim, std=1.0)
     weight = draw(case.vocab, case.dim, std=case.scale / case.dim**0.5)
     bias = draw(case.vocab, std=case.scale / 2) if has_bias else None
-    if case.logits == "peaked":
+    if case.logits != "random":
         hidden = peaked_hidden(hidden, weight, labels, case)
     return tuple(None if t is None else t.to(case.torch_dtype) for t in (hidden, weight, bias))
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from harness.adapter import Capabilities, Implementation
 from harness.semantics import loss_from_logits
 from harness.spec import LossOutput
+from tests.plugin_examples import flat_tokens
 
 
 def _plain_options_only(label_smoothing, z_loss_multiplier, softcap, class_weight):
@@ -20,6 +21,7 @@ def _plain_options_only(label_smoothing, z_loss_multiplier, softcap, class_weigh
         raise NotImplementedError("only bias and ignore_index are implemented")
 
 
+@flat_tokens
 def wrong_mean_denominator(
     hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None,
@@ -33,6 +35,7 @@ def wrong_mean_denominator(
     return per_token.sum() if reduction == "sum" else per_token
 
 
+@flat_tokens
 def dropped_vocabulary_tail(
     hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None,
@@ -45,6 +48,7 @@ def dropped_vocabulary_tail(
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
+@flat_tokens
 def smoothing_on_ignored_tokens(
     hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None,
@@ -199,6 +203,7 @@ scales_saved_gradient_in_place = ScalesSavedGradientInPlace()
 reuses_input_buffer = ReusesInputBuffer()
 
 
+@flat_tokens
 def aborts_the_process(
     hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None,

@@ -1,5 +1,7 @@
 """Third-party implementations as a user would write them, loaded by name as ``module:attr``."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -7,6 +9,19 @@ from harness.adapter import Capabilities, Implementation
 from harness.spec import LossOutput
 
 
+def flat_tokens(function):
+    """A plugin written for ``(N, D)`` inputs, as many are: ``(B, T, D)`` ones are flattened first, and
+    a per-token loss gets the labels' shape back (the gate passes inputs as given and checks it)."""
+
+    @functools.wraps(function)
+    def plugin(hidden, weight, labels, **options):
+        loss = function(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), **options)
+        return loss.view(labels.shape) if options.get("reduction", "mean") == "none" else loss
+
+    return plugin
+
+
+@flat_tokens
 def plain_eager(
     hidden,
     weight,
@@ -70,12 +85,14 @@ class ImpersonatesLiger(Implementation):
 impersonates_liger = ImpersonatesLiger()
 
 
+@flat_tokens
 def written_before_softcap(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean"):
     """A plugin that knows bias, ignore_index and reductions only: every other option is unsupported."""
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=ignore_index,
                            reduction=reduction)
 
 
+@flat_tokens
 def scale_after_softcap(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=1.0, reduction="mean"):
     """A plugin that takes logit_scale but applies it after the softcap instead of before it."""
     logits = F.linear(hidden, weight, bias).float()

@@ -48,8 +48,10 @@ def test_three_d_inputs_are_written_as_batch_and_time():
         ("N=7,D=5,V=9,label_smoothing=2", "label_smoothing must be in [0, 1]"),
         ("N=7,D=5,V=9,ignored=most", "ignored must be one of"),
         ("N=7,D=5,V=9,tied=1,grads=hidden", "tied=1"),
-        ("N=7,D=5,V=9,tied=1,strided=1", "strided=1 needs tied=0"),
-        ("N=7,D=5,V=9,logits=sharp", "logits must be one of random, peaked"),
+        ("N=7,D=5,V=9,tied=1,strided=1", "layout=strided needs tied=0"),
+        ("N=7,D=5,V=9,layout=diagonal", "layout must be one of"),
+        ("N=7,D=5,V=9,upstream=sideways", "upstream must be one of"),
+        ("N=7,D=5,V=9,logits=sharp", "logits must be one of random, peaked, confident"),
         ("N=7,D=5,V=9,tied=1,logits=peaked", "logits=peaked needs tied=0"),
         ("N=7,D,V=9", "expected key=value"),
     ],
@@ -90,14 +92,58 @@ def test_ignore_patterns_mark_none_some_or_all_tokens(ignore_index):
     assert (every == ignore_index).all()
 
 
-def test_a_strided_case_gives_non_contiguous_views_of_the_same_values():
-    case = parse_case("B=2,T=5,D=3,V=17,bias=1,strided=1,seed=1")
-    strided, plain = make_inputs(case), make_inputs(case.replace(strided=False))
+@pytest.mark.parametrize("layout", ["strided", "sliced", "transposed"])
+@pytest.mark.parametrize("tokens", ["N=10", "B=2,T=5"])
+def test_a_laid_out_case_gives_views_of_the_same_values(layout, tokens):
+    """The views users pass: every other element, the slices a model produces, sequence-first."""
+    case = parse_case(f"{tokens},D=3,V=17,bias=1,layout={layout},seed=1")
+    laid_out, plain = make_inputs(case), make_inputs(case.replace(layout="contiguous"))
+    assert not laid_out.hidden.is_contiguous() and not laid_out.weight.is_contiguous()
     for name in ("hidden", "weight", "bias", "labels"):
-        tensor = getattr(strided, name)
-        assert not tensor.is_contiguous(), name
-        assert torch.equal(tensor, getattr(plain, name)), name
-    assert strided.hidden.is_leaf and strided.hidden.requires_grad  # its .grad is the gradient
+        assert torch.equal(getattr(laid_out, name), getattr(plain, name)), name
+    assert laid_out.hidden.is_leaf and laid_out.hidden.requires_grad  # its .grad is the gradient
+
+
+def test_sliced_inputs_are_rows_longer_than_they_are_at_an_offset():
+    two_d = make_inputs(parse_case("N=10,D=3,V=17,layout=sliced,seed=1"))
+    assert two_d.hidden.stride() == (6, 1) and two_d.hidden.storage_offset() == 3  # a split's second half
+    three_d = make_inputs(parse_case("B=2,T=5,D=3,V=17,layout=sliced,seed=1"))
+    assert three_d.hidden.stride() == (18, 3, 1)  # the first T positions of T + 1
+    assert three_d.labels.stride() == (6, 1) and three_d.labels.storage_offset() == 1  # ids[:, 1:]
+
+
+def test_the_older_strided_flag_reads_as_the_strided_layout():
+    assert parse_case("N=3,D=2,V=5,strided=1,seed=0").layout == "strided"
+
+
+@pytest.mark.parametrize("pattern", ["runs", "right"])
+def test_padding_patterns_leave_real_tokens_and_long_runs_of_padding(pattern):
+    labels = make_inputs(parse_case(f"B=4,T=200,D=3,V=17,ignored={pattern},seed=3")).labels
+    ignored = labels == -100
+    assert ignored.any() and not ignored.all()
+    if pattern == "runs":
+        assert ignored[0].all(), "a whole sequence of padding"
+        assert ignored.view(-1)[256:384].all(), "a chunk-sized run"
+    else:
+        lengths = (~ignored).sum(1)
+        assert lengths.unique().numel() > 1 and not (ignored[:, :-1] & ~ignored[:, 1:]).any(), "padding on the right"
+
+
+def test_confident_logits_put_nearly_all_probability_on_the_label():
+    inputs = make_inputs(parse_case("N=40,D=64,V=257,logits=confident,seed=2"), reference=True)
+    logits = inputs.hidden @ inputs.weight.T
+    probability = logits.softmax(-1).gather(1, inputs.labels[:, None])
+    assert float(probability.median()) > 0.99
+
+
+def test_an_expanded_upstream_is_the_stride_zero_ones_of_a_sum():
+    from harness.check.evaluation import upstream_for
+
+    inputs = make_inputs(parse_case("B=2,T=3,D=4,V=7,reduction=none,upstream=expanded,seed=0"))
+    upstream = upstream_for(inputs, torch.zeros(2, 3))
+    assert upstream.stride() == (0, 0) and torch.equal(upstream, torch.ones(2, 3))
+    strided = make_inputs(parse_case("B=2,T=3,D=4,V=7,reduction=none,upstream=strided,seed=0"))
+    assert not upstream_for(strided, torch.zeros(2, 3)).is_contiguous()
 
 
 def test_the_labels_include_the_first_and_the_last_class():

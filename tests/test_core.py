@@ -358,8 +358,9 @@ class TestCutCrossEntropyOnCuda:
         assert torch.float32 in impl.capabilities("cpu").dtypes
 
     def test_its_known_cpu_failures_are_not_expected_on_cuda(self):
-        from harness.check.known_failures import known_failures, known_limitations
+        from harness.known import KnownLimitation, on_device
 
-        assert [k.properties for k in known_limitations("cce", "cpu")] == [("autograd/retain-graph",)]
-        assert known_limitations("cce", "cuda") == ()
-        assert known_failures("cce", "cuda") == ()
+        cce = available("cce")
+        on_cpu = on_device(cce.known_issues("cpu"), "cpu")
+        assert [k.properties for k in on_cpu if isinstance(k, KnownLimitation)] == [("autograd/retain-graph",)]
+        assert on_device(cce.known_issues("cuda"), "cuda") == ()

@@ -102,7 +102,7 @@ def test_megatron_leaves_out_an_ignored_token_whose_smoothed_loss_is_inf():
     """Megatron's smoothing takes the log of the probabilities, +inf where one underflows (a known
     failure); an ignored token's +inf is left out of the loss, not multiplied by 0 into NaN. The rest
     is Megatron's shard-local smoothing (P = 2, K = 2), with PyTorch's smoothing converted."""
-    from harness.check.known_failures import megatron_loss_model
+    from implementations.vocab_parallel.megatron_known import megatron_loss_model
 
     impl = resolve("megatron-vocab-parallel")
     if not impl.availability().available:
