@@ -2,16 +2,15 @@
 
 torch.mm on the CPU calls the BLAS torch was built with: MKL in the PyPI wheels, whose generic x86
 path is what it runs on AMD CPUs. oneDNN, also inside those wheels, has AVX-512 kernels for them:
-on the project's CPU machine (AMD EPYC, Zen 5, 2 cores) a 4096 x 4096 float32 matmul ran at
-187-194 GFLOP/s through torch.mm and 390-410 GFLOP/s through oneDNN. Python reaches oneDNN's
-matmul through the op inductor's CPU path calls, ``torch.ops.mkldnn._linear_pointwise(x, w, b,
-"none", [], "")``: ``x @ w.T + b``, float32 in, accumulated and returned in float32 (a new tensor:
-it has no ``out=``). It is an internal op, so it is probed once and used only if it computes that.
+on the project's AMD CPU machine it runs a float32 matmul at about twice torch.mm's rate
+(docs/measurements/2026-12-02-chunked-onednn.md). Python reaches oneDNN's matmul through the op
+inductor's CPU path calls, ``torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")``:
+``x @ w.T + b``, float32 in, accumulated and returned in float32 (a new tensor: it has no
+``out=``). It is an internal op, so it is probed once and used only if it computes that.
 
-Two of its ways, found on the CPU machine: it reads a bias as if it were contiguous (a strided
-bias gives wrong logits, so callers pass a contiguous one), and a weight operand that is a
-non-dense view (a column block of a larger matrix) sends it to a reference kernel about a
-thousand times slower.
+Two of its ways: it reads a bias as if it were contiguous (a strided bias gives wrong logits, so
+callers pass a contiguous one), and a weight operand that is a non-dense view (a column block of a
+larger matrix) sends it to a reference kernel about a thousand times slower.
 """
 
 from __future__ import annotations

@@ -54,18 +54,14 @@ from harness.onednn import onednn_linear
 from harness.spec import LossOutput, LossSpec
 
 # The chunk's buffers may take this fraction of the lower bound (the bytes of the gradients of
-# hidden and weight), so peak memory stays near twice the lower bound. Larger chunks make the
-# matmuls faster: on the 2-core CPU machine (float32, N = 4096, D = 512, V = 32000) the three
-# matmuls alone ran at 0.91 of the square-matmul rate with 256-token chunks and 0.96 with 512.
+# hidden and weight), so peak memory stays near twice the lower bound; larger chunks make the
+# matmuls faster (docs/measurements/2026-11-24-chunked.md, "Chunk sizing").
 CHUNK_BUDGET_FRACTION = 1.0
 
 # Small cases get at least this much: each chunk costs a few threaded passes and a pass over the
-# (V, D) weight-gradient accumulator, which small chunks do not repay. On the 2-core CPU machine
-# under load, V = 16384, D = 64, N = 1024 took 275 ms in 15 chunks and 133 ms in 2 (torch-eager
-# 315 ms); V = 128256, D = 64, N = 1024 took 1.46 s in 16 chunks of 64 tokens (torch-eager 1.99 s).
-# It stays below 32 MiB, the largest allocation glibc serves from the heap: a larger buffer is
-# mapped afresh on every call, and each of its 4 KiB pages faults on first touch (about 1 us a
-# page on the CPU machine: 8 ms a call for 32 MiB), where a heap buffer's pages are reused.
+# (V, D) weight-gradient accumulator, which small chunks do not repay. It stays below 32 MiB, the
+# largest allocation glibc serves from the heap, so the buffer's pages are reused from call to call
+# instead of being mapped and faulted in afresh.
 MIN_CHUNK_BUFFER_BYTES = 31 * 2**20
 
 # Below this many tokens per chunk the matmuls turn skinny; a case whose budget allows fewer takes
@@ -205,16 +201,11 @@ def _apply_softcap_chain_rule_(grad: torch.Tensor, tanh: torch.Tensor) -> None:
 # torch.mm's rate on the project's AMD CPU machine). Its linear returns a new tensor, so the head
 # is cut into blocks of classes: each product is a small temporary, copied into place (or added to
 # the weight gradient) while it is in cache, and oneDNN's reorder of a weight operand covers a
-# block, never the whole head. On the CPU machine, temporaries of 1 to 8 MiB ran within its noise
-# of each other (5-10% from run to run) over the CPU preset's shapes and the floor case, while the
-# memory they add grows with them: the floor case's peak was 1.6, 3.3 and 9 MiB above torch.mm's
-# path with 0.5, 1 and 2 MiB.
+# block, never the whole head. Larger blocks add memory, not speed
+# (docs/measurements/2026-12-02-chunked-onednn.md).
 ONEDNN_BLOCK_BYTES = 2**20
 # What they and the allocator's slack add at the peak, left to them in the chunk's budget so that
-# buffers and temporaries together keep to it: in three sweeps of the floor case with 512-token
-# chunks (62.5 MiB of buffer, 70.5 MiB of gradients) the peak was 141.6-144.6 MiB, 8-11 MiB more
-# (2.01-2.05 x the lower bound). With this, the floor case runs in 456-token chunks and peaked at
-# 134.0-136.9 MiB (1.90-1.94 x) in six sweeps.
+# buffers and temporaries together keep to it (measured on the floor case, same page).
 ONEDNN_WORKSPACE_BYTES = 12 * 2**20
 
 
@@ -247,11 +238,10 @@ def _onednn_gradient_matmuls(grad, weight, hidden_scaled, alpha, grad_h, grad_w,
     (tokens, D) temporary. Returns the weight-gradient accumulator: the first chunk's product of one
     block becomes it, with no copy.
 
-    oneDNN is slow on the weight gradient of a chunk of more tokens than D (its K longer than its
-    N): on the CPU machine, 1024 tokens at D = 64, V = 4096 took 10.8 ms against torch.mm's 3.6,
-    and at D = 256, V = 16384, 56 against 45; with as many tokens as D or fewer it was faster (512
-    at D = 512, V = 32000: 47 against 85 ms). Such chunks keep torch.mm for it. The block of the
-    gradient is transposed first: oneDNN reads a transposed source slowly."""
+    oneDNN is slower than torch.mm on the weight gradient of a chunk of more tokens than D (its K
+    longer than its N), so such chunks keep torch.mm for it; and it reads a transposed source
+    slowly, so the block of the gradient is transposed first (figures:
+    docs/measurements/2026-12-02-chunked-onednn.md)."""
     linear = onednn_linear()
     onednn_weight_grad = grad_w is not None and grad.shape[0] <= weight.shape[1]
     if grad_w is not None and not onednn_weight_grad:
