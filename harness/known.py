@@ -62,6 +62,7 @@ class KnownFailure:
     matches: Callable[[Mismatch], bool] | None = None
     raises: tuple[str, str] | None = None  # (the exception's class name, a text its message contains)
     devices: tuple[str, ...] = ()  # where it shows; empty: everywhere
+    fixed_in: str | None = None  # the package version that fixes it (the findings page says so)
 
     def explains_error(self, exc: BaseException) -> bool:
         return self.raises is not None and type(exc).__name__ == self.raises[0] and self.raises[1] in str(exc)
@@ -84,6 +85,7 @@ class KnownImprecision:
     properties: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     devices: tuple[str, ...] = ()
+    fixed_in: str | None = None
 
     @property
     def signature(self) -> str:
@@ -111,6 +113,7 @@ class KnownLimitation:
     package: str
     case: str = "N=6,D=5,V=33,seed=10"  # a case of its first property that shows it (the tests run it)
     devices: tuple[str, ...] = ()
+    fixed_in: str | None = None
 
     def matches(self, property_id: str, exc: BaseException) -> bool:
         return property_id in self.properties and type(exc).__name__ == self.error_type and self.message in str(exc)

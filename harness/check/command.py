@@ -92,9 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "failure that depends on earlier calls")
     parser.add_argument(
         "--profile", choices=PROFILES, default=None,
-        help="how many cases to draw besides every property's explicit examples: ci (30 s of drawn cases "
-        "per implementation, the same on every run; default when CI is set), dev (300 s, random; default "
-        "otherwise), thorough (1800 s, random)",
+        help="how many cases to draw besides every property's explicit examples: ci (a fixed, seeded count per "
+        "property: the same cases on every run and machine; default when CI is set), dev (300 s of random "
+        "cases per implementation; default otherwise), thorough (1800 s, random)",
     )
     parser.add_argument("--max-examples", type=int, metavar="N",
                         help="draw exactly N cases per property instead of the profile's time budget "
@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, metavar="SECONDS",
         help="time limit of each property on each implementation, and of each behaviour edge case, after "
         "which it fails as a timeout and the rest go on in a fresh process (default: derived from the "
-        "profile: 5 min plus twice its budget, e.g. 360 s for ci; edge cases: "
+        "profile: 5 min plus 10 s a drawn case, or twice its time budget; edge cases: "
         f"{EDGE_CASE_TIMEOUT_S} s)",
     )
     parser.add_argument(

@@ -44,6 +44,7 @@ class Outcome:
 
 
 LossFunction = Callable[[Inputs], LossOutput]
+PER_TOKEN_LOSS = "loss/token"  # term_magnitudes' entry for the per-token losses of any reduction
 
 
 def implementation_loss(impl: Implementation) -> LossFunction:
@@ -97,8 +98,9 @@ def evaluate(
         if not loss.requires_grad:
             raise CheckFailure("the loss does not require grad although its inputs do: no gradient can flow")
         upstream = upstream_for(inputs, loss)
+        scaled = loss if loss_scale == 1.0 else loss * loss_scale  # a product would hand on a fresh upstream
         for call in range(backward_calls):
-            (loss * loss_scale).backward(upstream, retain_graph=call + 1 < backward_calls)
+            scaled.backward(upstream, retain_graph=call + 1 < backward_calls)
     grads, dtypes = {}, {"loss": loss.dtype}
     if out.z_loss is not None:
         dtypes["z_loss"] = out.z_loss.dtype
@@ -161,19 +163,6 @@ def _head_with_terms(inputs: Inputs, dtype: torch.dtype):
     return hidden, hidden_terms, weight, spec, norm, projected_terms, head
 
 
-def largest_logit(inputs: Inputs, dtype: torch.dtype) -> float:
-    """The largest magnitude of any logit of ``inputs``, after the head's options, in float64."""
-    with torch.no_grad():
-        logits = _head_with_terms(inputs, dtype)[-1].logits
-    return float(logits.abs().max()) if logits.numel() else 0.0
-
-
-@functools.lru_cache(maxsize=8)
-def case_largest_logit(case: Case) -> float:
-    """``largest_logit`` of the case's own inputs (each comparison of a case asks for it)."""
-    return largest_logit(make_inputs(case, reference=True), case.torch_dtype)
-
-
 def term_magnitudes(
     inputs: Inputs, dtype: torch.dtype, *, loss_scale: float = 1.0, backward_calls: int = 1
 ) -> dict[str, torch.Tensor]:
@@ -209,7 +198,8 @@ def term_magnitudes(
       per-token roundings: ``tolerance.summed_over_tokens`` of the linear sum and the root-sum-square.
 
     Reductions sum the per-token terms with the reduction's weights, and the upstream gradients
-    (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results.
+    (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results. The
+    per-token losses' own terms come too, as ``PER_TOKEN_LOSS`` (a reduced case is also judged per token).
     """
     with torch.no_grad():
         hidden, hidden_terms, weight, spec, norm, projected_terms, head = _head_with_terms(inputs, dtype)
@@ -235,13 +225,13 @@ def term_magnitudes(
         smooth_terms = (logit_size * class_weight).sum(-1) / vocab + lse_terms * class_weight.sum() / vocab
         per_token_ce = ((1 - eps) * weight_y * (lse_terms + label_terms) + eps * smooth_terms * valid) * widening
         per_token_z = 2 * z_mult * lse.abs() * lse_terms * valid * widening
+        per_token = (per_token_ce + per_token_z).reshape(inputs.labels.shape) / spec.loss_div_factor
         if spec.reduction == "none":
-            total = (per_token_ce + per_token_z).reshape(inputs.labels.shape)
-            z = per_token_z.reshape(inputs.labels.shape)
+            total, z = per_token, per_token_z.reshape(inputs.labels.shape) / spec.loss_div_factor
         else:
-            total = _token_sum(per_token_ce * ce_scale + per_token_z * z_scale)
-            z = _token_sum(per_token_z * z_scale)
-        terms = {"loss": total / spec.loss_div_factor, "z_loss": z / spec.loss_div_factor}
+            total = _token_sum(per_token_ce * ce_scale + per_token_z * z_scale) / spec.loss_div_factor
+            z = _token_sum(per_token_z * z_scale) / spec.loss_div_factor
+        terms = {"loss": total, "z_loss": z, PER_TOKEN_LOSS: per_token}
 
         # the gradients: times the upstream gradient of every backward
         upstream = valid if inputs.upstream is None else inputs.upstream.reshape(-1).abs().double()

@@ -24,7 +24,7 @@ even the smallest (ci) run reaches the structure of a real kernel and the way it
 - **real sizes** (``equivalence/model-sizes``): past 2^16 tokens with a small head, and the hidden
   sizes of real models (2048 to 8192) with few tokens;
 - **thousands of tokens** (``precision/at-scale``): partial sums kept in the input dtype add up;
-- **call patterns** (``autograd/interleaved``, ``autograd/accumulation``): several forwards before
+- **call patterns** (``autograd/interleaved``, ``autograd/training-steps``): several forwards before
   their backwards, repeated calls with new values, gradients accumulated over micro-batches;
 - **each dtype its own seeds**, so the three dtypes do not see the same inputs;
 - **each subset of the inputs requiring grad in every dtype** (``autograd/grad-subsets``);
@@ -212,7 +212,7 @@ def explicit_examples(property_id: str, dtypes: tuple[str, ...]) -> list[Case]:
         return at_scale_examples()
     if property_id == "equivalence/model-sizes":
         return model_size_examples()
-    if property_id in ("autograd/interleaved", "autograd/accumulation"):
+    if property_id in ("autograd/interleaved", "autograd/training-steps"):
         return call_pattern_examples(dtypes)
     if property_id == "autograd/grad-subsets":
         # Every subset in every dtype: a kernel's path for a frozen input (no weight gradient, say)

@@ -29,6 +29,7 @@ from harness.adapter import Implementation
 from harness.baseline import TorchEager
 from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
 from harness.check.evaluation import (
+    PER_TOKEN_LOSS,
     CheckFailure,
     Outcome,
     evaluate,
@@ -267,16 +268,19 @@ def check_equivalence(impl: Implementation, case: Case, ctx: CheckContext) -> No
     yard = None if is_yardstick(impl) and case.chunk is None else run_implementation(
         YARDSTICK, case.replace(chunk=None), device=ctx.device
     )
-    problems = compare_to_reference(got, run_reference(case), yard, case, ctx)
+    ref = run_reference(case)
+    problems = compare_to_reference(got, ref, yard, case, ctx)
     if not problems and case.reduction != "none" and yard is not None:
-        problems = compare_per_token(impl, case, ctx)
+        problems = compare_per_token(impl, case, ctx, ref.magnitudes[PER_TOKEN_LOSS])
     ctx.fail_if(problems)
 
 
-def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext) -> list[Mismatch]:
+def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext, terms: torch.Tensor) -> list[Mismatch]:
     """A reduced loss is one number, and one bad token in 65536 hides in a mean: the same inputs with
     reduction none, forward only, judged token by token (skipped where the implementation has no
-    per-token loss)."""
+    per-token loss). ``terms``: the per-token losses' terms (``evaluation.PER_TOKEN_LOSS``)."""
+    per_token_case = case.replace(reduction="none")
+
     def per_token(which: Implementation) -> torch.Tensor:
         inputs = make_inputs(case.replace(chunk=None) if which is YARDSTICK else case, device=ctx.device)
         spec = inputs.spec.replace(reduction="none")
@@ -291,8 +295,8 @@ def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext) -> li
         return []
     reference_inputs = make_inputs(case, reference=True)
     reference_inputs.spec = reference_inputs.spec.replace(reduction="none")
-    expected = reference_loss_function(reference_inputs).loss.detach()
-    terms = term_magnitudes(reference_inputs, case.torch_dtype)["loss"]
+    with torch.no_grad():
+        expected = reference_loss_function(reference_inputs).loss
     if tuple(got.shape) != tuple(expected.shape):
         message = (f"loss per token (reduction=none on this case's inputs): shape {tuple(got.shape)}, expected "
                    f"{tuple(expected.shape)}")
@@ -300,8 +304,7 @@ def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext) -> li
     eager = Error.between(per_token(YARDSTICK).detach().cpu(), expected, terms)
     if not eager.is_finite():
         return []
-    problem = judge("loss", got.detach().cpu(), expected, terms, case.replace(reduction="none"), ctx, [eager],
-                    [got.dtype])
+    problem = judge("loss", got.detach().cpu(), expected, terms, per_token_case, ctx, [eager], [got.dtype])
     if problem is None:
         return []
     message = f"loss per token (the same inputs with reduction=none): {problem.message}"
@@ -412,6 +415,9 @@ def check_tied_weights(impl: Implementation, case: Case, ctx: CheckContext) -> N
 # Head tensors the batches of one training step share (the hidden states, labels and upstream
 # gradients are each batch's own).
 SHARED = ("weight", "bias", "norm_weight", "norm_bias", "class_scale")
+# The optimizer step between two steps: halving is exact in every dtype, so the reference's float64
+# head and the candidate's stay the same values.
+STEP_FACTOR = 0.5
 
 
 def batches(case: Case, count: int, *, device: str = "cpu", reference: bool = False) -> list[Inputs]:
@@ -428,55 +434,82 @@ def batches(case: Case, count: int, *, device: str = "cpu", reference: bool = Fa
     return result
 
 
-def _results_of(inputs: list[Inputs], losses: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """Each batch's loss and hidden-state gradient, and the head's gradients (their sum over batches)."""
+def optimizer_step(batch: Inputs) -> None:
+    """What an optimizer does to the head between two steps: its trained tensors changed in place,
+    their gradients cleared (``zero_grad(set_to_none=True)``)."""
+    with torch.no_grad():
+        for name in SHARED:
+            tensor = batch.gradient_inputs.get(name)
+            if tensor is not None:
+                tensor.mul_(STEP_FACTOR)
+                tensor.grad = None
+
+
+def _head_gradients(batch: Inputs, suffix: str) -> dict[str, torch.Tensor | None]:
+    return {f"grad_{name}/{suffix}": None if tensor.grad is None else tensor.grad.double().cpu()
+            for name, tensor in batch.gradient_inputs.items() if name in SHARED}
+
+
+def _call(loss_function, batch: Inputs, k: int, results: dict) -> torch.Tensor:
+    """Batch ``k``'s forward: its loss recorded, the loss returned for its backward."""
+    loss = loss_function(batch).loss
+    results[f"loss/{k}"] = loss.detach().double().cpu()
+    return loss
+
+
+def _backward(batch: Inputs, loss: torch.Tensor, k: int, results: dict) -> None:
+    if batch.gradient_inputs:
+        loss.backward(upstream_for(batch, loss))
+    if "hidden" in batch.gradient_inputs:
+        results[f"grad_hidden/{k}"] = None if batch.hidden.grad is None else batch.hidden.grad.double().cpu()
+
+
+def run_pattern(loss_function, inputs: list[Inputs], pattern: str, on_call=None) -> dict[str, torch.Tensor | None]:
+    """The batches through ``loss_function`` in a call pattern, sharing one head:
+
+    - ``interleaved``: every forward first, then the backwards in another order (the second, the
+      rest, the first), the head's gradients accumulating: a shared head, multi-token prediction,
+      a pipeline schedule;
+    - ``steps``: two micro-batches accumulating gradients in ``.grad``, an optimizer step that
+      changes the head in place, then a third batch: a training loop.
+
+    ``on_call(k, batch)`` is called before batch k's forward (the reference takes its terms there).
+    """
     results: dict[str, torch.Tensor | None] = {}
-    for k, (batch, loss) in enumerate(zip(inputs, losses)):
-        results[f"loss/{k}"] = loss.detach().double().cpu()
-        grad = batch.hidden.grad if "hidden" in batch.gradient_inputs else None
-        results[f"grad_hidden/{k}"] = None if grad is None else grad.double().cpu()
-    for name in SHARED:
-        tensor = inputs[0].gradient_inputs.get(name)
-        if tensor is not None:
-            results[f"grad_{name}"] = None if tensor.grad is None else tensor.grad.double().cpu()
+    notify = on_call or (lambda k, batch: None)
+    if pattern == "interleaved":
+        losses = []
+        for k, batch in enumerate(inputs):
+            notify(k, batch)
+            losses.append(_call(loss_function, batch, k, results))
+        for k in [1, *range(2, len(inputs)), 0]:
+            _backward(inputs[k], losses[k], k, results)
+        results.update(_head_gradients(inputs[0], "all"))
+        return results
+    for k, batch in enumerate(inputs):
+        if k == len(inputs) - 1:
+            results.update(_head_gradients(inputs[0], "accumulated"))
+            optimizer_step(batch)
+        notify(k, batch)
+        _backward(batch, _call(loss_function, batch, k, results), k, results)
+    results.update(_head_gradients(inputs[0], "step"))
     return results
 
 
-def run_pattern(loss_function, inputs: list[Inputs], pattern: str) -> dict[str, torch.Tensor | None]:
-    """The batches through ``loss_function`` in a call pattern: ``interleaved``, every forward first,
-    then the backwards in another order (the second, the others, the first: a shared head,
-    multi-token prediction, a pipeline schedule); ``accumulation``, forward and backward of each batch
-    in turn, gradients accumulating in ``.grad`` (micro-batches); ``separate``, each batch alone on
-    a fresh copy of the head, the head's gradients summed (what both must equal)."""
-    if pattern == "separate":
-        parts = [run_pattern(loss_function, [batch], "accumulation") for batch in inputs]
-        results = {}
-        for k, part in enumerate(parts):
-            results[f"loss/{k}"], results[f"grad_hidden/{k}"] = part["loss/0"], part.get("grad_hidden/0")
-        for name in SHARED:
-            values = [part.get(f"grad_{name}") for part in parts]
-            if any(v is not None for v in values):
-                results[f"grad_{name}"] = sum(v for v in values if v is not None)
-        return results
-    losses = []
-    if pattern == "interleaved":
-        losses = [loss_function(batch).loss for batch in inputs]
-        order = [1, *range(2, len(inputs)), 0] if len(inputs) > 1 else [0]
-        for k in order:
-            if inputs[k].gradient_inputs:
-                losses[k].backward(upstream_for(inputs[k], losses[k]))
-    else:
-        for batch in inputs:
-            loss = loss_function(batch).loss
-            if batch.gradient_inputs:
-                loss.backward(upstream_for(batch, loss))
-            losses.append(loss)
-    return _results_of(inputs, losses)
-
-
-def _fresh(case: Case, count: int, device: str, k: int) -> list[Inputs]:
-    """Batch ``k`` of ``batches`` alone, on a head of its own."""
-    return [batches(case, count, device=device)[k]]
+def run_alone(loss_function, case: Case, count: int, pattern: str, device: str) -> dict[str, torch.Tensor | None]:
+    """What ``run_pattern`` must equal: each batch alone on a fresh head of its own (the last one of
+    ``steps`` after the optimizer step), the head's gradients summed over the batches it spans."""
+    results: dict[str, torch.Tensor | None] = {}
+    for k in range(count):
+        batch = batches(case, count, device=device)[k]
+        stepped = pattern == "steps" and k == count - 1
+        if stepped:
+            optimizer_step(batch)
+        _backward(batch, _call(loss_function, batch, k, results), k, results)
+        suffix = "step" if stepped else ("accumulated" if pattern == "steps" else "all")
+        for name, grad in _head_gradients(batch, suffix).items():
+            results[name] = grad if results.get(name) is None or grad is None else results[name] + grad
+    return results
 
 
 def check_call_pattern(pattern: str, count: int):
@@ -486,20 +519,23 @@ def check_call_pattern(pattern: str, count: int):
         def sides(which: Implementation) -> Sides:
             loss_function = implementation_loss(which)
             called = run_pattern(loss_function, batches(case, count, device=ctx.device), pattern)
-            alone = run_pattern(loss_function, [b for k in range(count) for b in _fresh(case, count, ctx.device, k)],
-                                "separate")
+            alone = run_alone(loss_function, case, count, pattern, ctx.device)
             return {name: (called[name], alone.get(name)) for name in called}
 
-        reference_batches = batches(case, count, reference=True)
-        reference = run_pattern(reference_loss_function, reference_batches, "accumulation")
-        terms = [term_magnitudes(batch, case.torch_dtype) for batch in reference_batches]
+        terms: dict[int, dict[str, torch.Tensor]] = {}
+        reference = run_pattern(reference_loss_function, batches(case, count, reference=True), pattern,
+                                on_call=lambda k, batch: terms.setdefault(k, term_magnitudes(batch, case.torch_dtype)))
         magnitudes = {}
         for name in reference:
-            tensor, _, k = name.partition("/")
-            magnitudes[name] = terms[int(k)][tensor] if k else sum(t[tensor] for t in terms)
+            tensor, _, which = name.partition("/")
+            if which.isdigit():
+                magnitudes[name] = terms[int(which)][tensor]
+            else:  # a head gradient: the batches it spans
+                spans = {"all": range(count), "accumulated": range(count - 1), "step": [count - 1]}[which]
+                magnitudes[name] = sum(terms[k][tensor] for k in spans)
         problems = compare_identity(impl, sides, reference, case, ctx, magnitudes)
         what = {"interleaved": f"{count} forwards, then their backwards in another order",
-                "accumulation": f"{count} micro-batches accumulating gradients"}[pattern]
+                "steps": f"{count - 1} micro-batches, an optimizer step in place, one more batch"}[pattern]
         ctx.fail_if(problems, f"{what}, vs each batch alone")
 
     return check
@@ -680,8 +716,9 @@ PROPERTIES = (
     Property("autograd/interleaved", check_call_pattern("interleaved", 3),
              "three forwards on new values with one head, then their backwards in another order, give what each "
              "gives alone", {"dtypes": ALL_DTYPES, "tied": False}, share=0.3),
-    Property("autograd/accumulation", check_call_pattern("accumulation", 2),
-             "two micro-batches accumulate into .grad what each gives alone", {"dtypes": ALL_DTYPES, "tied": False},
+    Property("autograd/training-steps", check_call_pattern("steps", 3),
+             "two micro-batches accumulate into .grad what each gives alone; after an optimizer step changes the "
+             "head in place, a third batch gives what it gives alone", {"dtypes": ALL_DTYPES, "tied": False},
              share=0.3),
     Property("invariance/sum-split", check_sum_split, "with sum, the loss of a batch is the sum over a split of it",
              {"dtypes": ALL_DTYPES, "reductions": ("sum",), "tied": False, "min_tokens": 2}, share=0.3),
