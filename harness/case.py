@@ -524,9 +524,12 @@ def peaked_margin(vocab: int, scale: float, loss: float = PEAKED_LOSS) -> float:
 
     The other V - 1 logits are about normal with standard deviation ``scale``, so their softmax
     mass relative to the target's is about (V - 1) exp(scale^2 / 2 - margin); the loss is the log
-    of one plus that. A vocabulary too small to reach that loss gets no margin.
+    of one plus that. With a large ``scale`` that mass is the largest logit's, about scale
+    sqrt(2 ln V) above the mean, so the margin is the smaller of the two. A vocabulary too small to
+    reach that loss gets no margin.
     """
-    return max(0.0, math.log(vocab - 1) + scale**2 / 2 - math.log(math.expm1(loss)))
+    spread = min(scale**2 / 2, scale * math.sqrt(2 * math.log(vocab)))
+    return max(0.0, math.log(vocab - 1) + spread - math.log(math.expm1(loss)))
 
 
 def peaked_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, case: Case) -> torch.Tensor:
