@@ -22,6 +22,11 @@ from harness.registry import builtin_names, resolve
 COMPILED = {"torch-compile", "cce"}  # their first compile takes tens of seconds on a CPU
 
 
+def runs_slowly(name: str) -> bool:
+    """Compiles (tens of seconds on a CPU), or starts rank processes (the distributed family)."""
+    return name in COMPILED or resolve(name).family == "distributed"
+
+
 def _run(implementation: str, property_id: str, case: str):
     impl = resolve(implementation)
     if not impl.availability().available:
@@ -127,7 +132,7 @@ def test_the_megatron_signatures_excuse_its_shard_local_smoothing_and_nothing_el
 
 @pytest.mark.parametrize(
     "known",
-    [pytest.param(k, marks=[pytest.mark.slow] if set(k.implementations) & COMPILED else [])
+    [pytest.param(k, marks=[pytest.mark.slow] if runs_slowly(k.implementations[0]) else [])
      for k in KNOWN_LIMITATIONS if not k.devices or "cpu" in k.devices],
     ids=lambda k: f"{k.implementations[0]}-{k.properties[0]}",
 )

@@ -7,6 +7,7 @@ same path as ``python -m harness check --case``.
 
 import pytest
 from harness.case import parse_case
+from harness.check import run_property as run_property_module
 from harness.check.run_property import FAIL, PASS, UNSUPPORTED, Target, run_case, run_property
 from harness.check.profiles import get_profile
 from harness.check.properties import Property, check_equivalence, find_property, kept_positions
@@ -213,9 +214,12 @@ def test_hypothesis_finds_and_shrinks_a_failure_to_a_case_that_reproduces_it():
     assert run_case(target, prop, parse_case(case), "cpu").status == FAIL
 
 
-def test_a_correct_implementation_passes_every_drawn_case():
-    target = Target("chunked", resolve("chunked"))
+def test_drawn_cases_run_after_the_explicit_examples_and_are_counted(monkeypatch):
+    monkeypatch.setattr(run_property_module, "fitted_examples", lambda *args: [])  # drawn cases only
+    target = Target("torch-eager", resolve("torch-eager"))
     support = discover_support(target.impl, "cpu")
-    for property_id in ("equivalence/bfloat16", "invariance/chunk-size"):
-        result = run_property(target, find_property(property_id), support, ci_with(20), "cpu")
-        assert result.status == PASS and result.examples >= 20, result.detail
+    drawn = []
+    result = run_property(target, find_property("equivalence/bfloat16"), support, ci_with(12), "cpu",
+                          on_case=drawn.append)
+    assert result.status == PASS, result.detail
+    assert result.examples == 12 and len(drawn) >= 12 and len(set(drawn)) > 1
