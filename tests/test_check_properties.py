@@ -48,10 +48,11 @@ EQUIVALENCE_CASES = [
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("impl_name", ["torch-eager", "chunked"])
-def test_correct_implementations_match_the_reference_in_every_dtype(impl_name, dtype):
+def test_the_yardstick_passes_its_own_rule_in_every_dtype(dtype):
+    """torch-eager's error is the rule's yardstick; its own results must pass (the built-ins are the
+    gate's to judge, over many more cases)."""
     for case in EQUIVALENCE_CASES:
-        assert_passes(impl_name, f"equivalence/{dtype}", case.format(dtype=dtype))
+        assert_passes("torch-eager", f"equivalence/{dtype}", case.format(dtype=dtype))
 
 
 def test_logits_in_the_hundreds_in_bfloat16_hold_torch_eager_to_its_widened_error_model():

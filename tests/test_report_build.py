@@ -16,9 +16,6 @@ from harness.report.command import build_report
 from harness.report.runs import load_run, measurements
 from tests.report_fixtures import SYNTHETIC_DEVICE, XSS, write_check_run, write_sweep_run
 
-# One test process builds the module's report, however many run the suite (pytest -n 2 --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("report-build")
-
 PLOTS = ("time_vs_vocab", "time_vs_tokens", "memory_vs_tokens", "speedup_heatmap",
          "memory_over_lower_bound", "matmul_fraction")
 

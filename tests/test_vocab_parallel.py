@@ -23,9 +23,6 @@ from harness.sweep.runner import SweepSettings, run_job
 from implementations.distributed import world_size_for
 from implementations.vocab_parallel.shards import split_vocab
 
-# One test process starts the rank pools, however many run the suite (pytest -n 2 --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("gloo-rank-pools")
-
 
 def _sizes(vocab, world_size, how):
     return [s.size for s in split_vocab(vocab, world_size, how)]
