@@ -209,16 +209,13 @@ def aborts_the_process(
     label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None,
 ):
     """Kills its process, as an illegal memory access does, on a single token or an out-of-range
-    label; hangs on infinite hidden states. The gate records a crash (or a timeout) and goes on."""
+    label. The gate records a crash and goes on."""
     import os
-    import time
 
     _plain_options_only(label_smoothing, z_loss_multiplier, softcap, class_weight)
     valid = labels != ignore_index
     if labels.numel() == 1 or bool(((labels < 0) | (labels >= weight.shape[0]))[valid].any()):
         os.abort()
-    if bool(hidden.isinf().any()):
-        time.sleep(60)
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
@@ -247,19 +244,4 @@ class LosesItsCudaContext(_Eager):
         return self.loss_of(hidden, weight, labels, spec, bias)
 
 
-class HangsOnFloat16(_Eager):
-    """Never returns on float16 inputs of more than 3 tokens, as a deadlocked kernel would; correct
-    otherwise."""
-
-    name = "hangs-on-float16"
-
-    def compute(self, hidden, weight, labels, spec, bias):
-        import time
-
-        if hidden.dtype == torch.float16 and hidden.numel() // hidden.shape[-1] > 3:
-            time.sleep(3600)
-        return self.loss_of(hidden, weight, labels, spec, bias)
-
-
 loses_its_cuda_context = LosesItsCudaContext()
-hangs_on_float16 = HangsOnFloat16()

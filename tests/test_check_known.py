@@ -32,6 +32,11 @@ def _entries(kinds, device="cpu"):
                 yield impl.name, entry
 
 
+def runs_slowly(name: str) -> bool:
+    """Compiles (tens of seconds on a CPU), or starts rank processes (the distributed family)."""
+    return name in COMPILED or resolve(name).family == "distributed"
+
+
 def _run(implementation: str, property_id: str, case: str):
     impl = resolve(implementation)
     if not impl.availability().available:
@@ -174,7 +179,7 @@ def test_the_megatron_signatures_excuse_its_shard_local_smoothing_and_nothing_el
 
 @pytest.mark.parametrize(
     "name, known",
-    [pytest.param(name, k, marks=[pytest.mark.slow] if name in COMPILED else [])
+    [pytest.param(name, k, marks=[pytest.mark.slow] if runs_slowly(name) else [])
      for name, k in _entries(KnownLimitation)],
     ids=lambda value: value if isinstance(value, str) else value.properties[0],
 )

@@ -7,6 +7,7 @@ same path as ``python -m harness check --case``.
 
 import pytest
 from harness.case import parse_case
+from harness.check import run_property as run_property_module
 from harness.check.run_property import FAIL, PASS, UNSUPPORTED, Target, run_case, run_property
 from harness.check.profiles import get_profile
 from harness.check.properties import Property, check_equivalence, find_property, kept_positions
@@ -47,10 +48,11 @@ EQUIVALENCE_CASES = [
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("impl_name", ["torch-eager", "chunked"])
-def test_correct_implementations_match_the_reference_in_every_dtype(impl_name, dtype):
+def test_the_yardstick_passes_its_own_rule_in_every_dtype(dtype):
+    """torch-eager's error is the rule's yardstick; its own results must pass (the built-ins are the
+    gate's to judge, over many more cases)."""
     for case in EQUIVALENCE_CASES:
-        assert_passes(impl_name, f"equivalence/{dtype}", case.format(dtype=dtype))
+        assert_passes("torch-eager", f"equivalence/{dtype}", case.format(dtype=dtype))
 
 
 def test_logits_in_the_hundreds_in_bfloat16_hold_torch_eager_to_its_widened_error_model():
@@ -213,9 +215,12 @@ def test_hypothesis_finds_and_shrinks_a_failure_to_a_case_that_reproduces_it():
     assert run_case(target, prop, parse_case(case), "cpu").status == FAIL
 
 
-def test_a_correct_implementation_passes_every_drawn_case():
-    target = Target("chunked", resolve("chunked"))
+def test_drawn_cases_run_after_the_explicit_examples_and_are_counted(monkeypatch):
+    monkeypatch.setattr(run_property_module, "fitted_examples", lambda *args: [])  # drawn cases only
+    target = Target("torch-eager", resolve("torch-eager"))
     support = discover_support(target.impl, "cpu")
-    for property_id in ("equivalence/bfloat16", "invariance/chunk-size"):
-        result = run_property(target, find_property(property_id), support, ci_with(20), "cpu")
-        assert result.status == PASS and result.examples >= 20, result.detail
+    drawn = []
+    result = run_property(target, find_property("equivalence/bfloat16"), support, ci_with(12), "cpu",
+                          on_case=drawn.append)
+    assert result.status == PASS, result.detail
+    assert result.examples == 12 and len(drawn) >= 12 and len(set(drawn)) > 1

@@ -31,6 +31,7 @@ def run_without(packages: list[str], argv: list[str]) -> subprocess.CompletedPro
 WITHOUT_EXTRAS = ["seaborn", "matplotlib", "hypothesis", "playwright"]
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_without_the_report_and_check_extras(tmp_path):
     cases = tmp_path / "tiny.toml"
     cases.write_text('dtypes = ["float32"]\n[[case]]\nname = "tiny"\nvocab = 64\ndim = 8\ntokens = 4\n')
@@ -40,6 +41,7 @@ def test_a_sweep_runs_without_the_report_and_check_extras(tmp_path):
     assert run_without(WITHOUT_EXTRAS, ["list"]).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_command_whose_extra_is_missing_says_which_in_one_line():
     done = run_without(["hypothesis"], ["check", "--impl", "torch-eager"])
     assert done.returncode == 2

@@ -1,7 +1,8 @@
 """``harness.isolation``: what a parent learns from children that misbehave, and what it does next.
 
 The child here (``tests/isolation_child.py``) does with each item what the item's name says, so
-each test reads as the list of items it runs and what came back for each.
+each test reads as the list of items it runs and what came back for each. It starts in a tenth of
+a second, so a time limit of 2 s tells a hang from a slow start with room to spare.
 """
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ import threading
 import time
 from pathlib import Path
 
-from harness.isolation import Limits, child_environment, run_items
+import pytest
+
+from harness.isolation import FATAL_EXIT_STATUS, Limits, child_environment, run_items
+from tests import isolation_child
+
+pytestmark = pytest.mark.slow  # child processes
 
 CHILD = "tests.isolation_child"
 ENV = child_environment()
+HANG_LIMIT = Limits(timeout_s=2)
 
 
 def outcomes(items: list[str], limits: Limits = Limits(timeout_s=60), **options) -> dict:
@@ -35,6 +42,11 @@ def is_gone(pid: int) -> bool:
     return False
 
 
+def test_the_child_speaks_the_harness_protocol():
+    assert isolation_child.FATAL_EXIT_STATUS == FATAL_EXIT_STATUS
+    assert isolation_child.HANG_S > 10 * HANG_LIMIT.timeout_s
+
+
 def test_items_run_one_after_another_in_one_child():
     got = outcomes(["ok-1", "ok-2"])
     assert list(got) == ["ok-1", "ok-2"]
@@ -43,9 +55,9 @@ def test_items_run_one_after_another_in_one_child():
 
 
 def test_a_hang_fails_its_item_as_a_timeout_with_its_case_and_the_rest_run_in_a_fresh_child():
-    got = outcomes(["ok-1", "hang", "ok-2"], Limits(timeout_s=8))
+    got = outcomes(["ok-1", "hang", "ok-2"], HANG_LIMIT)
     assert got["hang"].record is None
-    assert (got["hang"].failure, got["hang"].detail) == ("timeout", "exceeded the time limit of 8 s")
+    assert (got["hang"].failure, got["hang"].detail) == ("timeout", "exceeded the time limit of 2 s")
     assert got["hang"].last_case == "hang-case"
     assert got["ok-2"].record["pid"] != got["ok-1"].record["pid"]
 
@@ -74,7 +86,7 @@ def test_a_child_holding_more_memory_than_the_limit_is_stopped_as_oom():
 
 
 def test_a_stopped_child_takes_the_processes_it_started_with_it():
-    got = outcomes(["grandchild"], Limits(timeout_s=5))
+    got = outcomes(["grandchild"], HANG_LIMIT)
     assert got["grandchild"].failure == "timeout"
     assert is_gone(int(got["grandchild"].last_case))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.errors import HarnessError
 from harness.registry import resolve
 from harness.semantics import head_logits, reference_loss
 from harness.spec import LossSpec
@@ -32,7 +33,7 @@ def test_without_a_softcap_it_is_a_head_with_scaled_weight_and_bias():
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
 def test_a_scale_that_is_not_a_positive_number_is_refused(value):
-    with pytest.raises(Exception, match="logit_scale must be a positive number"):
+    with pytest.raises(HarnessError, match="logit_scale must be a positive number"):
         LossSpec(logit_scale=value)
 
 

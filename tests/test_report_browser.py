@@ -31,6 +31,7 @@ def require_browser() -> None:
         pytest.skip(message)
 
 
+@pytest.mark.slow
 def test_dashboard_renders_with_its_plots_and_no_console_errors(tmp_path):
     require_browser()
     results = tmp_path / "results"

@@ -1,88 +1,122 @@
-"""The gate rejects subtle kernel bugs and passes the correct kernel they were made from.
+"""The gate rejects subtle kernel bugs and passes the correct kernels they were made from.
 
 ``tests/subtle_bugs.py`` holds a correct fused, chunked loss (``fused_chunked``) and copies of it
-with one bug each. They are checked as a user checks a plugin, through ``python -m harness
-check`` with the CI profile. The bugs are rejected by the explicit examples alone (``--max-examples
-0``), which every run of the gate checks first, so the full CI-profile run (``CI=true python -m
-harness check --impl tests.subtle_bugs:NAME``) rejects them too; the correct kernel passes that
-full run, drawn cases included.
+with one bug each; ``tests/subtle_head_bugs.py`` a correct head (``correct_head``) and its bugs.
+Every run of the gate checks each property's explicit examples first, so a bug is rejected by
+every run (``CI=true python -m harness check --impl tests.subtle_bugs:NAME``) when:
+
+- **reach**: its killer, the (property, case) of ``tests/killers.csv``, is among that property's
+  explicit examples fitted to what the bug's plugin supports (a fact about the examples, checked
+  without running anything), and
+- **detect**: one evaluation of that property on that case fails (where the correct kernel, which
+  passes every explicit example, passes).
+
+``python -m tests.find_killers`` regenerates the table after the examples or properties change.
+The correct kernels pass every property's explicit examples here, in this process (those of the
+properties at size, 2^16 classes or 2048 tokens, in the full tier's whole ci gate only, which also
+runs the check command end to end on a bug).
 """
 
 import csv
+import shlex
 
 import pytest
 
+from harness.case import parse_case
+from harness.check.profiles import get_profile
+from harness.check.properties import PROPERTIES, find_property
+from harness.check.run_property import FAIL, PASS, run_property
 from harness.cli import main
 from tests import subtle_bugs, subtle_head_bugs
+from tests.find_killers import (
+    CORPORA,
+    DEVICE,
+    all_bugs,
+    evaluate,
+    gate_examples,
+    read_table,
+    target_and_support,
+)
 
-BUG_NAMES = [bug.__name__ for bug in subtle_bugs.BUGS]
-
-
-def property_statuses(out_dir) -> dict[str, dict[str, str]]:
-    """{implementation: {property: status}} of the one run written under ``out_dir``."""
-    (run_dir,) = out_dir.iterdir()
-    statuses: dict[str, dict[str, str]] = {}
-    with open(run_dir / "properties.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            statuses.setdefault(row["implementation"], {})[row["property"]] = row["status"]
-    return statuses
-
-
-def explicit_example_statuses(out_dir, plugins: list[str]) -> dict[str, dict[str, str]]:
-    """The statuses of the plugins on the CI profile's explicit examples (the gate fails: bugs)."""
-    impls = [arg for plugin in plugins for arg in ("--impl", plugin)]
-    status = main(["check", "--profile", "ci", "--max-examples", "0", "--no-behaviour", *impls, "--out", str(out_dir)])
-    assert status == 1
-    return property_statuses(out_dir)
+KILLERS = read_table()
+CORRECT_KERNELS = [f"{module}:{name}" for module, name in CORPORA.items()]
 
 
-def full_gate_statuses(out_dir, plugin: str) -> dict[str, str]:
-    """The statuses of one plugin on the whole CI-profile gate, which it must pass."""
-    status = main(["check", "--profile", "ci", "--no-behaviour", "--impl", plugin, "--out", str(out_dir)])
-    statuses = property_statuses(out_dir)[plugin]
-    assert status == 0, statuses
-    return statuses
+def killer_of(bug: str):
+    if bug not in KILLERS:
+        pytest.fail(f"no killer recorded for {bug}: run python -m tests.find_killers {bug}")
+    return KILLERS[bug]
 
 
-@pytest.fixture(scope="module")
-def bug_statuses(tmp_path_factory):
-    return explicit_example_statuses(tmp_path_factory.mktemp("subtle-bugs"),
-                                     [f"tests.subtle_bugs:{name}" for name in BUG_NAMES])
-
-
-def test_there_are_at_least_twenty_bugs_each_its_own_plugin():
-    assert len(set(BUG_NAMES)) == len(BUG_NAMES) >= 20
+def test_the_corpora_hold_at_least_twenty_six_documented_bugs_each_its_own_plugin():
+    assert len(set(all_bugs())) == len(all_bugs()) >= 26
     assert all(bug.__doc__ for bug in subtle_bugs.BUGS)
+    assert all(subtle_head_bugs.BUGS.values())
 
 
-@pytest.mark.parametrize("bug", BUG_NAMES)
-def test_the_ci_gate_rejects_a_subtle_bug(bug_statuses, bug):
-    statuses = bug_statuses[f"tests.subtle_bugs:{bug}"]
-    assert "fail" in statuses.values(), f"{bug} ({getattr(subtle_bugs, bug).__doc__}) passed: {statuses}"
+def test_every_bug_has_a_killer_in_the_table():
+    missing = sorted(set(all_bugs()) - set(KILLERS))
+    assert not missing, f"no killer recorded for {missing}: run python -m tests.find_killers"
+    assert set(KILLERS) <= set(all_bugs()), "the table names bugs the corpora no longer have"
 
 
-def test_the_correct_fused_kernel_passes_the_full_ci_gate(tmp_path):
-    statuses = full_gate_statuses(tmp_path, "tests.subtle_bugs:fused_chunked")
-    assert set(statuses.values()) <= {"pass", "n/a"}
+@pytest.mark.parametrize("bug", all_bugs())
+def test_the_gate_reaches_the_case_that_kills_each_bug(bug):
+    killer = killer_of(bug)
+    assert parse_case(killer.case) in gate_examples(bug, find_property(killer.property)), (
+        f"{bug}'s killer is no longer among {killer.property}'s explicit examples: run python -m tests.find_killers")
 
 
-# --- a whole head's bugs (tests/subtle_head_bugs.py) -------------------------------------------------
-
-HEAD_BUGS = list(subtle_head_bugs.BUGS)
-
-
-@pytest.fixture(scope="module")
-def head_bug_statuses(tmp_path_factory):
-    return explicit_example_statuses(tmp_path_factory.mktemp("subtle-head-bugs"),
-                                     [f"tests.subtle_head_bugs:{name}" for name in HEAD_BUGS])
+@pytest.mark.parametrize("bug", all_bugs())
+def test_the_gate_detects_each_bug_on_that_case(bug):
+    """The correct kernel passes the same case: it is among the explicit examples it passes (below,
+    or in the full tier's whole gate for the properties at size)."""
+    killer = killer_of(bug)
+    status = evaluate(bug, find_property(killer.property), parse_case(killer.case))
+    assert status == FAIL, f"{bug} was not rejected by {killer.property} on {killer.case}: {status}"
 
 
-@pytest.mark.parametrize("bug", HEAD_BUGS)
-def test_the_ci_gate_rejects_a_subtle_bug_of_a_head(head_bug_statuses, bug):
-    statuses = head_bug_statuses[f"tests.subtle_head_bugs:{bug}"]
-    assert "fail" in statuses.values(), f"{bug} ({subtle_head_bugs.BUGS[bug]}) passed: {statuses}"
+# Their examples have 2^16 classes or 2048 tokens: minutes in this process for the Python-loop fused
+# kernel; the full tier's whole gate runs them on both correct kernels.
+AT_SIZE = ("equivalence/large-vocab", "precision/at-scale")
 
 
-def test_the_correct_head_passes_the_full_ci_gate(tmp_path):
-    statuses = full_gate_statuses(tmp_path, "tests.subtle_head_bugs:correct_head")
-    assert set(statuses.values()) <= {"pass", "n/a"}
+@pytest.mark.parametrize("prop", [p for p in PROPERTIES if p.id not in AT_SIZE], ids=lambda p: p.id)
+@pytest.mark.parametrize("kernel", CORRECT_KERNELS)
+def test_a_correct_kernel_passes_every_explicit_example(kernel, prop):
+    target, support = target_and_support(kernel)
+    result = run_property(target, prop, support, get_profile("ci", max_examples=0), DEVICE)
+    assert result.status != FAIL, f"{result.detail}\n{result.reproducer}"
+    if gate_examples(kernel, prop):
+        assert result.status == PASS and result.examples > 0, result.detail
+
+
+# --- end to end: the check command itself, in child processes (full tier) -------------------------
+
+
+def property_rows(out_dir) -> list[dict]:
+    (run_dir,) = out_dir.iterdir()
+    with open(run_dir / "properties.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_the_whole_ci_gate_passes_the_correct_kernels_and_rejects_a_bug_with_a_reproducer(capsys, tmp_path):
+    bug = "tests.subtle_bugs:online_softmax_without_rescale"
+    impls = [arg for name in (*CORRECT_KERNELS, bug) for arg in ("--impl", name)]
+    status = main(["check", "--profile", "ci", "--no-behaviour", *impls, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1
+    rows = property_rows(tmp_path)
+    for kernel in CORRECT_KERNELS:
+        statuses = {row["property"]: row["status"] for row in rows if row["implementation"] == kernel}
+        assert set(statuses) == {prop.id for prop in PROPERTIES}
+        assert set(statuses.values()) <= {"pass", "n/a"}, statuses
+    failed = [row for row in rows if row["status"] == "fail"]
+    assert failed and {row["implementation"] for row in failed} == {bug}
+    reproducer = failed[0]["reproducer"]
+    assert f"reproduce: {reproducer}" in out
+    argv = shlex.split(reproducer)
+    assert argv[:4] == ["python", "-m", "harness", "check"]
+    assert main(argv[3:]) == 1
+    assert f"{bug}  {failed[0]['property']}  fail  " in capsys.readouterr().out

@@ -33,11 +33,14 @@ def sweep_inputs(case: Case):
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward", "backward"])
 def test_each_mode_records_time_spread_first_call_and_peak_memory(mode):
-    inputs = sweep_inputs(tiny_case())
+    """torch-eager materialises the 64 x 32768 float32 logits (8 MiB) in the forward, and their
+    gradient in the backward: each mode's peak holds them."""
+    case = tiny_case(vocab=32768)
+    inputs = sweep_inputs(case)
     metrics = measure_mode(resolve("torch-eager"), inputs, mode, "cpu", QUICK)
     assert set(metrics) == MEASURED
     assert 0 < metrics["time_p20"] <= metrics["time_median"] <= metrics["time_p80"]
-    assert metrics["peak_memory"] >= 0
+    assert metrics["peak_memory"] >= case.logits_bytes
     assert all(t.grad is None for t in inputs.gradient_inputs.values())  # nothing left behind for the next mode
 
 

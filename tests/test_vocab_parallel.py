@@ -1,7 +1,9 @@
 """The vocab-parallel (``distributed``) implementations: shards, the gate's view of them, the sweep's.
 
 They run P = 2 or 3 gloo rank processes on this machine (P = 2 for an even token count, 3 for an
-odd one); the pools are started once per test process and closed at its exit.
+odd one); the pools are started once per test process and closed at its exit. What they compute is
+the gate's to judge (``python -m harness check`` over the built-ins); these tests pin the sharding,
+what the gate sees of a wrong shard, the refusals and the sweep's per-rank figures.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from harness.case import Case, parse_case
-from harness.check.run_property import FAIL, PASS, Target, run_case
+from harness.check.run_property import FAIL, Target, run_case
 from harness.check.properties import find_property
 from harness.errors import UnsupportedCase
 from harness.registry import resolve
@@ -42,21 +44,7 @@ def test_both_world_sizes_occur_chosen_by_the_token_count():
     assert [world_size_for(n) for n in (1, 2, 7, 64)] == [3, 2, 3, 2]
 
 
-EVERY_OPTION = "D=5,V={V},reduction={reduction},label_smoothing=0.1,z_loss=0.001,softcap=5.0,class_weight=1,bias=1," \
-               "ignored=some,scale=16.0,seed=3"
-
-
-@pytest.mark.parametrize("tokens", [6, 7], ids=["P=2", "P=3"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_chunked_vocab_parallel_computes_the_reference_with_every_option_on_uneven_shards(tokens, reduction):
-    case = parse_case(f"N={tokens}," + EVERY_OPTION.format(V=13, reduction=reduction))  # 13 = 7 + 6 = 5 + 4 + 4
-    for property_id in ("equivalence/float32", "equivalence/bfloat16", "autograd/retain-graph"):
-        dtype = property_id.split("/")[1] if property_id.startswith("equivalence") else "float32"
-        result = run_case(Target("chunked-vocab-parallel", resolve("chunked-vocab-parallel")),
-                          find_property(property_id), case.replace(dtype=dtype), "cpu")
-        assert result.status == PASS, f"{property_id}: {result.detail}"
-
-
+@pytest.mark.slow
 def test_the_gate_fails_a_vocab_parallel_loss_that_is_wrong_on_one_shard():
     """The gate compares the gathered gradients: a rank whose weight rows came back scaled shows."""
     from implementations.distributed import ChunkedVocabParallel
@@ -76,6 +64,7 @@ def test_the_gate_fails_a_vocab_parallel_loss_that_is_wrong_on_one_shard():
     assert result.status == FAIL and "grad_weight" in result.detail
 
 
+@pytest.mark.slow
 def test_a_label_no_rank_owns_raises_on_every_rank_instead_of_a_silent_loss():
     impl = resolve("chunked-vocab-parallel")
     hidden, weight = torch.randn(4, 3), torch.randn(9, 3)
@@ -85,6 +74,7 @@ def test_a_label_no_rank_owns_raises_on_every_rank_instead_of_a_silent_loss():
     assert torch.isfinite(impl.loss(hidden, weight, torch.tensor([0, 1, 8, 2])).loss)
 
 
+@pytest.mark.slow
 def test_dtensor_refuses_a_split_that_leaves_a_rank_without_classes_with_the_reason():
     impl = resolve("dtensor-loss-parallel")
     with pytest.raises(UnsupportedCase, match="loss_parallel.. fails on a rank that holds no class"):
@@ -98,6 +88,7 @@ def test_dtensor_declares_label_smoothing_unsupported_with_the_reason():
     assert "loss_parallel" in reasons["label_smoothing"]
 
 
+@pytest.mark.slow
 def test_megatron_leaves_out_an_ignored_token_whose_smoothed_loss_is_inf():
     """Megatron's smoothing takes the log of the probabilities, +inf where one underflows (a known
     failure); an ignored token's +inf is left out of the loss, not multiplied by 0 into NaN. The rest
@@ -118,6 +109,7 @@ def test_megatron_leaves_out_an_ignored_token_whose_smoothed_loss_is_inf():
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
 
 
+@pytest.mark.slow
 def test_torchrun_sweep_job_records_time_per_rank_memory_and_bytes_communicated():
     """P = 3 ranks under torchrun; the chunked loss's collectives are known exactly: the class-weight
     and owner all-reduce (2 (N + 1) floats), per chunk the max (N) and the packed sums (3 N), and the
@@ -138,5 +130,6 @@ def test_torchrun_sweep_job_records_time_per_rank_memory_and_bytes_communicated(
     assert forward["comm_bytes"] == 4 * (2 * (tokens + 1) + 4 * tokens)
     assert both["comm_bytes"] == forward["comm_bytes"] + 4 * tokens * hidden
     assert both["time_p20"] <= both["time_median"] <= both["time_p80"]
-    peaks = [both[f"peak_memory_rank{rank}"] for rank in range(3)]
-    assert both["peak_memory"] == max(peaks) and all(peak >= 0 for peak in peaks)
+    per_rank = {metric: value for metric, value in both.items() if metric.startswith("peak_memory_rank")}
+    assert set(per_rank) == {f"peak_memory_rank{rank}" for rank in range(3)}
+    assert both["peak_memory"] == max(per_rank.values())
