@@ -44,7 +44,8 @@ DEVICE = "cpu"
 
 # Each corpus of subtle bugs, and the correct kernel its bugs were made from (it passes every explicit
 # example, the killers included, so that a kill is the bug's doing).
-CORPORA = {"tests.subtle_bugs": "fused_chunked", "tests.subtle_head_bugs": "correct_head"}
+CORPORA = {"tests.subtle_bugs": "fused_chunked", "tests.subtle_head_bugs": "correct_head",
+           "tests.reach_bugs": "chunked_kernel"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,12 @@ def gate_examples(name: str, prop: Property) -> list[Case]:
 
 
 def evaluate(name: str, prop: Property, case: Case) -> str:
-    """The status of one evaluation of ``prop`` on ``case`` (what ``check --case`` prints)."""
+    """The status of one evaluation of ``prop`` on ``case`` (what ``check --case`` prints), from a
+    clean start: a corpus that keeps state from call to call (the call-pattern bugs) forgets it
+    first, so that the recorded killer fails alone, as its reproducer does."""
+    forget = getattr(import_module(name.partition(":")[0]), "forget_cached_state", None)
+    if forget is not None:
+        forget()
     target, _ = target_and_support(name)
     return run_case(target, prop, case, DEVICE).status
 

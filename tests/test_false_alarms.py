@@ -1,0 +1,73 @@
+"""The gate rejects no correct kernel: every plugin of the false-alarm corpus
+(``tests/correct_variants.py``), each placing its roundings where a real kernel does rather than
+where torch-eager does, passes the gate's explicit examples.
+
+The issue's own false alarm comes first: one token with a bias, a softcap and logits of size 100,
+where torch-eager's error on the loss happened to be 0.004 roundoffs, so that a bar set by its luck
+rejected a kernel that adds the bias after the rounded matmul. Then every explicit example of the
+dtype properties (full tier): each case's float64 reference and torch-eager's result are computed
+once and every variant is judged against them, as ``check_equivalence`` judges one.
+"""
+
+import pytest
+
+from harness.case import parse_case
+from harness.check.evaluation import PER_TOKEN_LOSS, run_implementation, run_reference
+from harness.check.examples import fitted_examples
+from harness.check.properties import (YARDSTICK, CaseRejected, CheckContext, compare_per_token,
+                                      compare_to_reference, find_property)
+from harness.check.run_property import PASS, Target, run_case
+from harness.check.strategies import fit_to
+from harness.check.support_probe import discover_support
+from harness.registry import resolve
+from tests import correct_variants
+
+VARIANTS = [f"tests.correct_variants:{variant.__name__}" for variant in correct_variants.VARIANTS]
+
+# Cases where torch-eager is nearly exact by luck: a single token, or three.
+LUCKY_FOR_TORCH_EAGER = (
+    ("equivalence/bfloat16", "N=1,D=1,V=17,dtype=bfloat16,reduction=mean,bias=1,softcap=5.0,scale=100.0,seed=0"),
+    ("equivalence/float16", "N=3,D=2,V=17,dtype=float16,reduction=mean,bias=1,scale=100.0,seed=0"),
+    ("equivalence/bfloat16", "N=1,D=1,V=2,dtype=bfloat16,reduction=sum,bias=1,seed=7"),
+)
+
+
+def test_the_corpus_holds_at_least_ten_documented_variants():
+    assert len(VARIANTS) >= 10 and all(variant.__doc__ for variant in correct_variants.VARIANTS)
+
+
+@pytest.mark.parametrize("property_id, case", LUCKY_FOR_TORCH_EAGER)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_variant_fails_where_torch_eager_was_lucky(variant, property_id, case):
+    result = run_case(Target(variant, resolve(variant)), find_property(property_id), parse_case(case), "cpu")
+    assert result.status == PASS, result.detail
+
+
+def judge_all(property_id: str) -> dict[str, str]:
+    """Every variant on every explicit example of the property: {variant: the first failure}."""
+    prop = find_property(property_id)
+    impls = {name: resolve(name) for name in VARIANTS}
+    support = discover_support(impls[VARIANTS[0]], "cpu")
+    failures: dict[str, str] = {}
+    for case in fitted_examples(prop.id, prop.draw["dtypes"], lambda c: fit_to(c, support)):
+        reference, eager = run_reference(case), run_implementation(YARDSTICK, case)
+        for name, impl in impls.items():
+            if name in failures:
+                continue
+            ctx = CheckContext(property_id=prop.id)
+            try:
+                problems = compare_to_reference(run_implementation(impl, case), reference, eager, case, ctx)
+                if not problems and case.reduction != "none":
+                    problems = compare_per_token(impl, case, ctx, reference.magnitudes[PER_TOKEN_LOSS])
+            except CaseRejected:
+                continue
+            if problems:
+                failures[name] = f"{case}: {problems[0].message}"
+    return failures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("property_id", ["equivalence/bfloat16", "equivalence/float16", "equivalence/float32",
+                                         "precision/at-scale", "equivalence/model-sizes"])
+def test_no_variant_fails_an_explicit_example(property_id):
+    assert judge_all(property_id) == {}
