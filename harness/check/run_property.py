@@ -13,7 +13,6 @@ many were, and why.
 from __future__ import annotations
 
 import collections
-import shlex
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from harness.check.examples import fitted_examples
 from harness.check.known_failures import Mismatch, known_failures, known_limitations
 from harness.check.evaluation import CheckFailure
 from harness.check.profiles import Profile
+from harness.check.reproduce import rerun_command, traceback_text
 from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
 from harness.check.strategies import cases, fit_to
 from harness.check.support_probe import Support
@@ -77,16 +77,16 @@ class PropertyResult:
 
 
 def reproducer(given: str, property_id: str, case: Case) -> str:
-    """The command that reruns one case of one property on the implementation named ``given``."""
-    return f"python -m harness check --impl {shlex.quote(given)} --property {property_id} --case '{case}'"
+    """The command that reruns one case of one property on the implementation named ``given``, as it
+    runs in a new shell (``harness.check.reproduce``)."""
+    return f"{rerun_command(given)} --property {property_id} --case '{case}'"
 
 
 def describe_failure(exc: BaseException) -> str:
+    """One line; for an error the implementation raised (not a mismatch), its traceback after it."""
     if isinstance(exc, CheckFailure):
-        text = str(exc)
-    else:
-        text = f"raised {type(exc).__name__}: {exc}"
-    return " ".join(text.split())
+        return " ".join(str(exc).split())
+    return " ".join(f"raised {type(exc).__name__}: {exc}".split()) + "\n" + traceback_text(exc)
 
 
 def cannot_run(target: Target, prop: Property, support: Support) -> tuple[str, str] | None:
