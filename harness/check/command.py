@@ -228,9 +228,10 @@ def _print_grouped(console: Console, title: str, first: str, columns: list[str],
     first_width = width([first, *(row[0] for row in plain)])
     widths = [width([columns[i], *(row[i + 1] for row in plain)]) for i in range(len(columns))]
     groups = column_groups(widths, first_width, console.width)
-    for number, group in enumerate(groups, 1):
-        part = f" ({number}/{len(groups)})" if len(groups) > 1 else ""
-        table = Table(title=escape(title + part))
+    if len(groups) > 1:  # one title above the parts: a part's own would wrap at its width
+        console.print(f"[italic]{escape(title)}[/italic], in {len(groups)} parts:")
+    for group in groups:
+        table = Table(title=escape(title) if len(groups) == 1 else None)
         table.add_column(first)
         for i in group:
             table.add_column(escape(columns[i]), justify=justify, overflow="fold")

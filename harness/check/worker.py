@@ -6,7 +6,7 @@
 Each ITEM is a property id, or ``support``: what the implementation supports here (its declared
 capabilities and, for a plain-function plugin, what probing found), so that the parent can say
 what was not checked. ``harness.isolation`` runs it and defines the protocol;
-``harness.check.command`` starts it.
+``harness.check.engine`` starts it.
 
 After an error that leaves the CUDA context unusable (illegal memory access, device-side assert),
 the worker reports the property it happened in and stops with ``FATAL_EXIT_STATUS``: every later
