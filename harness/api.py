@@ -351,9 +351,10 @@ def _known(what: str, given: Iterable[str] | None, known: tuple[str, ...], *, em
         return known
     chosen = tuple(dict.fromkeys([given] if isinstance(given, str) else given))
     unknown = [value for value in chosen if value not in known]
-    if unknown or (not chosen and not empty_allowed):
-        raise HarnessError(f"unknown {what} {unknown[0] if unknown else '(none given)'!r}; "
-                           f"expected some of {', '.join(known)}")
+    if unknown:
+        raise HarnessError(f"unknown {what} {unknown[0]!r}; expected some of {', '.join(known)}")
+    if not chosen and not empty_allowed:
+        raise HarnessError(f"no {what} given; expected some of {', '.join(known)}")
     return chosen
 
 

@@ -183,7 +183,7 @@ def test_cases_draw_only_the_dtypes_reductions_and_options_asked_for():
 @pytest.mark.parametrize("options, message", [
     ({"dtypes": ["float64"]}, "unknown dtype 'float64'"),
     ({"options": ["dropout"]}, "unknown option 'dropout'"),
-    ({"reductions": []}, "unknown reduction"),
+    ({"reductions": []}, "no reduction given; expected some of mean, sum, none"),
 ])
 def test_cases_refuse_unknown_names_in_one_line(options, message):
     with pytest.raises(HarnessError, match=message):

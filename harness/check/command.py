@@ -92,8 +92,8 @@ examples:
   python -m harness check --profile ci
   # your kernel: a plain loss function or an Implementation, as package.module:attr
   python -m harness check --impl my_kernels.lce:linear_ce
-  # a quick look: explicit examples only, one property, one dtype, with tracebacks
-  python -m harness check --impl my_kernels.lce:linear_ce --property equivalence/bfloat16 --max-examples 0 --verbose
+  # a quick look: bfloat16 only, explicit examples only, with the traceback of any error it raises
+  python -m harness check --impl my_kernels.lce:linear_ce --dtype bfloat16 --max-examples 0 --verbose
   # rerun one failing case (the reproducer a failure prints)
   python -m harness check --impl my_kernels.lce:linear_ce --property equivalence/float32 --case 'N=7,D=5,V=257,dtype=float32,reduction=mean,seed=1'
   # in CI: JUnit XML for the CI system's test report

@@ -100,9 +100,10 @@ def check_dtypes(dtypes) -> tuple[str, ...] | None:
         return None
     chosen = tuple(dict.fromkeys([dtypes] if isinstance(dtypes, str) else dtypes))
     unknown = [d for d in chosen if d not in DTYPES]
-    if unknown or not chosen:
-        raise HarnessError(f"unknown dtype {unknown[0] if unknown else 'list (empty)'!r}; "
-                           f"expected some of {', '.join(DTYPES)}")
+    if unknown:
+        raise HarnessError(f"unknown dtype {unknown[0]!r}; expected some of {', '.join(DTYPES)}")
+    if not chosen:
+        raise HarnessError(f"no dtype given; expected some of {', '.join(DTYPES)}")
     return chosen
 
 
