@@ -26,8 +26,8 @@ from harness.check.examples import fitted_examples
 from harness.check.known_failures import Mismatch, known_failures, known_limitations
 from harness.check.evaluation import CheckFailure
 from harness.check.profiles import Profile
-from harness.check.reproduce import rerun_command, traceback_text
 from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
+from harness.check.reproduce import rerun_command, traceback_text
 from harness.check.strategies import cases, fit_to
 from harness.check.support_probe import Support
 from harness.errors import HarnessError, UnsupportedCase
