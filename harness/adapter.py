@@ -75,7 +75,30 @@ class Capabilities:
 
 
 class Implementation:
-    """Base class of every adapter. Subclasses set the class attributes and ``compute``."""
+    """Base class of every adapter: the contract the gate checks and the sweep measures.
+
+    A subclass sets ``name`` (its own: not a built-in's) and ``compute``, and where they differ
+    from the defaults ``family``, ``summary``, ``devices``, ``availability()`` (can it run here at
+    all, and why not), ``capabilities(device)`` (the dtypes, reductions and ``harness.spec.OPTIONS``
+    it supports there), ``with_chunk_size()``, ``logits()``, ``takes_batches`` and
+    ``applies_loss_div_factor``.
+
+    ``compute(hidden, weight, labels, spec, bias)`` gets ``hidden`` ``(N, D)`` and ``weight``
+    ``(V, D)`` in one dtype, ``labels`` ``(N,)`` int64 (``spec.ignore_index`` marks the tokens
+    that count for nothing), ``bias`` ``(V,)`` or None, and every other option in ``spec`` (a
+    ``LossSpec``: class weights, smoothing, z-loss, softcap, logit scale, and a head's norm and
+    class scale with their parameters). It returns a ``LossOutput``: the loss reduced as
+    ``spec.reduction`` says (``mean`` over the tokens not ignored, class-weighted; ``sum``; or per
+    token, 0 where ignored), z-loss included, and the z-loss term alone (or None), in the input
+    dtype or float32. What the gate holds it to: the float64 reference's value and gradients
+    (``harness.semantics``) within the tolerance of ``harness.check.tolerance``; gradients by
+    autograd for exactly the inputs that require grad, scaled by the upstream gradient, twice over
+    on a retained graph; the same loss under ``torch.no_grad()``; inputs left unmodified,
+    non-contiguous ones included. A case it cannot run is either outside its capabilities (then it
+    is never called with it) or refused with ``UnsupportedCase`` and the reason, never run with an
+    option silently ignored. ``loss()`` applies ``spec.loss_div_factor`` unless
+    ``applies_loss_div_factor``.
+    """
 
     name: str = ""
     family: str = "native"

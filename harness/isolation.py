@@ -172,6 +172,7 @@ class ItemOutcome:
     failure: str = ""  # when record is None: "crash", "timeout", "oom" or "error"
     detail: str = ""
     last_case: str = ""  # the case the child said it was running when the failure came
+    log_tail: str = ""  # when record is None: the end of the child's output (a crash's Python stack)
 
 
 def child_environment(cuda_visible_devices: str | None = None, *, threads: int | None = None) -> dict[str, str]:
@@ -206,10 +207,11 @@ def run_child(
 
 def run_items(
     module: str, args: list[str], items: list[str], *, limits: Limits, env: dict[str, str] | None = None,
-    cancel: threading.Event | None = None,
+    cancel: threading.Event | None = None, on_message: Callable[[dict], None] | None = None,
 ) -> Iterator[ItemOutcome]:
     """Yield an ``ItemOutcome`` per item as each finishes, running what remains in a fresh child
-    after a failure. Once ``cancel`` is set, the child is killed and nothing more is yielded."""
+    after a failure. Once ``cancel`` is set, the child is killed and nothing more is yielded.
+    ``on_message`` sees the child's progress messages (``started``, ``case``) as they come."""
     remaining = list(items)
     while remaining and not (cancel is not None and cancel.is_set()):
         watching = _watch(module, [*args, *remaining], limits=limits, stdin=None, env=env,
@@ -222,6 +224,8 @@ def run_items(
                 except StopIteration as end:
                     outcome: ChildOutcome = end.value
                     break
+                if on_message is not None and ("started" in message or "case" in message):
+                    on_message(message)
                 if "started" in message:
                     running, last_case = message["started"], ""
                 elif "case" in message:
@@ -243,7 +247,7 @@ def run_items(
         item = running if running in remaining else remaining[0]
         remaining.remove(item)
         status, reason = outcome.failure or ("error", "the process ended without a result for it")
-        yield ItemOutcome(item, None, status, reason, last_case)
+        yield ItemOutcome(item, None, status, reason, last_case, outcome.log_tail)
 
 
 def _watch(

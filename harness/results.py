@@ -10,7 +10,8 @@ A run folder holds:
   an OOM, a timeout or Ctrl-C loses nothing already measured. A case that did not produce
   numbers has one row with ``metric = "status"``, its ``status`` and its ``reason``.
 A check run (``python -m harness check``, kind ``"check"``) holds ``properties.csv``
-(``PROPERTY_COLUMNS``: with the cases each property refused at run time), ``precision.csv``
+(``PROPERTY_COLUMNS``: with the cases each property refused at run time, and the traceback of an
+error an implementation raised), ``precision.csv``
 (``PRECISION_COLUMNS``), ``not_checked.csv`` (``NOT_CHECKED_COLUMNS``: the dtypes, reductions and
 options each implementation does not support here) and ``behaviour.csv`` (``BEHAVIOUR_COLUMNS``)
 beside its ``meta.json``.
@@ -84,7 +85,9 @@ METRICS = {
 
 STATUSES = ("ok", "unsupported", "oom", "timeout", "crash", "error")
 
-PROPERTY_COLUMNS = ("implementation", "property", "status", "examples", "refused", "seconds", "detail", "reproducer")
+# traceback: of an error the implementation raised (or the end of the output of a process that died).
+PROPERTY_COLUMNS = ("implementation", "property", "status", "examples", "refused", "seconds", "detail", "reproducer",
+                    "traceback")
 BEHAVIOUR_COLUMNS = ("implementation", "edge_case", "behaviour", "detail")
 # Per implementation x property x dtype x tensor: its worst error as a multiple of torch-eager's.
 PRECISION_COLUMNS = ("implementation", "property", "dtype", "tensor", "budget_ratio", "ratio", "error", "eager_error",

@@ -245,3 +245,17 @@ class LosesItsCudaContext(_Eager):
 
 
 loses_its_cuda_context = LosesItsCudaContext()
+
+
+def _check_token_count(hidden):
+    if hidden.shape[0] > 64:
+        raise ValueError(f"this kernel's tile holds 64 tokens, got {hidden.shape[0]}")
+
+
+@flat_tokens
+def raises_past_64_tokens(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean"):
+    """Raises ValueError (from a helper, two frames down) on more than 64 tokens: the gate records
+    the failure with the kernel's traceback."""
+    _check_token_count(hidden)
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)

@@ -10,7 +10,7 @@ import torch
 
 from harness.check import behaviour as behaviour_module
 from harness.check.behaviour import EDGE_CASE_IDS, EDGE_CASES, probe, run_behaviour
-from harness.cli import main
+from harness import check
 from harness.isolation import ItemOutcome, Limits
 from harness.registry import resolve
 
@@ -77,14 +77,13 @@ def test_after_an_edge_case_that_poisons_the_cuda_context_the_others_run_in_a_fr
 
 
 @pytest.mark.slow
-def test_a_kernel_that_kills_its_process_fails_the_property_it_crashed_in_with_a_reproducer(capsys, tmp_path):
-    status = main(["check", "--profile", "ci", "--impl", "tests.broken_impls:aborts_the_process",
-                   "--property", "equivalence/float32", "--property", "equivalence/bfloat16",
-                   "--no-behaviour", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert status == 1
-    assert out.count("crash: killed by SIGABRT at tests/broken_impls.py:") == 2, "each crashes in its own process"
-    assert "--case 'N=1,D=1,V=2,dtype=float32" in out
+def test_a_kernel_that_kills_its_process_fails_the_property_it_crashed_in_with_a_reproducer():
+    report = check("tests.broken_impls:aborts_the_process", properties=["equivalence/float32", "equivalence/bfloat16"])
+    assert [r.status for r in report.results] == ["fail", "fail"]
+    for crashed in report.results:  # each in its own process
+        assert crashed.detail.startswith("crash: killed by SIGABRT at tests/broken_impls.py:"), crashed.detail
+        assert "Fatal Python error: Aborted" in crashed.traceback  # the end of the process's output
+    assert "--case 'N=1,D=1,V=2,dtype=float32" in report["equivalence/float32"].reproducer
 
 
 class OnTheGpu(torch.Tensor):

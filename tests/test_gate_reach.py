@@ -14,7 +14,7 @@ import pytest
 
 from harness.case import parse_case
 from harness.check.properties import find_property
-from harness.check.replay import Step, parse_step
+from harness.check.reproduce import Step, parse_step
 from harness.check.run_property import FAIL, PASS, Target, run_case, run_property
 from harness.check.profiles import get_profile
 from harness.check.support_probe import discover_support

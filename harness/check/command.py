@@ -2,21 +2,20 @@
 
 Runs every property of ``harness.check.properties`` on the chosen implementations (default: every
 built-in one available here): its explicit examples, then cases drawn by Hypothesis within the
-profile's time budget. Then the behaviour matrix. Prints a pass/fail table, what was not checked
-(unsupported dtypes, reductions and options; cases refused at run time), each implementation's
-error as a multiple of torch-eager's, the matrix, and a one-line reproducer per failure. Each
-implementation runs in child processes of its own (``--jobs`` at a time), so a crashing kernel
-fails only the property it crashed in. Results go to a run folder ``results/<run-id>-check/``
-(``properties.csv``, ``precision.csv``, ``not_checked.csv``, ``behaviour.csv``, ``meta.json``) as
-they are produced; ``--junit-xml PATH`` also writes one JUnit test case per implementation x
-property for CI systems. Exit status 1 when a property fails (known failures excepted), 2 for
-bad input.
+profile's time budget. Then the behaviour matrix. While it runs, a terminal shows each
+implementation's current property, how many cases it has started and for how long; each property
+is printed as it finishes. Then: a pass/fail table, what was not checked (unsupported dtypes,
+reductions and options; cases refused at run time), each implementation's error as a multiple of
+torch-eager's, the matrix, and a reproducer per failure, a command that runs as printed in a new
+shell. An error an implementation raised is recorded with its traceback (``--verbose`` and
+``--in-process`` print it). Each implementation runs in child processes of its own (``--jobs`` at
+a time, ``harness.check.engine``), so a crashing kernel fails only the property it crashed in.
+Results go to a run folder ``results/<run-id>-check/`` (``properties.csv``, ``precision.csv``,
+``not_checked.csv``, ``behaviour.csv``, ``meta.json``) as they are produced; ``--junit-xml PATH``
+also writes one JUnit test case per implementation x property for CI systems.
 
-Each property on an implementation has a time limit (derived from the profile, or ``--timeout``),
-and each child process a memory limit (``--max-memory``): a hang or a runaway allocation fails
-that property as a timeout or oom (``harness.isolation``). A worker that meets an error after which
-its CUDA context is unusable (illegal memory access, device-side assert) reports it and stops; the
-remaining properties run in a fresh process.
+Exit status: 0 when every property holds (known failures of built-ins excepted), 1 when one
+fails, 2 for bad input, 130 when interrupted.
 
 ``--case`` reruns one case of a reproducer, without Hypothesis and without writing results.
 """
@@ -25,21 +24,38 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+from contextlib import nullcontext
 import os
 import queue
 import threading
-from collections.abc import Iterator
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from harness.case import parse_case
-from harness.check.replay import parse_step
-from harness.check.behaviour import EDGE_CASE_TIMEOUT_S, EDGE_CASES, BehaviourResult, probe, run_behaviour
+from harness.check import tolerance
+from harness.check.behaviour import EDGE_CASE_TIMEOUT_S, EDGE_CASES, BehaviourResult
+from harness.check.engine import (
+    GateSettings,
+    Progress,
+    SupportResult,
+    check_dtypes,
+    check_target,
+    child_limits,
+    property_row,
+    selected_properties,
+)
+from harness.check.junit import write_junit
+from harness.check.profiles import PROFILES, default_profile, get_profile
+from harness.check.properties import PROPERTIES, PROPERTY_IDS, find_property
+from harness.check.reproduce import parse_step, split_detail
 from harness.check.run_property import (
     FAIL,
     KNOWN_FAILURE,
@@ -48,19 +64,13 @@ from harness.check.run_property import (
     UNSUPPORTED,
     PropertyResult,
     Target,
-    reproducer,
     run_case,
-    run_property,
 )
-from harness.check import tolerance
-from harness.check.junit import write_junit
-from harness.check.profiles import PROFILES, default_profile, get_profile
-from harness.check.properties import PROPERTIES, PROPERTY_IDS, find_property
-from harness.check.support_probe import Support, discover_support
 from harness.check.worker import SUPPORT_ITEM
+from harness.console import terminal_console
+from harness.environment import device_environment, host_environment, local_device
 from harness.errors import HarnessError
-from harness.environment import local_device
-from harness.isolation import MEMORY_LIMIT_FRACTION, Limits, child_environment, run_items
+from harness.isolation import MEMORY_LIMIT_FRACTION
 from harness.registry import builtin_names, resolve
 from harness.results import (
     BEHAVIOUR_COLUMNS,
@@ -72,12 +82,32 @@ from harness.results import (
     new_run_dir,
     write_json_atomic,
 )
-from harness.environment import device_environment, host_environment, memory_bytes
+from harness.spec import DTYPES
 
 STATUS_STYLE = {PASS: "green", FAIL: "bold red", KNOWN_FAILURE: "yellow", UNSUPPORTED: "dim", NOT_APPLICABLE: "dim"}
 
+EXAMPLES = """\
+examples:
+  # every built-in available here, the ci profile (what CI runs)
+  python -m harness check --profile ci
+  # your kernel: a plain loss function or an Implementation, as package.module:attr
+  python -m harness check --impl my_kernels.lce:linear_ce
+  # a quick look: bfloat16 only, explicit examples only, with the traceback of any error it raises
+  python -m harness check --impl my_kernels.lce:linear_ce --dtype bfloat16 --max-examples 0 --verbose
+  # rerun one failing case (the reproducer a failure prints)
+  python -m harness check --impl my_kernels.lce:linear_ce --property equivalence/float32 --case 'N=7,D=5,V=257,dtype=float32,reduction=mean,seed=1'
+  # in CI: JUnit XML for the CI system's test report
+  python -m harness check --profile ci --impl my_kernels.lce:linear_ce --junit-xml check.xml
+
+exit status: 0 every property holds (known failures of built-ins excepted), 1 a property failed,
+2 bad input (one line on stderr), 130 interrupted.
+From Python, harness.check(); in pytest, the plugin's --lmhead-impl: see docs/kernel-authors.md.
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--impl", action="append", metavar="NAME",
         help="built-in name or package.module:attr (repeatable; default: every available built-in)",
@@ -85,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--property", action="append", metavar="ID", dest="properties",
         help=f"check only these properties (repeatable): {', '.join(PROPERTY_IDS)}",
+    )
+    parser.add_argument(
+        "--dtype", action="append", metavar="NAME", dest="dtypes", choices=tuple(DTYPES),
+        help=f"check only these dtypes (repeatable): {', '.join(DTYPES)}; properties of other dtypes are left out",
     )
     parser.add_argument("--case", metavar="CASE", action="append",
                         help="rerun one case, e.g. 'N=7,D=5,V=257,dtype=bfloat16,seed=1'; repeated: run the cases in "
@@ -121,8 +155,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--in-process", action="store_true",
         help="run everything in this process, one implementation after another: no crash isolation, no "
-        "time or memory limit (for a debugger, or a quick run of a plugin)",
+        "time or memory limit, and the traceback of every error printed (for a debugger, or a quick run of a plugin)",
     )
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="print the traceback of every error an implementation raised")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: results/)")
 
 
@@ -143,7 +179,7 @@ def choose_targets(names: list[str] | None, console: Console) -> list[Target]:
         if available.available:
             targets.append(Target(name, impl))
         else:
-            console.print(f"[dim]skipping {name}: {available.detail}[/dim]")
+            console.print(f"[dim]skipping {escape(name)}: {escape(available.detail)}[/dim]")
     return targets
 
 
@@ -154,156 +190,102 @@ def environment(device: str) -> dict:
     return env
 
 
-def _status_cell(result: PropertyResult) -> str:
-    style = STATUS_STYLE.get(result.status, "")
+# --- what is printed --------------------------------------------------------------------------------
+
+
+def _status_text(result: PropertyResult) -> str:
     text = f"{result.status} ({result.examples})" if result.status in (PASS, KNOWN_FAILURE) else result.status
     if result.refused:
         text += f" [{result.refused} refused]"
+    return text
+
+
+def _status_cell(result: PropertyResult) -> str:
+    """The status as rich markup (the text itself escaped: "[3 refused]" is no tag)."""
+    style = STATUS_STYLE.get(result.status, "")
+    text = escape(_status_text(result))
     return f"[{style}]{text}[/{style}]" if style else text
 
 
+def column_groups(widths: list[int], first_width: int, total: int) -> list[list[int]]:
+    """Split columns of ``widths`` (the first column, of ``first_width``, repeated in every group)
+    into consecutive groups whose tables fit in ``total`` characters."""
+    groups: list[list[int]] = []
+    used = total
+    for index, width in enumerate(widths):
+        if not groups or used + width + 3 > total:
+            groups.append([])
+            used = first_width + 4
+        groups[-1].append(index)
+        used += width + 3
+    return groups
+
+
+def _print_grouped(console: Console, title: str, first: str, columns: list[str], rows: list[list[str]],
+                   plain: list[list[str]], *, justify: str = "left") -> None:
+    """A table with one column per entry of ``columns``, split into as many tables as the width needs
+    (``plain``: the cells without markup, for their widths)."""
+    def width(texts) -> int:
+        return max((len(line) for text in texts for line in text.split("\n")), default=0)
+
+    first_width = width([first, *(row[0] for row in plain)])
+    widths = [width([columns[i], *(row[i + 1] for row in plain)]) for i in range(len(columns))]
+    groups = column_groups(widths, first_width, console.width)
+    if len(groups) > 1:  # one title above the parts: a part's own would wrap at its width
+        console.print(f"[italic]{escape(title)}[/italic], in {len(groups)} parts:")
+    for group in groups:
+        table = Table(title=escape(title) if len(groups) == 1 else None)
+        table.add_column(first)
+        for i in group:
+            table.add_column(escape(columns[i]), justify=justify, overflow="fold")
+        for row in rows:
+            table.add_row(row[0], *(row[i + 1] for i in group))
+        console.print(table)
+
+
 def print_property_table(console: Console, results: list[PropertyResult], names: list[str]) -> None:
-    table = Table(title="Properties (cases that ran; [cases refused at run time])", show_lines=False)
-    table.add_column("property")
-    for name in names:
-        table.add_column(name, overflow="fold")
     by_key = {(r.implementation, r.property): r for r in results}
+    rows, plain = [], []
     for prop in PROPERTIES:
         if not any((name, prop.id) in by_key for name in names):
             continue
-        cells = [_status_cell(by_key[(n, prop.id)]) if (n, prop.id) in by_key else "" for n in names]
-        table.add_row(prop.id, *cells)
-    console.print(table)
+        chosen = [by_key.get((n, prop.id)) for n in names]
+        rows.append([prop.id, *(_status_cell(r) if r else "" for r in chosen)])
+        plain.append([prop.id, *(_status_text(r) if r else "" for r in chosen)])
+    _print_grouped(console, "Properties (cases that ran; [cases refused at run time])", "property", names, rows, plain)
 
 
-def print_details(console: Console, results: list[PropertyResult]) -> None:
+def print_details(console: Console, results: list[PropertyResult], *, tracebacks: bool = False) -> None:
+    """Each failure, known failure and unsupported property with its reason and reproducer; with
+    ``tracebacks``, the traceback of an error an implementation raised."""
     for status, title in ((FAIL, "Failures"), (KNOWN_FAILURE, "Known failures (not counted)"), (UNSUPPORTED, "Unsupported")):
         chosen = [r for r in results if r.status == status]
         if not chosen:
             continue
         console.print(f"\n[bold]{title}[/bold]")
         for r in chosen:
-            console.print(f"- {r.implementation} {r.property}: {r.detail}", soft_wrap=True, markup=False)
+            summary, traceback = split_detail(r.detail)
+            console.print(f"- {r.implementation} {r.property}: {summary}", soft_wrap=True, markup=False)
+            if traceback and tracebacks:
+                console.print(_indented(traceback), soft_wrap=True, markup=False, highlight=False)
             if r.reproducer and status != UNSUPPORTED:
                 console.print(f"  reproduce: {r.reproducer}", soft_wrap=True, markup=False)
+    if not tracebacks and any(split_detail(r.detail)[1] for r in results if r.status == FAIL):
+        console.print("  (--verbose prints the traceback of each error; the results' properties.csv holds them)",
+                      markup=False)
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
 
 
 def print_behaviour_table(console: Console, rows: list[BehaviourResult], names: list[str]) -> None:
-    table = Table(title="Behaviour on edge cases (recorded, not judged)", show_lines=True)
-    table.add_column("edge case")
-    for name in names:
-        table.add_column(name, overflow="fold")
     by_key = {(r.implementation, r.edge_case): r.behaviour for r in rows}
-    for edge in EDGE_CASES:
-        table.add_row(f"{edge.id}\n[dim]{edge.summary}[/dim]", *[by_key.get((n, edge.id), "") for n in names])
-    console.print(table)
-
-
-def _selected_properties(ids: list[str] | None):
-    return [find_property(i) for i in dict.fromkeys(ids)] if ids else list(PROPERTIES)
-
-
-def run_one_case(args: argparse.Namespace, console: Console) -> int:
-    """``--case``: one case under each chosen property, or a sequence of them under one, in order."""
-    if not args.impl:
-        raise HarnessError("--case needs --impl (the implementation to rerun it on)")
-    props = _selected_properties(args.properties)
-    if len(args.case) > 1 and len(props) != 1:
-        raise HarnessError("a sequence of --case needs exactly one --property (the one its last case is judged by)")
-    steps = [parse_step(text, props[0].id if len(props) == 1 else None) for text in args.case]
-    results = []
-    for target in choose_targets(args.impl, console):
-        for prop in props:
-            for step in steps:
-                result = run_case(target, find_property(step.property_id or prop.id), step.case, local_device())
-                results.append(result)
-                console.print(f"{result.implementation}  {result.property}  {_status_cell(result)}  "
-                              f"{result.seconds:.1f} s")
-    print_details(console, results)
-    return 1 if any(r.status == FAIL for r in results) else 0
-
-
-@dataclass(frozen=True)
-class SupportResult:
-    """What one implementation supports here, as its worker found it."""
-
-    implementation: str
-    support: Support
-
-    def not_checked_rows(self) -> list[dict]:
-        return [{"implementation": self.implementation, "what": what, "reason": reason}
-                for what, reason in self.support.why_not.items()]
-
-
-def check_in_process(
-    target: Target, property_ids: list[str], *, profile: str, max_examples: int | None, device: str, behaviour: bool,
-) -> Iterator[PropertyResult | BehaviourResult | SupportResult]:
-    """``check_implementation`` without child processes (``--in-process``)."""
-    chosen = get_profile(profile, max_examples)
-    support = discover_support(target.impl, device)
-    yield SupportResult(target.given, support)
-    history = []  # every case run for this implementation: a failure's reproducer may need the ones before it
-    for property_id in property_ids:
-        yield run_property(target, find_property(property_id), support, chosen, device, history=history)
-    if behaviour:
-        for edge in EDGE_CASES:
-            yield BehaviourResult(target.given, edge.id, *probe(target.impl, edge, device))
-
-
-@dataclass(frozen=True)
-class ChildLimits:
-    """The limits of ``check``'s child processes: per property, and per behaviour edge case."""
-
-    properties: Limits
-    edge_cases: Limits
-
-
-def check_implementation(
-    given: str, property_ids: list[str], *, profile: str, max_examples: int | None, device: str,
-    threads: int, behaviour: bool, limits: ChildLimits, cancel: threading.Event | None = None,
-) -> Iterator[PropertyResult | BehaviourResult | SupportResult]:
-    """One implementation's results as they are produced: what it supports, its properties, then
-    its behaviour matrix.
-
-    Both run in child processes (``harness.isolation``); a crash, a timeout or an oom fails only
-    the property that was running, with the case it was running as the reproducer.
-    """
-    args = ["--impl", given, "--profile", profile, "--device", device]
-    if max_examples is not None:
-        args += ["--max-examples", str(max_examples)]
-    items = [SUPPORT_ITEM, *property_ids]
-    env = child_environment(threads=threads)
-    for outcome in run_items("harness.check.worker", args, items, limits=limits.properties, env=env, cancel=cancel):
-        if outcome.item == SUPPORT_ITEM:
-            if outcome.record is not None:
-                yield SupportResult(given, Support.from_json(outcome.record["support"]))
-            continue
-        if outcome.record is not None:
-            yield PropertyResult(**{k: v for k, v in outcome.record.items() if k != "item"})
-            continue
-        repro = ""
-        if outcome.last_case:
-            repro = reproducer(given, outcome.item, parse_case(outcome.last_case))
-        yield PropertyResult(given, outcome.item, FAIL, 0, f"{outcome.failure}: {outcome.detail}", repro, 0.0)
-    if behaviour and not (cancel is not None and cancel.is_set()):
-        yield from run_behaviour(given, device, limits=limits.edge_cases, env=env, cancel=cancel)
-
-
-def child_limits(args: argparse.Namespace, profile_time_limit_s: float, jobs: int) -> ChildLimits:
-    """``--timeout`` and ``--max-memory``, or their defaults."""
-    if args.timeout is not None and args.timeout <= 0:
-        raise HarnessError("--timeout must be > 0 seconds")
-    if args.max_memory is not None and args.max_memory < 0:
-        raise HarnessError("--max-memory must be >= 0 GiB (0: no limit)")
-    if args.max_memory is None:
-        available = memory_bytes("MemAvailable")
-        memory = int(available * MEMORY_LIMIT_FRACTION / jobs) if available else None
-    else:
-        memory = int(args.max_memory * 2**30) or None
-    return ChildLimits(
-        properties=Limits(args.timeout or profile_time_limit_s, memory),
-        edge_cases=Limits(args.timeout or EDGE_CASE_TIMEOUT_S, memory),
-    )
+    cells = [[f"{edge.id}\n{edge.summary}", *(by_key.get((n, edge.id), "") for n in names)] for edge in EDGE_CASES]
+    marked = [[f"{escape(edge.id)}\n[dim]{escape(edge.summary)}[/dim]", *(escape(c) for c in row[1:])]
+              for edge, row in zip(EDGE_CASES, cells)]
+    plain = [[edge.id, *row[1:]] for edge, row in zip(EDGE_CASES, cells)]
+    _print_grouped(console, "Behaviour on edge cases (recorded, not judged)", "edge case", names, marked, plain)
 
 
 def print_not_checked(console: Console, results: list[PropertyResult], supports: list[SupportResult]) -> None:
@@ -336,26 +318,90 @@ def print_precision(console: Console, results: list[PropertyResult], names: list
     if not worst:
         return
     columns = sorted({(dtype, tensor) for _, dtype, tensor in worst})
-    table = Table(title="Error as a multiple of torch-eager's on the same inputs (worst case, norm)")
-    table.add_column("implementation")
-    for dtype, tensor in columns:
-        table.add_column(f"{dtype}\n{tensor}", justify="right")
+    plain = []
     for name in names:
         cells = [f"{worst[(name, d, t)]:.2f}" if (name, d, t) in worst else "" for d, t in columns]
         if any(cells):
-            table.add_row(name, *cells)
-    console.print(table)
+            plain.append([name, *cells])
+    rows = [[escape(row[0]), *row[1:]] for row in plain]
+    _print_grouped(console, "Error as a multiple of torch-eager's on the same inputs (worst case, norm)",
+                   "implementation", [f"{d}\n{t}" for d, t in columns], rows, plain, justify="right")
 
 
-def run(args: argparse.Namespace) -> int:
-    console = Console(width=200)
+class LiveProgress:
+    """What each running implementation is doing: its item, the cases it started, for how long.
+
+    Rendered by ``rich.live.Live`` from its own thread while the main thread updates it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, tuple[str, int, float]] = {}  # implementation -> (item, cases, since)
+
+    def update(self, progress: Progress) -> None:
+        with self._lock:
+            item, cases, since = self._rows.get(progress.implementation, ("", 0, time.monotonic()))
+            if progress.item != item:
+                item, cases, since = progress.item, 0, time.monotonic()
+            if progress.case:
+                cases += 1
+            self._rows[progress.implementation] = (item, cases, since)
+
+    def finish(self, implementation: str) -> None:
+        with self._lock:
+            self._rows.pop(implementation, None)
+
+    def __rich__(self) -> Table:
+        table = Table.grid(padding=(0, 2))
+        now = time.monotonic()
+        with self._lock:
+            rows = list(self._rows.items())
+        for implementation, (item, cases, since) in rows:
+            doing = "probing what it supports" if item == SUPPORT_ITEM else item or "starting"
+            started = f"case {cases}" if cases else ""
+            table.add_row(f"[cyan]{escape(implementation)}[/cyan]", escape(doing), started, f"{now - since:5.0f} s")
+        return table
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+def run_one_case(args: argparse.Namespace, console: Console) -> int:
+    """``--case``: one case under each chosen property, or a sequence of them under one, in order."""
+    if not args.impl:
+        raise HarnessError("--case needs --impl (the implementation to rerun it on)")
+    props = selected_properties(args.properties)
+    if len(args.case) > 1 and len(props) != 1:
+        raise HarnessError("a sequence of --case needs exactly one --property (the one its last case is judged by)")
+    steps = [parse_step(text, props[0].id if len(props) == 1 else None) for text in args.case]
+    results = []
+    for target in choose_targets(args.impl, console):
+        for prop in props:
+            for step in steps:
+                result = run_case(target, find_property(step.property_id or prop.id), step.case, local_device())
+                results.append(result)
+                console.print(f"{escape(result.implementation)}  {result.property}  {_status_cell(result)}  "
+                              f"{result.seconds:.1f} s")
+    print_details(console, results, tracebacks=True)
+    return 1 if any(r.status == FAIL for r in results) else 0
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """The end of one implementation's stream of results."""
+
+    implementation: str
+
+
+def run(args: argparse.Namespace, console: Console | None = None) -> int:
+    console = console or terminal_console()
     if args.max_examples is not None and args.max_examples < 0:
         raise HarnessError("--max-examples must be 0 or more")
     if args.jobs is not None and args.jobs < 1:
         raise HarnessError("--jobs must be at least 1")
     if args.case:
         return run_one_case(args, console)
-    props = _selected_properties(args.properties)
+    dtypes = check_dtypes(args.dtypes)
+    props = selected_properties(args.properties, dtypes)
     targets = choose_targets(args.impl, console)
     if not targets:
         raise HarnessError("no implementation to check: none of the built-ins is available here")
@@ -363,8 +409,12 @@ def run(args: argparse.Namespace) -> int:
     profile = get_profile(profile_name, args.max_examples)
     device = local_device()
     jobs = 1 if args.in_process else min(args.jobs or default_jobs(), len(targets))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    limits = child_limits(args, profile.time_limit_s(), jobs)
+    settings = GateSettings(
+        profile=profile_name, max_examples=args.max_examples, device=device, dtypes=dtypes,
+        in_process=args.in_process, threads=max(1, (os.cpu_count() or 1) // jobs),
+        limits=child_limits(profile_name, args.max_examples, timeout_s=args.timeout,
+                            max_memory_gib=args.max_memory, jobs=jobs),
+    )
 
     run_dir = new_run_dir(args.out, "-check")
     meta = {
@@ -372,10 +422,11 @@ def run(args: argparse.Namespace) -> int:
         "run_id": run_dir.name,
         "profile": profile_name,
         "budget_s": profile.budget_s,
-        "time_limit_s": limits.properties.timeout_s,
+        "time_limit_s": settings.limits.properties.timeout_s,
         "max_examples": args.max_examples,
         "implementations": [t.given for t in targets],
         "properties": [p.id for p in props],
+        "dtypes": list(dtypes) if dtypes else None,
         "tolerance": {
             "budget": tolerance.BUDGET,
             "spread": tolerance.SPREAD,
@@ -394,7 +445,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"checking {', '.join(t.given for t in targets)} on {device}, profile {profile_name} "
         f"(explicit examples + {budget}), "
-        f"{'in this process' if args.in_process else f'{jobs} at a time'} -> {run_dir}"
+        f"{'in this process' if args.in_process else f'{jobs} at a time'} -> {run_dir}",
+        markup=False,
     )
 
     results: list[PropertyResult] = []
@@ -402,36 +454,35 @@ def run(args: argparse.Namespace) -> int:
     supports: list[SupportResult] = []
     produced: queue.Queue = queue.Queue()
     cancel = threading.Event()  # set when this thread stops early (Ctrl-C): the children are killed
+    live = LiveProgress()
 
     def pipeline(target: Target) -> None:
-        behaviour = not args.no_behaviour and target.impl.availability().available
-        options = dict(profile=profile_name, max_examples=args.max_examples, device=device, behaviour=behaviour)
-        property_ids = [p.id for p in props]
+        wants_behaviour = not args.no_behaviour and target.impl.availability().available
         try:
-            if args.in_process:
-                items = check_in_process(target, property_ids, **options)
-            else:
-                items = check_implementation(target.given, property_ids, threads=threads, limits=limits,
-                                             cancel=cancel, **options)
-            for item in items:
+            for item in check_target(target, [p.id for p in props], settings, behaviour=wants_behaviour,
+                                     cancel=cancel, on_progress=produced.put):
                 produced.put(item)
         finally:
-            produced.put(None)
+            produced.put(_Finished(target.given))
 
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        with Live(live, console=console, transient=True, refresh_per_second=2) if console.is_terminal else nullcontext(), \
+                ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(pipeline, target) for target in targets]
             finished = 0
             try:
                 while finished < len(targets):
                     item = produced.get()
-                    if item is None:
+                    if isinstance(item, _Finished):
                         finished += 1
+                        live.finish(item.implementation)
+                    elif isinstance(item, Progress):
+                        live.update(item)
                     elif isinstance(item, PropertyResult):
-                        property_rows.append([item.row()])
+                        property_rows.append([property_row(item)])
                         precision_rows.append(item.precision_rows())
                         results.append(item)
-                        console.print(f"{item.implementation:<20} {item.property:<28} {item.seconds:6.1f} s  "
+                        console.print(f"{escape(item.implementation):<20} {item.property:<28} {item.seconds:6.1f} s  "
                                       f"{_status_cell(item)}")
                     elif isinstance(item, SupportResult):
                         not_checked_rows.append(item.not_checked_rows())
@@ -459,10 +510,10 @@ def run(args: argparse.Namespace) -> int:
     if behaviour:
         print_behaviour_table(console, behaviour, names)
     print_not_checked(console, results, supports)
-    print_details(console, results)
+    print_details(console, results, tracebacks=args.verbose or args.in_process)
     failed = [r for r in results if r.status == FAIL]
-    console.print(f"\nresults: {run_dir}")
+    console.print(f"\nresults: {run_dir}", markup=False)
     if args.junit_xml is not None:
-        console.print(f"JUnit XML: {args.junit_xml}")
+        console.print(f"JUnit XML: {args.junit_xml}", markup=False)
     console.print(f"[bold red]{len(failed)} properties failed[/bold red]" if failed else "[green]all properties hold[/green]")
     return 1 if failed else 0

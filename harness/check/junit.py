@@ -2,7 +2,8 @@
 
 One ``<testsuite>`` per implementation, one ``<testcase>`` per property (``classname`` the
 implementation, ``name`` the property). A failed property is a ``<failure>`` whose message is
-the detail and whose text is the reproducer; unsupported and not-applicable properties are
+the detail's first line and whose text is the whole detail (with the traceback of an error the
+implementation raised) and the reproducer; unsupported and not-applicable properties are
 ``<skipped>`` with the reason; a known failure is ``<skipped>`` too, its message starting with
 "known failure", so that it neither fails the build nor passes unnoticed.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from harness.check.reproduce import split_detail
 from harness.check.run_property import FAIL, KNOWN_FAILURE, NOT_APPLICABLE, UNSUPPORTED, PropertyResult
 
 
@@ -31,7 +33,8 @@ def junit_tree(results: list[PropertyResult], suite: str) -> ET.ElementTree:
             case = ET.SubElement(element, "testcase", classname=implementation, name=result.property,
                                  time=f"{result.seconds:.3f}")
             if result.status == FAIL:
-                failure = ET.SubElement(case, "failure", message=result.detail[:1000], type="CheckFailure")
+                summary, _ = split_detail(result.detail)
+                failure = ET.SubElement(case, "failure", message=summary[:1000], type="CheckFailure")
                 failure.text = f"{result.detail}\nreproduce: {result.reproducer}" if result.reproducer else result.detail
             elif result.status == KNOWN_FAILURE:
                 ET.SubElement(case, "skipped", message=f"known failure: {result.detail}"[:1000])

@@ -26,8 +26,8 @@ from harness.check.examples import fitted_examples
 from harness.check.evaluation import CheckFailure
 from harness.check.profiles import Profile
 from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
-from harness.check.replay import Step, confirm
-from harness.check.replay import command as replay_command
+from harness.check.reproduce import Step, confirm, traceback_text
+from harness.check.reproduce import command as replay_command
 from harness.check.strategies import cases, fit_to
 from harness.check.support_probe import Support
 from harness.errors import HarnessError, UnsupportedCase
@@ -79,17 +79,17 @@ class PropertyResult:
 
 
 def reproducer(given: str, property_id: str, case: Case, before: tuple[Step, ...] = ()) -> str:
-    """The command that reruns one case of one property on the implementation named ``given``
-    (after the cases ``before`` it, when the failure needs them)."""
+    """The command that reruns one case of one property on the implementation named ``given`` (after
+    the cases ``before`` it, when the failure needs them), as it runs in a new shell
+    (``harness.check.reproduce``)."""
     return replay_command(given, property_id, [*before, Step(property_id, case)])
 
 
 def describe_failure(exc: BaseException) -> str:
+    """One line; for an error the implementation raised (not a mismatch), its traceback after it."""
     if isinstance(exc, CheckFailure):
-        text = str(exc)
-    else:
-        text = f"raised {type(exc).__name__}: {exc}"
-    return " ".join(text.split())
+        return " ".join(str(exc).split())
+    return " ".join(f"raised {type(exc).__name__}: {exc}".split()) + "\n" + traceback_text(exc)
 
 
 def cannot_run(target: Target, prop: Property, support: Support) -> tuple[str, str] | None:
@@ -186,7 +186,7 @@ class _Run:
 
     def failure(self, exc: BaseException, case: Case) -> tuple[str, str]:
         """(detail, reproducer) of a failure on ``case``; with a history of this process's calls, the
-        reproducer is the shortest replay that fails in a fresh process (``harness.check.replay``)."""
+        reproducer is the shortest replay that fails in a fresh process (``harness.check.reproduce``)."""
         detail = describe_failure(exc)
         if self.history is None:
             return detail, reproducer(self.target.given, self.prop.id, case)

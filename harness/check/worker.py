@@ -1,11 +1,12 @@
 """Child process of ``python -m harness check``: one implementation's properties, one message each.
 
-    python -m harness.check.worker REPORT_FILE --impl NAME --profile ci [--max-examples N] [--device cpu] ITEM...
+    python -m harness.check.worker REPORT_FILE --impl NAME --profile ci [--max-examples N] [--device cpu]
+        [--dtype NAME ...] ITEM...
 
 Each ITEM is a property id, or ``support``: what the implementation supports here (its declared
 capabilities and, for a plain-function plugin, what probing found), so that the parent can say
 what was not checked. ``harness.isolation`` runs it and defines the protocol;
-``harness.check.command`` starts it.
+``harness.check.engine`` starts it.
 
 After an error that leaves the CUDA context unusable (illegal memory access, device-side assert),
 the worker reports the property it happened in and stops with ``FATAL_EXIT_STATUS``: every later
@@ -27,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", required=True)
     parser.add_argument("--max-examples", type=int)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", action="append", dest="dtypes", help="check only these dtypes (repeatable)")
     parser.add_argument("properties", nargs="+")
     args = parser.parse_args(argv)
 
     import harness  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton
+    from harness.check.engine import restricted_support
     from harness.check.profiles import get_profile
     from harness.check.properties import find_property
     from harness.check.run_property import FAIL, Target, run_property
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = child_report(args.report)
     target = Target(args.impl, resolve(args.impl))
-    support = discover_support(target.impl, args.device)
+    support = restricted_support(discover_support(target.impl, args.device), args.dtypes and tuple(args.dtypes))
     profile = get_profile(args.profile, args.max_examples)
     history = []  # every case run in this process: a failure's reproducer may need the ones before it
     for property_id in args.properties:
