@@ -17,7 +17,7 @@ command line's for that test. So ``-k``, ``-x``, ``--lf``, ``--junit-xml`` and x
 items as any others. A failure's message starts with the reproducer, a command that reruns the
 failing case as printed in a new shell, followed by the reason and the traceback of an error the
 implementation raised. An unsupported or not-applicable property is skipped with its reason. A
-known failure of a built-in (``harness.check.known_failures``) is an xfail: ``strict`` on the
+known failure of a built-in (declared beside its adapter, ``harness.known``) is an xfail: ``strict`` on the
 property its example names (a pass there means it may be fixed), with its reason.
 
 The gate runs as ``python -m harness check`` runs it (``harness.check.engine``): in child
@@ -132,7 +132,7 @@ def _gate_params(metafunc: pytest.Metafunc) -> list:
     params = []
     for implementation in dict.fromkeys(implementations):
         target = gate_target(implementation, isolated=not in_process)
-        expected = _known_failures_by_property(target.impl.name, settings.device)
+        expected = _known_failures_by_property(target, settings.device)
         for prop in properties:
             item = GateItem(target.given, prop.id, settings, expected.get(prop.id, ""), target)
             marks = []
@@ -142,13 +142,16 @@ def _gate_params(metafunc: pytest.Metafunc) -> list:
     return params
 
 
-def _known_failures_by_property(name: str, device: str) -> dict[str, str]:
-    """property id -> the reasons of the known failures of built-in ``name`` whose example is that property."""
-    from harness.check.known_failures import known_failures
+def _known_failures_by_property(target, device: str) -> dict[str, str]:
+    """property id -> the reasons of the known failures of a built-in whose example is that property
+    (a plugin has none: ``harness.check.run_property.known_issues``)."""
+    from harness.check.run_property import known_issues
+    from harness.known import KnownLimitation
 
     reasons: dict[str, list[str]] = {}
-    for known in known_failures(name, device):
-        reasons.setdefault(known.example.split(":")[0], []).append(known.reason)
+    for known in known_issues(target, device):
+        if not isinstance(known, KnownLimitation):
+            reasons.setdefault(known.example.split(":")[0], []).append(known.reason)
     return {prop: "known failure: " + "; ".join(dict.fromkeys(r)) for prop, r in reasons.items()}
 
 
