@@ -129,6 +129,8 @@ class OlmoCoreHead(Implementation):
         loss, z_loss = out.loss, out.z_loss
         if z_loss is None:  # no z-loss asked for: it is zero, and OLMo-core does not compute it
             z_loss = torch.zeros_like(loss.detach())
+        if not batched and spec.reduction == "none":  # (N, D) ran as one sequence: (N,) losses
+            loss, z_loss = loss.squeeze(0), z_loss.squeeze(0)
         return LossOutput(loss, z_loss)
 
     def logits(self, hidden, weight, *, bias=None, spec=None, logits_to_keep=0):

@@ -26,7 +26,7 @@ PROPERTIES_WITH_GRADIENTS = (
     "equivalence/float32", "equivalence/bfloat16", "equivalence/float16", "equivalence/large-vocab",
     "equivalence/model-sizes", "precision/at-scale", "autograd/grad-subsets", "autograd/scaled-loss",
     "autograd/retain-graph", "autograd/no-grad", "autograd/inputs-unchanged", "autograd/tied-weights",
-    "invariance/sum-split", "invariance/permutation", "autograd/interleaved", "autograd/accumulation",
+    "invariance/sum-split", "invariance/permutation", "autograd/interleaved", "autograd/training-steps",
 )
 
 
