@@ -202,8 +202,8 @@ def _chunk_losses(z, lse, tokens: Tokens, s: int, e: int, options: Options, dtyp
     """Per-token cross-entropy and z-loss of chunk ``s:e``."""
     safe, valid, target = tokens.safe[s:e], tokens.valid[s:e], tokens.target[s:e]
     target_logit = z.gather(1, safe[:, None]).squeeze(1)
-    if bug == "loss_from_rounded_probability":  # -log(p_y), p_y stored in the input dtype
-        nll = -_wide((target_logit - lse).exp().to(dtype)).log()
+    if bug == "loss_from_rounded_statistics":  # lse and z_y each stored in the input dtype, then subtracted
+        nll = _wide(lse.to(dtype)) - _wide(target_logit.to(dtype))
     elif bug == "loss_as_minus_log_probability":  # -log(p_y) in float32, not lse - z_y
         nll = -(target_logit - lse).exp().log()
     else:
@@ -434,10 +434,10 @@ target_gradient_from_rounded_probability = _with_bug(
     "forms the target's gradient p_y - 1 from p_y rounded to the input dtype: it vanishes when p_y rounds to 1 "
     "(triggered by confident bfloat16/float16 predictions, p_y > 1 - 2^-9)",
 )
-loss_from_rounded_probability = _with_bug(
-    "loss_from_rounded_probability",
-    "computes the loss as -log(p_y) with p_y rounded to the input dtype: 0 when p_y rounds to 1 (triggered by "
-    "confident bfloat16/float16 predictions)",
+loss_from_rounded_statistics = _with_bug(
+    "loss_from_rounded_statistics",
+    "computes the loss as lse - z_y from both stored in the input dtype: when p_y is near 1 they round to the same "
+    "or adjacent values, a loss of 0 or one ulp of the logit (triggered by confident bfloat16/float16 predictions)",
 )
 
 # Other dimensions of real use.
@@ -470,7 +470,7 @@ BUGS = (
     grad_accumulator_reset_per_forward,
     weight_copy_cached_by_pointer,
     target_gradient_from_rounded_probability,
-    loss_from_rounded_probability,
+    loss_from_rounded_statistics,
     ignored_class_weight_zeroed,
     loss_as_minus_log_probability,
 )

@@ -238,7 +238,7 @@ def target_gradient_from_rounded_probability(plugin) -> float:
     return relative_error(h.grad, reference(hidden, weight, labels).grad_hidden)
 
 
-def loss_from_rounded_probability(plugin) -> float:
+def loss_from_rounded_statistics(plugin) -> float:
     """The per-token losses of confident bfloat16 predictions."""
     hidden, weight, labels = confident()
     loss = plugin(hidden, weight, labels, reduction="none")
@@ -291,7 +291,7 @@ DEMONSTRATIONS = {
     "grad_accumulator_reset_per_forward": Demonstration(grad_accumulator_reset_per_forward, 1e-3),
     "weight_copy_cached_by_pointer": Demonstration(weight_copy_cached_by_pointer, 1e-3),
     "target_gradient_from_rounded_probability": Demonstration(target_gradient_from_rounded_probability, 0.1),
-    "loss_from_rounded_probability": Demonstration(loss_from_rounded_probability, 0.1),
+    "loss_from_rounded_statistics": Demonstration(loss_from_rounded_statistics, 0.1),
     "ignored_class_weight_zeroed": Demonstration(ignored_class_weight_zeroed, 1e-3),
     "loss_as_minus_log_probability": Demonstration(loss_as_minus_log_probability, 1e-3),
 }
