@@ -309,7 +309,7 @@ def float32_sum_over_count(hidden, weight, labels, *, bias=None, ignore_index=-1
 
 def vocab_shards(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                  z_loss_multiplier=0.0, softcap=None, class_weight=None):
-    """Two vocabulary shards combined as tensor-parallel kernels do: global max, summed exp, the target from its shard."""
+    """Two vocabulary shards combined as in tensor parallelism: global max, summed exp, the target from its shard."""
     options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, softcap, class_weight)
     h, y = _rows(hidden, labels)
     vocab = weight.shape[0]
@@ -572,7 +572,7 @@ def _chunked_gradients(h, weight, dlogits, chunk, float32_sums, has_bias, needs)
 
 def dlogits_in_forward(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                        label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None):
-    """The logits' gradient formed in the forward and stored in the input dtype, scaled by grad_output in the backward."""
+    """The logits' gradient formed in the forward, stored in the input dtype, scaled by grad_output in the backward."""
     options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, softcap, class_weight)
     h, y = _rows(hidden, labels)
     loss = _ForwardGradients.apply(h, weight, bias, y, options, None, False, False)

@@ -195,7 +195,8 @@ def _lanes(s: int, e: int, bug: str, like: torch.Tensor) -> torch.Tensor | float
     """1 for the tokens of chunk ``s:e`` the kernel computes, 0 for a masked-off lane."""
     if bug != "last_token_of_4096_block_dropped":
         return 1.0
-    return ((torch.arange(s, e, device=like.device) % LANE_BLOCK) < LANE_BLOCK - 1).to(like.dtype)  # off by one: < BLOCK - 1
+    lane = torch.arange(s, e, device=like.device) % LANE_BLOCK
+    return (lane < LANE_BLOCK - 1).to(like.dtype)  # off by one: < BLOCK - 1 keeps all but the last
 
 
 def _chunk_losses(z, lse, tokens: Tokens, s: int, e: int, options: Options, dtype, bug):
@@ -257,7 +258,10 @@ class _ChunkedLoss(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, lse)
         ctx.tokens, ctx.options, ctx.bug, ctx.weight_leaf = tokens, options, bug, weight_leaf
         if bug == "gradient_buffer_per_shape":  # the logits' gradient formed here, kept in a buffer per shape
-            buffer = _GRADIENT_BUFFERS.setdefault((n, weight.shape[0], dtype), torch.empty(n, weight.shape[0], dtype=dtype))
+            key = (n, weight.shape[0], dtype)
+            if key not in _GRADIENT_BUFFERS:
+                _GRADIENT_BUFFERS[key] = torch.empty(n, weight.shape[0], dtype=dtype)
+            buffer = _GRADIENT_BUFFERS[key]
             for s in range(0, n, TOKEN_CHUNK):
                 e = min(s + TOKEN_CHUNK, n)
                 z = _capped(_logits(h[s:e], weight, bias, bug), options.softcap)

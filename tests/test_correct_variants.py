@@ -70,7 +70,8 @@ class Inputs:
         return None if leaf is None or leaf.grad is None else self.views[name](leaf.grad)
 
 
-def make_inputs(options: dict, layout: str, dtype=torch.float64, *, seed=0, size=SMALL, trained=("hidden", "weight", "bias")):
+def make_inputs(options: dict, layout: str, dtype=torch.float64, *, seed=0, size=SMALL,
+                trained=("hidden", "weight", "bias")):
     """``options`` on inputs in ``layout``: flat ``(N, D)``, batched ``(B, T, D)``, or views (batched)."""
     options = dict(options)
     batch, time, dim, vocab = size
@@ -87,8 +88,8 @@ def make_inputs(options: dict, layout: str, dtype=torch.float64, *, seed=0, size
     labels[:, :2] = torch.tensor([vocab - 1, 0 if ignore_index != 0 else 1])  # the first and last class
     class_weight = torch.rand(vocab, generator=generator, dtype=torch.float64) + 0.5 if has_class_weight else None
     tensors = {name: None if t is None else t.to(dtype) for name, t in tensors.items()}
-    values = {name: None if t is None else t.double().reshape(-1, dim).clone() if name == "hidden" else t.double().clone()
-              for name, t in tensors.items()}
+    values = {name: None if t is None else t.double().clone() for name, t in tensors.items()}
+    values["hidden"] = values["hidden"].reshape(-1, dim)
     spec = LossSpec(class_weight=class_weight, **options)
     if class_weight is not None:
         options["class_weight"] = class_weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -100,9 +101,9 @@ def make_inputs(options: dict, layout: str, dtype=torch.float64, *, seed=0, size
         leaves, views = tensors, identity
     else:
         labels = torch.cat([labels.new_full((batch, 1), 3), labels], 1)[:, 1:]  # shifted: row stride T + 1
-        leaves = {"hidden": torch.cat([tensors["hidden"], torch.zeros_like(tensors["hidden"])], -1),
-                  "weight": tensors["weight"].T.contiguous(),
-                  "bias": None if not has_bias else torch.stack([tensors["bias"], torch.zeros_like(tensors["bias"])], -1)}
+        hidden, weight, bias = tensors["hidden"], tensors["weight"], tensors["bias"]
+        leaves = {"hidden": torch.cat([hidden, torch.zeros_like(hidden)], -1), "weight": weight.T.contiguous(),
+                  "bias": None if bias is None else torch.stack([bias, torch.zeros_like(bias)], 1)}
         views = VIEWS
     for name in trained:
         if leaves[name] is not None:
