@@ -34,8 +34,10 @@ def sweep_inputs(case: Case):
 @pytest.mark.parametrize("mode", ["forward", "forward_backward", "backward"])
 def test_each_mode_records_time_spread_first_call_and_peak_memory(mode):
     inputs = sweep_inputs(tiny_case())
-    metrics = measure_mode(resolve("torch-eager"), inputs, mode, "cpu", QUICK)
+    measured = measure_mode(resolve("torch-eager"), inputs, mode, "cpu", QUICK)
+    metrics = measured.metrics
     assert set(metrics) == MEASURED
+    assert measured.verdict.ok and not measured.note, "torch-eager matches itself, computed in chunks"
     assert 0 < metrics["time_p20"] <= metrics["time_median"] <= metrics["time_p80"]
     assert metrics["peak_memory"] >= 0
     assert all(t.grad is None for t in inputs.gradient_inputs.values())  # nothing left behind for the next mode
@@ -45,9 +47,9 @@ def test_peak_memory_sees_the_logits_torch_eager_materialises_and_chunked_avoids
     """torch-eager holds all 256 x 32768 float32 logits (32 MiB); chunked, 32 tokens at a time, an eighth."""
     case = tiny_case(vocab=32768, dim=32, tokens=(256,))
     inputs = sweep_inputs(case)
-    eager = measure_mode(resolve("torch-eager"), inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
+    eager = measure_mode(resolve("torch-eager"), inputs, "forward_backward", "cpu", QUICK).metrics["peak_memory"]
     chunked_impl = resolve("chunked").with_chunk_size(32)
-    chunked = measure_mode(chunked_impl, inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
+    chunked = measure_mode(chunked_impl, inputs, "forward_backward", "cpu", QUICK).metrics["peak_memory"]
     assert eager >= case.logits_bytes
     assert chunked < eager / 2
 
@@ -62,8 +64,9 @@ def test_options_reach_the_loss_and_per_token_losses_get_a_per_token_gradient():
     case = tiny_case(reduction="none", softcap=20.0, bias=True, class_weight=True)
     inputs = sweep_inputs(case)
     assert inputs.spec.softcap == 20.0 and inputs.bias is not None and inputs.spec.class_weight is not None
-    metrics = measure_mode(resolve("chunked"), inputs, "forward_backward", "cpu", QUICK)
-    assert set(metrics) == MEASURED
+    measured = measure_mode(resolve("chunked"), inputs, "forward_backward", "cpu", QUICK)
+    assert set(measured.metrics) == MEASURED
+    assert measured.verdict.ok, measured.verdict.reason
 
 
 @pytest.mark.parametrize(
