@@ -77,6 +77,8 @@ def _pick(group: pd.DataFrame) -> dict:
         pick = leader["series"]
     if "Interquartile" in str(leader.get("note", "")):
         sure += "; its timer flagged noise"
+    if "not verified" in str(leader.get("note", "")):
+        sure += "; its result was not verified against torch-eager"
     memory = group.dropna(subset=["peak_memory"])
     leanest = memory.loc[memory["peak_memory"].idxmin()] if not memory.empty else None
     return {

@@ -176,6 +176,17 @@ def measure_probe(settings: SweepSettings) -> float | None:
     return None if message is None else message.get("tflops")
 
 
+# A distributed job (torchrun, one process per rank) times the rank-side computation directly; its
+# ranks do not yet compare their result with torch-eager's (harness.sweep.verify), so it says so.
+NOT_VERIFIED_DISTRIBUTED = "not verified against torch-eager (a distributed job's ranks do not compare yet)"
+
+
+def _unverified(result: dict) -> dict:
+    if "metrics" not in result:
+        return result
+    return {**result, "note": "; ".join(n for n in (result.get("note"), NOT_VERIFIED_DISTRIBUTED) if n)}
+
+
 def _summary(job: Job, results: dict[str, dict], seconds: float) -> str:
     parts = []
     for mode, result in results.items():
@@ -241,6 +252,8 @@ def run_jobs(
                     outcome = run_job(payload, settings, reference=job.reference,
                                       env=job_environment(settings.child_env, cache_dir))
                 results, seconds = mode_results(outcome, modes), outcome.seconds
+                if getattr(resolve(job.reference), "torchrun_module", None) is not None:
+                    results = {mode: _unverified(result) for mode, result in results.items()}
                 probe = probe_message(outcome)
                 if probe is not None and probe.get("tflops"):
                     counts.probes.append(probe_record(f"before {job.implementation} {job.case.name}", probe["tflops"]))
