@@ -45,7 +45,8 @@ td.muted { color: #777; }
 .banner.bad { background: #f9dcdc; border-left: 5px solid #c62828; }
 .banner.warn { background: #fff1c9; border-left: 5px solid #e0a800; }
 .sub { color: #444; margin-top: 0.2rem; } .counts { font-size: 0.95rem; }
-#summary table { font-size: 0.9rem; } #summary td { white-space: nowrap; } #summary td.wrap { white-space: normal; }
+#summary table { font-size: 0.85rem; } #summary td { white-space: nowrap; }
+#summary td.wrap { white-space: normal; min-width: 8rem; }
 figure { margin: 1rem 0 2rem; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-weight: 600; margin-bottom: 0.3rem; }
 .note { color: #666; font-style: italic; }
@@ -134,11 +135,14 @@ def _counts(runs: list[Run], frame: pd.DataFrame, failures: pd.DataFrame, mode: 
     cases = set(frame["case"]) | set(failures["case"])
     implementations = set(frame["implementation"]) | set(failures["implementation"])
     statuses = failures["status"].value_counts()
-    failed = ", ".join(f"{count} {status}" for status, count in statuses.items() if status != "unsupported")
-    text = (f"{len(cases)} cases, {len(implementations)} implementations: {len(frame)} case × implementation × "
-            f"mode measurements stand; {failed or 'none failed'}")
+    words = {"timeout": "timed out", "oom": "out of memory", "crash": "crashed", "error": "raised an error",
+             "wrong": "wrong"}
+    failed = ", ".join(f"{count} {words.get(status, status)}" for status, count in statuses.items()
+                       if status != "unsupported")
+    text = (f"{len(cases)} cases × {len(implementations)} implementations: {len(frame)} measurements stand"
+            f"{', ' + failed if failed else ', none failed'}")
     if statuses.get("unsupported"):
-        text += f"; {statuses['unsupported']} unsupported here"
+        text += f", {statuses['unsupported']} unsupported here"
     excluded = {name: why for run in runs for name, why in (run.meta.get("excluded") or {}).items()}
     if excluded:
         text += ". Left out of the preset: " + "; ".join(f"{name} ({why})" for name, why in excluded.items())
@@ -178,17 +182,17 @@ def _summary_section(frame: pd.DataFrame, failures: pd.DataFrame, mode: str | No
     if picks.empty:
         parts.append("<p class='note'>No measurements in these runs.</p></section>")
         return "\n".join(parts)
-    parts.append(
-        f"<p>Per case ({_e(mode)}): the pick is the lowest median time, named alone only when it is faster "
-        "than every other implementation beyond both measured spreads (p20–p80 of the repetitions); otherwise "
-        "the implementations within noise of it are named with it. A case an implementation has no numbers "
-        "for (timeout, out of memory, error, or a result that did not match torch-eager's: <em>wrong</em>) "
-        "is listed under <em>no numbers</em>, never skipped: it is not a pick. V, D, N: vocabulary, hidden "
-        "size, tokens.</p>"
-    )
     if picks["dtype"].nunique() == 1:
         picks = picks.drop(columns="dtype")
     parts.append(_table(picks, cell_class=_pick_class))
+    parts.append(
+        f"<p class='note'>Per case, {_e(mode)}. The pick has the lowest median time; it is named alone only "
+        "when it is faster than every other implementation beyond both measured spreads (p20–p80 of the "
+        "repetitions, the rule <code>compare</code> uses), else <em>a ≈ b</em>: within noise. An implementation "
+        "without numbers for a case (timeout, out of memory, crash, error, or <em>wrong</em>: a result that did "
+        "not match torch-eager's on the inputs it timed) is listed under <em>no numbers</em> and is never a pick. "
+        "V, D, N: vocabulary, hidden size, tokens.</p>"
+    )
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -197,12 +201,12 @@ def _pick_class(column: str, value: str) -> str:
     if column == "how sure":
         if value.startswith("clear"):
             return "good wrap"
-        return "warn wrap" if value.startswith(("no clear", "by the median")) else "muted wrap"
-    if column == "pick" and value.startswith("within noise"):
-        return "warn wrap"
-    if column == "no numbers":
-        failed = [part for part in value.split("; ") if ": " in part]
-        return "bad wrap" if failed else "muted wrap"
+        return "warn wrap" if value.startswith(("within noise", "medians only")) else "muted wrap"
+    if column == "pick":
+        return "warn wrap" if " ≈ " in value else "wrap"
+    if column in ("no numbers", "leanest (peak memory)"):
+        failed = column == "no numbers" and any(": " in part for part in value.split("; "))
+        return "bad wrap" if failed else "wrap"
     return ""
 
 

@@ -25,7 +25,7 @@ def picks(frame: pd.DataFrame, failed: pd.DataFrame, mode: str | None) -> pd.Dat
 
     The pick is the lowest median time; it is named alone only when it is faster than every other
     implementation beyond both measured spreads (``harness.report.noise``), otherwise the
-    implementations within noise of it are named with it. An implementation whose numbers are
+    implementations within noise of it are named with it ("a ≈ b"). An implementation whose numbers are
     ``wrong`` or missing is never the pick: it is listed under "no numbers" in its case's row.
     """
     data = frame if mode is None else frame[frame["mode"] == mode]
@@ -64,16 +64,16 @@ def _pick(group: pd.DataFrame) -> dict:
     others = group.iloc[1:]
     tied = [row["series"] for _, row in others.iterrows() if not noise.clearly_faster(leader, row)]
     if others.empty:
-        pick, sure = leader["series"], "the only one with numbers"
+        pick, sure = leader["series"], "only one with numbers"
     elif tied:
-        pick = "within noise: " + ", ".join([leader["series"], *tied])
-        sure = (f"no clear winner: the p20–p80 ranges of {leader['series']} and {', '.join(tied)} overlap")
+        pick = " ≈ ".join([leader["series"], *tied])
+        sure = "within noise: p20–p80 ranges overlap"
     else:
         runner_up = others.iloc[0]
         ratio = runner_up["time_median"] / leader["time_median"]
-        sure = f"clear: {ratio:.2f}× faster than {runner_up['series']}, beyond both p20–p80 ranges"
+        sure = f"clear: {ratio:.2f}× faster than {runner_up['series']}"
         if pd.isna([leader["time_p20"], leader["time_p80"], runner_up["time_p20"], runner_up["time_p80"]]).any():
-            sure = f"by the median only: {ratio:.2f}× faster than {runner_up['series']} (no p20/p80 recorded)"
+            sure = f"medians only (no p20/p80): {ratio:.2f}× faster than {runner_up['series']}"
         pick = leader["series"]
     if "Interquartile" in str(leader.get("note", "")):
         sure += "; its timer flagged noise"
@@ -92,9 +92,15 @@ def _pick(group: pd.DataFrame) -> dict:
 
 
 def _time_with_spread(row: pd.Series) -> str:
+    """"46.08 ms (45.72–49.63)": the median, and p20–p80 in its unit where they share it."""
+    median = format_ms(row["time_median"])
     if pd.isna(row["time_p20"]) or pd.isna(row["time_p80"]):
-        return format_ms(row["time_median"])
-    return f"{format_ms(row['time_median'])} ({format_ms(row['time_p20'])}–{format_ms(row['time_p80'])})"
+        return median
+    low, high = format_ms(row["time_p20"]), format_ms(row["time_p80"])
+    unit = median.split()[-1]
+    if low.endswith(f" {unit}") and high.endswith(f" {unit}"):
+        low, high = low[: -len(unit) - 1], high[: -len(unit) - 1]
+    return f"{median} ({low}–{high})"
 
 
 def _no_numbers(bad: pd.DataFrame) -> str:
