@@ -14,13 +14,8 @@ the implementations are loaded and probed, not printed, since they say nothing a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import shutil
 import textwrap
-import warnings
-from dataclasses import dataclass, field
 
 import torch
 from rich import box
@@ -30,6 +25,7 @@ from rich.text import Text
 
 from harness.adapter import Implementation
 from harness.environment import local_device
+from harness.quiet import Captured, captured
 from harness.registry import resolve, resolve_many
 from harness.spec import dtype_name
 
@@ -55,37 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also the dtypes, reductions and options each supports, and why it lacks the others")
-
-
-@dataclass
-class Captured:
-    """What the peer packages said while being imported and probed."""
-
-    warnings: list[str] = field(default_factory=list)
-
-    def add(self, text: str) -> None:
-        for line in text.splitlines():
-            line = line.strip()
-            if line and line not in self.warnings:
-                self.warnings.append(line)
-
-
-@contextlib.contextmanager
-def captured(into: Captured):
-    """Python warnings, log records and writes to sys.stdout/sys.stderr, kept in ``into`` instead."""
-    stream = io.StringIO()
-    previous_disable = logging.root.manager.disable
-    with warnings.catch_warnings(record=True) as caught, \
-            contextlib.redirect_stderr(stream), contextlib.redirect_stdout(stream):
-        warnings.simplefilter("always")
-        logging.disable(logging.WARNING)  # e.g. OLMo-core's "transformer_engine unavailable" record
-        try:
-            yield into
-        finally:
-            logging.disable(previous_disable)
-    for warning in caught:
-        into.add(f"{warning.category.__name__}: {warning.message}")
-    into.add(stream.getvalue())
 
 
 def describe(impl: Implementation, device: str) -> dict:

@@ -26,6 +26,7 @@ from rich.progress import (
 
 from harness.errors import HarnessError
 from harness.isolation import ChildOutcome, Limits, run_child
+from harness.quiet import Captured, captured
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
 from harness.sweep.cases import SweepCase
@@ -120,8 +121,10 @@ def declared_unsupported(job: Job, device: str) -> str | None:
 
     Checked in the sweep process so that such a case costs no worker process; the worker checks
     again, and an implementation that only finds out while running still reports unsupported.
+    The peer packages' import warnings are kept out of the sweep's output (``harness.quiet``).
     """
-    return job.case.case.unsupported_reason(resolve(job.reference), device)
+    with captured(Captured()):
+        return job.case.case.unsupported_reason(resolve(job.reference), device)
 
 
 def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
