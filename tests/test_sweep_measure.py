@@ -199,3 +199,22 @@ def test_rows_record_the_inputs_logits_and_runs_from_before_the_column_read_as_r
     read = read_rows(tmp_path)
     assert list(read["logits"]) == ["random", "random"]
     assert list(read["case"]) == ["x", "tiny/peaked/N=64/float32"]  # appended under the file's own header
+
+
+def test_a_wrong_mode_keeps_its_metrics_with_status_wrong_and_the_reason():
+    job = Job(case=tiny_sweep_case(), implementation="x", reference="torch-eager")
+    result = {"status": "wrong", "reason": "loss off torch-eager's", "note": "",
+              "metrics": {"time_median": 1.0, "time_p20": 0.9, "time_p80": 1.1, "first_call": 3.0}}
+    rows = job_rows(job, {"forward": result}, run_id="r", device="cpu", matmul_tflops={"float32": 1.0})
+    assert {row["metric"] for row in rows} >= {"time_median", "tflops"}
+    assert {(row["status"], row["reason"]) for row in rows} == {("wrong", "loss off torch-eager's")}
+
+
+def test_the_sweep_ends_with_a_sentence_not_a_dict():
+    from collections import Counter
+
+    from harness.sweep.runner import SweepCounts
+
+    counts = SweepCounts(jobs=35, statuses=Counter({"ok": 55, "unsupported": 11, "timeout": 1, "wrong": 2}))
+    assert counts.sentence() == ("sweep: 35 jobs; of their 69 modes, 55 measured, 2 wrong (did not match "
+                                 "torch-eager), 11 unsupported here and 1 timed out.")
