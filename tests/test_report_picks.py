@@ -123,10 +123,10 @@ def test_a_check_run_without_the_finished_mark_is_shown_as_interrupted(tmp_path)
     check = write_check_run(results, "20260101-130000-check", finished=False)
     assert not run_finished(read_meta(check))
     html = page(sweep, tmp_path)
-    assert "was interrupted (its meta.json has no finished mark)" in html
+    assert "is not marked finished in its meta.json: it was interrupted" in html
     mark_run_finished(check)
     assert run_finished(read_meta(check))
-    assert "was interrupted" not in page(sweep, tmp_path)
+    assert "not marked finished" not in page(sweep, tmp_path)
 
 
 def test_precision_is_shown_against_the_allowance_and_against_torch_eager(tmp_path):

@@ -80,8 +80,8 @@ def _narrowed(check: CheckResults, measured: set[str], warnings: list[str]) -> C
     """``check`` with its tables cut to the sweep's implementations, and what that left out."""
     warnings = list(warnings)
     if not run_finished(check.run.meta):
-        warnings.append(f"Check run {check.run.name} was interrupted (its meta.json has no finished mark): "
-                        "its tables hold only what it reached.")
+        warnings.append(f"Check run {check.run.name} is not marked finished in its meta.json: it was "
+                        "interrupted (or made before runs were marked), so its tables may hold only what it reached.")
     notes = []
     covered = _implementations(check)
     if measured:
@@ -107,7 +107,7 @@ def _how_to_match(candidates: list[CheckResults], sweep: dict, measured: set[str
     if candidates:
         latest = candidates[-1]
         covered = len(_implementations(latest) & measured)
-        state = "" if run_finished(latest.run.meta) else ", interrupted"
+        state = "" if run_finished(latest.run.meta) else ", not marked finished"
         text += (f" The latest, {latest.run.name}, is from commit {short_commit(latest.run.meta)} on "
                  f"{device_identity(latest.run.meta)} ({covered} of this sweep's {len(measured)} implementations"
                  f"{state}); {len(candidates)} check run{'s' if len(candidates) != 1 else ''} in all.")

@@ -74,7 +74,7 @@ def write_dashboard(
         _counts(runs, frame, failures, mode),
         '<nav><a href="#summary">Picks</a><a href="#plots">Plots</a><a href="#tables">All measurements</a>'
         '<a href="#correctness">Correctness</a><a href="#failures">Failures</a><a href="#environment">Environment</a></nav>',
-        _summary_section(frame, failures, mode),
+        _summary_section(frame, failures, mode, "machine loaded" if any(load.warning(r.meta) for r in runs) else ""),
         _plots_section(plots),
         _tables_section(frame, failures),
         _correctness_section(check),
@@ -176,9 +176,9 @@ def _table(frame: pd.DataFrame, *, index: str | None = None, status_columns=(), 
     return "\n".join(lines)
 
 
-def _summary_section(frame: pd.DataFrame, failures: pd.DataFrame, mode: str | None) -> str:
+def _summary_section(frame: pd.DataFrame, failures: pd.DataFrame, mode: str | None, caveat: str) -> str:
     parts = ['<section id="summary"><h2>Which implementation for which shape, and how sure</h2>']
-    picks = tables.picks(frame, failures, mode)
+    picks = tables.picks(frame, failures, mode, caveat)
     if picks.empty:
         parts.append("<p class='note'>No measurements in these runs.</p></section>")
         return "\n".join(parts)
@@ -199,9 +199,10 @@ def _summary_section(frame: pd.DataFrame, failures: pd.DataFrame, mode: str | No
 
 def _pick_class(column: str, value: str) -> str:
     if column == "how sure":
-        if value.startswith("clear"):
+        if value.startswith("clear") and "machine loaded" not in value:
             return "good wrap"
-        return "warn wrap" if value.startswith(("within noise", "medians only")) else "muted wrap"
+        unsure = value.startswith(("clear", "within noise", "medians only"))
+        return "warn wrap" if unsure else "muted wrap"
     if column == "pick":
         return "warn wrap" if " ≈ " in value else "wrap"
     if column in ("no numbers", "leanest (peak memory)"):
@@ -320,13 +321,15 @@ def _allowance_class(column: str, value: str) -> str:
 
 
 def _failures_section(failures: pd.DataFrame) -> str:
-    parts = ['<section id="failures"><h2>Failed, unsupported and out-of-memory cases</h2>']
+    parts = ['<section id="failures"><h2>Cases without numbers: failed, wrong, unsupported</h2>']
     if failures.empty:
         parts.append("<p>Every case produced numbers.</p></section>")
         return "\n".join(parts)
     counts = failures["status"].value_counts()
     parts.append("<p>" + ", ".join(f"{_e(status)}: {count}" for status, count in counts.items()) + "</p>")
-    parts.append(_table(failures, status_columns={"status"}))
+    columns = ["run"] if failures["run"].nunique() > 1 else []
+    columns += ["case", "implementation", "mode", "status", "reason"]
+    parts.append(_table(failures[columns], status_columns={"status"}))
     parts.append("</section>")
     return "\n".join(parts)
 

@@ -54,7 +54,8 @@ def write_summary(
         lines += ["matmul rate (what `matmul_fraction` divides by): " + "; ".join(rates), ""]
     if frame.empty and failures.empty:
         lines += ["No measurements in these runs.", ""]
-    picks = tables.picks(frame, failures, mode)
+    loaded = any(load.warning(run.meta) for run in runs)
+    picks = tables.picks(frame, failures, mode, "machine loaded" if loaded else "")
     if not picks.empty:
         lines += ["### Which implementation for which shape, and how sure", "",
                   "The pick is named alone only when it is faster than every other beyond both measured "

@@ -152,9 +152,11 @@ def _mark_failures(ax, crosses: pd.DataFrame, vary: str, palette: dict, sweep: s
     labelled with the status; returns what was marked."""
     marked = []
     top = ax.get_xaxis_transform()  # x in data units, y in axes units: 1 is the top edge
-    for offset, (_, row) in enumerate(crosses.sort_values([vary, "series"]).iterrows()):
+    crosses = crosses.sort_values([vary, "series"])
+    stacked = crosses.groupby(vary, sort=False).cumcount()  # several failures at one x stack downwards
+    for offset, (_, row) in zip(stacked, crosses.iterrows()):
         colour = palette.get(row["series"], FAILURE_COLOUR)
-        y = 0.97 - 0.09 * (offset % 4)  # several failures at one x stack downwards
+        y = 0.97 - 0.09 * (offset % 4)
         ax.plot([row[vary]], [y], marker="X", markersize=9, color=colour, markeredgecolor=FAILURE_COLOUR,
                 transform=top, clip_on=False, linestyle="none")
         ax.annotate(f"{row['series']}: {row['failure']}", (row[vary], y), xycoords=top, xytext=(-6, 0),

@@ -19,7 +19,7 @@ PICK_COLUMNS = ["dtype", "case", "V, D, N", "pick", "how sure", "time (p20–p80
                 "leanest (peak memory)", "no numbers"]
 
 
-def picks(frame: pd.DataFrame, failed: pd.DataFrame, mode: str | None) -> pd.DataFrame:
+def picks(frame: pd.DataFrame, failed: pd.DataFrame, mode: str | None, caveat: str = "") -> pd.DataFrame:
     """Per case: which implementation to pick and how sure that is, its time, its speed-up over the
     baseline, the leanest, and every implementation without numbers (timeout, error, wrong, ...).
 
@@ -27,6 +27,7 @@ def picks(frame: pd.DataFrame, failed: pd.DataFrame, mode: str | None) -> pd.Dat
     implementation beyond both measured spreads (``harness.report.noise``), otherwise the
     implementations within noise of it are named with it ("a ≈ b"). An implementation whose numbers are
     ``wrong`` or missing is never the pick: it is listed under "no numbers" in its case's row.
+    ``caveat`` qualifies every pick's "how sure" (e.g. "machine loaded").
     """
     data = frame if mode is None else frame[frame["mode"] == mode]
     data = data.dropna(subset=["time_median"])
@@ -36,11 +37,14 @@ def picks(frame: pd.DataFrame, failed: pd.DataFrame, mode: str | None) -> pd.Dat
     rows = []
     for _, case in cases.iterrows():
         group = data[(data["case"] == case["case"]) & (data["dtype"] == case["dtype"])].sort_values("time_median")
+        pick = _pick(group)
+        if caveat and not group.empty:
+            pick["how sure"] += f"; {caveat}"
         rows.append({
             "dtype": case["dtype"],
             "case": case["case"],
             "V, D, N": _shape(case),
-            **_pick(group),
+            **pick,
             "no numbers": _no_numbers(bad[(bad["case"] == case["case"]) & (bad["dtype"] == case["dtype"])]),
         })
     return pd.DataFrame(rows, columns=PICK_COLUMNS)

@@ -47,15 +47,12 @@ def judge(probes: list[dict], *, device_kind: str, cpu_count: int | None) -> dic
     moved = 1 - min(rates) / max(rates) if len(rates) >= 2 else None
     reasons = []
     if moved is not None and moved > RATE_TOLERANCE:
-        first, last = rates[0], rates[-1]
-        reasons.append(f"the device's matmul rate moved by {moved:.0%} during the sweep (between {min(rates):.3g} "
-                       f"and {max(rates):.3g} TFLOP/s; {first:.3g} at the start, {last:.3g} at the end; "
-                       f"more than {RATE_TOLERANCE:.0%} is load, not noise)")
+        reasons.append(f"the device's matmul rate moved by {moved:.0%} during the sweep ({min(rates):.3g} to "
+                       f"{max(rates):.3g} TFLOP/s; beyond {RATE_TOLERANCE:.0%} it is load, not noise)")
     start = next((p for p in probes if p.get("where") == "start"), None)
     start_load = (start or {}).get("load_average")
     if device_kind == "cpu" and start_load and cpu_count and start_load[0] > BUSY_CORES_FRACTION * cpu_count:
-        reasons.append(f"the load average was {start_load[0]:.1f} on {cpu_count} cores when the sweep started "
-                       "(other processes were running)")
+        reasons.append(f"the load average was {start_load[0]:.1f} on {cpu_count} cores at the start")
     return {
         "loaded": bool(reasons),
         "reasons": reasons,
@@ -72,7 +69,7 @@ def warning(meta: dict) -> str | None:
     if not load.get("loaded"):
         return None
     return ("The machine was loaded while this sweep ran, so its timings are unreliable: "
-            + "; and ".join(load.get("reasons") or ["see meta.json's load section"])
+            + "; ".join(load.get("reasons") or ["see meta.json's load section"])
             + ". Rerun it on a quiet machine before drawing conclusions.")
 
 
