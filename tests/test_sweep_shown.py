@@ -46,7 +46,7 @@ def test_a_timeout_on_one_case_is_shown_in_the_summary_the_plot_and_the_heatmap(
 
     summary = picks(frame, failed, "forward_backward").set_index("case")
     assert summary.loc["tiny/N=64/float32", "no numbers"] == "test-hangs-on-large: timeout"
-    assert summary.loc["tiny/N=64/float32", "how sure"] == "only one with numbers"
+    assert summary.loc["tiny/N=64/float32", "how sure"].startswith("only one with numbers")
 
     figures = {plot.name: plot for plot in plotting.draw_all(frame, device_label(runs), tmp_path, failed)}
     assert any(mark.startswith("test-hangs-on-large: timeout at N=64") for mark in figures["time_vs_tokens"].marked)

@@ -109,7 +109,7 @@ def _time_with_spread(row: pd.Series) -> str:
 
 def _no_numbers(bad: pd.DataFrame) -> str:
     """The failures of one case, by implementation ("chunked: timeout"), then how many were unsupported."""
-    failed = bad[~bad["status"].isin(NOT_A_FAILURE)]
+    failed = bad[~bad["status"].isin(NOT_A_FAILURE)].sort_values("series")
     parts = [f"{series}: {status}" for series, status in zip(failed["series"], failed["status"])]
     unsupported = bad["status"].isin(NOT_A_FAILURE).sum()
     if unsupported:

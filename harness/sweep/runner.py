@@ -39,6 +39,9 @@ FAILURE_STATUSES = ("wrong", "oom", "timeout", "crash", "error")
 # before it: with shared caches it read cold for the first job to compile a kernel and warm for the
 # next ones, depending on the order of the jobs. Recorded in meta.json.
 COMPILE_CACHES = "per job: first_call includes cold Triton and inductor compilation"
+# The time limit of the sweep's own jobs (the device's description and matmul rates, the load
+# check's last reading): they are no case, and a short --timeout meant for cases must not stop them.
+SETUP_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -134,14 +137,14 @@ def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
 
 
 def run_job(job: dict, settings: SweepSettings, reference: str | None = None,
-            env: dict[str, str] | None = None) -> ChildOutcome:
+            env: dict[str, str] | None = None, timeout_s: float | None = None) -> ChildOutcome:
     """One job in a fresh ``harness.sweep.worker`` process, within the sweep's limits (``env``: the
     child's environment, the sweep's by default).
 
     An implementation that runs as P ranks (the ``distributed`` family) names its own job module
     (``torchrun_module``), which becomes torchrun in the same process: the limits cover its ranks.
     """
-    limits = Limits(timeout_s=settings.timeout_s, max_memory_bytes=settings.max_memory_bytes)
+    limits = Limits(timeout_s=timeout_s or settings.timeout_s, max_memory_bytes=settings.max_memory_bytes)
     module = None if reference is None else getattr(resolve(reference), "torchrun_module", None)
     if module is not None:
         job = {**job, "world_size": settings.world_size}
@@ -160,7 +163,7 @@ def measure_environment(settings: SweepSettings, dtypes: list[str]) -> dict:
     """The device's description and matmul rate per dtype, measured in a child like a case, with
     the load check's first reading (``probe``)."""
     job = {"kind": "environment", "device": settings.device, "dtypes": dtypes, "timing": settings.timing.to_json()}
-    outcome = run_job(job, settings)
+    outcome = run_job(job, settings, timeout_s=max(settings.timeout_s, SETUP_TIMEOUT_S))
     for message in outcome.messages:
         if message.get("event") == "environment":
             return {**message, "probe": probe_message(outcome) or {}}
@@ -175,7 +178,8 @@ def probe_message(outcome: ChildOutcome) -> dict | None:
 
 def measure_probe(settings: SweepSettings) -> float | None:
     """The load check's matmul rate, measured in a child of its own (None when it failed)."""
-    message = probe_message(run_job({"kind": "probe", "device": settings.device}, settings))
+    job = {"kind": "probe", "device": settings.device}
+    message = probe_message(run_job(job, settings, timeout_s=max(settings.timeout_s, SETUP_TIMEOUT_S)))
     return None if message is None else message.get("tflops")
 
 

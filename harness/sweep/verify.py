@@ -14,7 +14,12 @@ job's own process and outside its timed region:
   torch-eager's changed, is a cached answer whatever the tolerance (``cached_answer``).
 
 A mismatch makes the mode's status ``wrong``: it keeps its timings in the results, but no report
-names it fastest.
+names it fastest. torch-eager's own jobs are not checked: it is the reference.
+
+**The cost**, on the CPU machine under load, is about two thirds of a mode's own time again: one
+more call of the implementation and two chunked torch-eager forward+backward passes (with one
+more forward matmul each for the loss's terms), against its first call, its peak-memory call and
+at least three timed ones.
 
 **The reference** is torch-eager itself (``harness.results.BASELINE``) run over the tokens in
 chunks (``reference``), so that its memory stays bounded at any vocabulary: the chunk's logits
