@@ -23,6 +23,14 @@ COMMANDS = {
     "report": ("harness.report.command", "build the dashboard (plots, HTML, Markdown) for runs"),
     "compare": ("harness.report.compare", "regression gate: compare two runs' time and memory"),
 }
+EXAMPLES = """\
+examples (each command's --help has more):
+  python -m harness list                         what runs here, one line per implementation
+  python -m harness check --impl chunked         the correctness gate on one implementation
+  python -m harness sweep                        the main job: the preset for this machine, then its report
+  python -m harness report                       the dashboard of the latest sweep in results/
+  python -m harness compare BASE NEW             fail on a slowdown or memory growth between two runs
+"""
 # Commands that run implementations on this machine's device.
 DEVICE_COMMANDS = ("list", "check", "sweep")
 # The extra that provides what each command imports beyond the core dependencies.
@@ -48,7 +56,8 @@ def import_command(name: str):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s arguments are added (its module imported), the others are listed."""
-    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         subparser = sub.add_parser(name, help=help_text, description=help_text)

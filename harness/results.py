@@ -4,7 +4,8 @@ A run folder holds:
 
 - ``meta.json``: ``"kind"`` (``"sweep"`` or ``"check"``) and the run's environment (device, versions, git commit, host, time, command line),
   written when the run starts and updated (atomically) with figures measured once per run, such
-  as the device's matmul rate.
+  as the device's matmul rate. ``"finished"`` is the time the run completed (``mark_run_finished``);
+  a run without it was interrupted (or predates the mark).
 - ``rows.csv``: the tidy long-format table, one row per case x implementation x mode x metric
   (``ROW_COLUMNS``). Rows are appended and flushed to disk as each case finishes, so a crash,
   an OOM, a timeout or Ctrl-C loses nothing already measured. A case that did not produce
@@ -53,13 +54,14 @@ ROW_COLUMNS = (
     "metric",  # see METRICS, or "status" for a case that produced no numbers
     "value",
     "unit",
-    "status",  # ok | unsupported | oom | timeout | crash | error
-    "reason",
+    "status",  # ok | wrong | unsupported | oom | timeout | crash | error
+    "reason",  # why a case has no numbers, or why its numbers are wrong
     "device",
+    "note",  # about numbers that stand: the timer's noise warning, a verification that could not run
 )
 
 # Columns added after runs were committed, with the value every row of an older run had.
-COLUMNS_ADDED_SINCE = {"logits": "random"}
+COLUMNS_ADDED_SINCE = {"logits": "random", "note": ""}
 
 # Only distributed implementations' jobs (torchrun) have these; their peak_memory is the largest rank's.
 DISTRIBUTED_METRICS = {
@@ -83,7 +85,8 @@ METRICS = {
     **DISTRIBUTED_METRICS,
 }
 
-STATUSES = ("ok", "unsupported", "oom", "timeout", "crash", "error")
+# wrong: measured, but its result did not match torch-eager's on the same inputs (harness.sweep.verify).
+STATUSES = ("ok", "wrong", "unsupported", "oom", "timeout", "crash", "error")
 
 # traceback: of an error the implementation raised (or the end of the output of a process that died).
 PROPERTY_COLUMNS = ("implementation", "property", "status", "examples", "refused", "seconds", "detail", "reproducer",
@@ -161,7 +164,7 @@ def read_rows(run_dir: Path) -> pd.DataFrame:
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(ROW_COLUMNS))
     text_columns = ("run_id", "case", "shape", "dtype", "options", "logits", "implementation", "mode", "metric",
-                    "unit", "status", "reason", "device")
+                    "unit", "status", "reason", "device", "note")
     # Text columns are read as text, empty as "": a column that is empty in every row stays a string.
     rows = pd.read_csv(
         path,
@@ -173,6 +176,23 @@ def read_rows(run_dir: Path) -> pd.DataFrame:
         if column not in rows.columns:
             rows[column] = value
     return rows
+
+
+def mark_run_finished(run_dir: Path) -> str:
+    """Record in ``meta.json`` that the run completed (``"finished"``: the time); returns the time.
+
+    Called last by every command that writes a run, and only when it was not interrupted: a report
+    reads a run without the mark as incomplete.
+    """
+    meta = read_meta(run_dir)
+    meta["finished"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    write_json_atomic(Path(run_dir) / "meta.json", meta)
+    return meta["finished"]
+
+
+def run_finished(meta: dict) -> bool:
+    """Whether a run's ``meta.json`` carries the mark of a completed run."""
+    return bool(meta.get("finished"))
 
 
 def read_meta(run_dir: Path) -> dict:

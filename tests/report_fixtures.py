@@ -13,6 +13,7 @@ from pathlib import Path
 from harness.results import BEHAVIOUR_COLUMNS, PROPERTY_COLUMNS, RowWriter, write_json_atomic
 
 SYNTHETIC_DEVICE = "synthetic test device (not a measurement)"
+SWEEP_COMMIT = "0123abc"
 XSS = "<script>alert('xss')</script>"
 
 IMPLEMENTATIONS = {  # name -> (relative speed, bytes per logit kept alive)
@@ -69,7 +70,7 @@ def write_sweep_run(
             "kind": "sweep",
             "device": device,
             "torch": "2.13.0+cpu",
-            "git_commit": "0123abc",
+            "git_commit": SWEEP_COMMIT,
             "host": "test-host",
             "command": "python -m harness sweep --preset synthetic",
             "matmul_tflops": {"float32": 2.0, "bfloat16": 1.0},
@@ -119,10 +120,19 @@ def _metric_rows(base, case, speed, logit_bytes, mode, rng, noise, slowdown, mem
     return [dict(base, metric=m, value=value, unit=unit, status="ok") for m, (value, unit) in metrics.items()]
 
 
-def write_check_run(results_dir: Path, run_id: str) -> Path:
-    """A check run with one failing property (with a reproducer) and a behaviour matrix."""
+def write_check_run(results_dir: Path, run_id: str, *, commit: str = SWEEP_COMMIT, device: str = SYNTHETIC_DEVICE,
+                    finished: bool = True, precision: list[dict] | None = None) -> Path:
+    """A check run with one failing property (with a reproducer) and a behaviour matrix; by default
+    of the synthetic sweep's commit and device, and finished; ``precision``: rows of precision.csv."""
     run_dir = Path(results_dir) / run_id
-    write_json_atomic(run_dir / "meta.json", {"kind": "check", "device": SYNTHETIC_DEVICE, "torch": "2.13.0+cpu"})
+    meta = {"kind": "check", "device": device, "torch": "2.13.0+cpu", "git_commit": commit, "git_dirty": False,
+            "profile": "ci"}
+    if finished:
+        meta["finished"] = "2026-01-01T13:05:00+00:00"
+    write_json_atomic(run_dir / "meta.json", meta)
+    if precision is not None:
+        columns = tuple(dict.fromkeys(key for row in precision for key in row))
+        RowWriter(run_dir / "precision.csv", columns).append(precision)
     properties = RowWriter(run_dir / "properties.csv", PROPERTY_COLUMNS)
     properties.append([
         dict(implementation="torch-eager", property="loss matches reference", status="pass", examples=50),

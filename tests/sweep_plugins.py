@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from harness.adapter import Implementation
+from harness.spec import LossOutput
 from implementations.torch_native import eager_loss
 
 
@@ -58,6 +59,19 @@ class Hanging(Implementation):
     def compute(self, hidden, weight, labels, spec, bias):
         _log_call(self.name, hidden)
         time.sleep(3600)
+
+
+class HangsOnLargeCases(Implementation):
+    """The eager loss up to 48 tokens; beyond, never returns (as a kernel that deadlocks at some size)."""
+
+    name = "test-hangs-on-large"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        if hidden.shape[0] > 48:
+            time.sleep(3600)
+        return eager_loss(hidden, weight, labels, spec, bias)
 
 
 class OutOfMemory(Implementation):
@@ -138,3 +152,51 @@ class ReportsCompileCaches(Implementation):
         Path(caches[1]).mkdir(parents=True, exist_ok=True)
         (Path(caches[1]) / "compiled").write_text("as a compiler would leave it")
         raise UnsupportedCase(f"caches {' '.join(caches)} empty={empty}")
+
+
+class WrongFast(Implementation):
+    """Quick and wrong: the eager loss of the first eight tokens only, as a kernel that stops early would."""
+
+    name = "test-wrong-fast"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        return eager_loss(hidden[:8], weight, labels[:8], spec, None if bias is None else bias)
+
+
+class _Replay(torch.autograd.Function):
+    """Returns a stored loss, and the stored gradients in backward, whatever the inputs hold now."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss, grad_hidden, grad_weight):
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+class CachesFirstAnswer(Implementation):
+    """Computes the loss and its gradients once, then replays them for any inputs of the same shape:
+    correct on the inputs it first saw, instant, and stale as soon as they change in place."""
+
+    name = "test-caches-first-answer"
+    family = "plugin"
+
+    def __init__(self) -> None:
+        self._cache = {}
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        _log_call(self.name, hidden)
+        key = (tuple(hidden.shape), tuple(weight.shape), spec.reduction)
+        if key not in self._cache:
+            with torch.enable_grad():
+                h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+                loss = eager_loss(h, w, labels, spec, bias).loss
+                grad_hidden, grad_weight = torch.autograd.grad(loss.sum(), (h, w))
+            self._cache[key] = (loss.detach(), grad_hidden, grad_weight)
+        loss, grad_hidden, grad_weight = self._cache[key]
+        return LossOutput(_Replay.apply(hidden, weight, loss, grad_hidden, grad_weight), None)

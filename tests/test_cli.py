@@ -74,3 +74,11 @@ def test_a_cpu_build_or_a_visible_gpu_gives_no_warning(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert missing_gpu() is None
+
+
+@pytest.mark.parametrize("command", ["list", "sweep", "report", "compare"])
+def test_the_help_of_the_commands_a_user_starts_with_has_examples(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"  python -m harness {command}" in out

@@ -120,3 +120,10 @@ def test_bad_input_on_the_command_line_is_a_one_line_error(results, capsys):
     assert capsys.readouterr().err == f"error: run 'no-such-run' not found (neither a folder nor a run id in {results}/)\n"
     assert compare(results, "base", "--threshold", "5x") == 2
     assert capsys.readouterr().err.startswith("error: bad threshold '5x'")
+
+
+def test_a_case_whose_result_is_now_wrong_fails_as_broken(results):
+    """Numbers that did not match torch-eager's are no numbers at all for the gate."""
+    regressed = run_where_chunked_has_no_numbers(results, "wrong", "wrong").regressions
+    assert set(zip(regressed["case"], regressed["implementation"])) == {(MISSING_CASE, "chunked")}
+    assert all(v == ["broken"] for v in regressed["verdicts"])

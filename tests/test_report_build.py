@@ -67,7 +67,7 @@ def test_markdown_summary_is_pull_request_sized(report):
     assert summary.startswith("## lmhead-bench: 20260101-120000")
     assert f"measured on: **{SYNTHETIC_DEVICE}**" in summary
     assert "### bfloat16" in summary and "### float32" in summary
-    assert "| case | fastest |" in summary
+    assert "| case | dtype | V, D, N | pick | how sure |" in summary
     assert ("matmul rate (what `matmul_fraction` divides by): 20260101-120000: bfloat16 1.00 TFLOP/s (torch.mm), "
             "float32 2.00 TFLOP/s (onednn; torch.mm 1.00)") in summary, "the rate, the routine that reached it and the others'"
     assert "**oom**, CUDA out of memory (synthetic)" in summary
@@ -101,7 +101,7 @@ def test_figures_without_data_are_skipped_with_a_note(tmp_path):
     assert "Time vs number of tokens N: skipped" in page
     assert not (out / "time_vs_vocab.png").exists(), "a figure skipped now does not leave an old one behind"
     assert (out / "speedup_heatmap.png").exists()
-    assert "No check run found" in page
+    assert "No check run in" in page and "matches this sweep" in page
 
 
 def test_cli_reports_the_latest_sweep_by_default(tmp_path, monkeypatch, capsys):

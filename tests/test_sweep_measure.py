@@ -37,8 +37,10 @@ def test_each_mode_records_time_spread_first_call_and_peak_memory(mode):
     gradient in the backward: each mode's peak holds them."""
     case = tiny_case(vocab=32768)
     inputs = sweep_inputs(case)
-    metrics = measure_mode(resolve("torch-eager"), inputs, mode, "cpu", QUICK)
+    measured = measure_mode(resolve("torch-eager"), inputs, mode, "cpu", QUICK)
+    metrics = measured.metrics
     assert set(metrics) == MEASURED
+    assert measured.verdict.ok and not measured.note, "torch-eager matches itself, computed in chunks"
     assert 0 < metrics["time_p20"] <= metrics["time_median"] <= metrics["time_p80"]
     assert metrics["peak_memory"] >= case.logits_bytes
     assert all(t.grad is None for t in inputs.gradient_inputs.values())  # nothing left behind for the next mode
@@ -48,9 +50,9 @@ def test_peak_memory_sees_the_logits_torch_eager_materialises_and_chunked_avoids
     """torch-eager holds all 256 x 32768 float32 logits (32 MiB); chunked, 32 tokens at a time, an eighth."""
     case = tiny_case(vocab=32768, dim=32, tokens=(256,))
     inputs = sweep_inputs(case)
-    eager = measure_mode(resolve("torch-eager"), inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
+    eager = measure_mode(resolve("torch-eager"), inputs, "forward_backward", "cpu", QUICK).metrics["peak_memory"]
     chunked_impl = resolve("chunked").with_chunk_size(32)
-    chunked = measure_mode(chunked_impl, inputs, "forward_backward", "cpu", QUICK)["peak_memory"]
+    chunked = measure_mode(chunked_impl, inputs, "forward_backward", "cpu", QUICK).metrics["peak_memory"]
     assert eager >= case.logits_bytes
     assert chunked < eager / 2
 
@@ -65,8 +67,9 @@ def test_options_reach_the_loss_and_per_token_losses_get_a_per_token_gradient():
     case = tiny_case(reduction="none", softcap=20.0, bias=True, class_weight=True)
     inputs = sweep_inputs(case)
     assert inputs.spec.softcap == 20.0 and inputs.bias is not None and inputs.spec.class_weight is not None
-    metrics = measure_mode(resolve("chunked"), inputs, "forward_backward", "cpu", QUICK)
-    assert set(metrics) == MEASURED
+    measured = measure_mode(resolve("chunked"), inputs, "forward_backward", "cpu", QUICK)
+    assert set(measured.metrics) == MEASURED
+    assert measured.verdict.ok, measured.verdict.reason
 
 
 @pytest.mark.parametrize(
@@ -199,3 +202,22 @@ def test_rows_record_the_inputs_logits_and_runs_from_before_the_column_read_as_r
     read = read_rows(tmp_path)
     assert list(read["logits"]) == ["random", "random"]
     assert list(read["case"]) == ["x", "tiny/peaked/N=64/float32"]  # appended under the file's own header
+
+
+def test_a_wrong_mode_keeps_its_metrics_with_status_wrong_and_the_reason():
+    job = Job(case=tiny_sweep_case(), implementation="x", reference="torch-eager")
+    result = {"status": "wrong", "reason": "loss off torch-eager's", "note": "",
+              "metrics": {"time_median": 1.0, "time_p20": 0.9, "time_p80": 1.1, "first_call": 3.0}}
+    rows = job_rows(job, {"forward": result}, run_id="r", device="cpu", matmul_tflops={"float32": 1.0})
+    assert {row["metric"] for row in rows} >= {"time_median", "tflops"}
+    assert {(row["status"], row["reason"]) for row in rows} == {("wrong", "loss off torch-eager's")}
+
+
+def test_the_sweep_ends_with_a_sentence_not_a_dict():
+    from collections import Counter
+
+    from harness.sweep.runner import SweepCounts
+
+    counts = SweepCounts(jobs=35, statuses=Counter({"ok": 55, "unsupported": 11, "timeout": 1, "wrong": 2}))
+    assert counts.sentence() == ("sweep: 35 jobs; of their 69 modes, 55 measured, 2 wrong (did not match "
+                                 "torch-eager), 11 unsupported here and 1 timed out.")

@@ -4,11 +4,12 @@ Cases are matched on (case, implementation, mode). The gate fails (exit status 1
 
 - got **slower**: the new median time is above the base median by more than the threshold *and* the
   new p20 is above the base p80, so the two runs' measured spreads (p20–p80) do not overlap and
-  noise alone cannot fail it (when a run has no p20/p80, the threshold alone decides);
+  noise alone cannot fail it (when a run has no p20/p80, the threshold alone decides). The rule is
+  ``harness.report.noise.judge_time``, which the reports' picks of a fastest implementation share;
 - uses **more memory**: the new peak memory is above the base by more than the threshold (peak
   memory is a single, repeatable measurement, so it has no spread);
-- stopped producing numbers: it measured in BASE and is out of memory, timed out, crashed or
-  raised an error in NEW. A case that became *unsupported* is listed but does not fail the gate:
+- stopped producing numbers: it measured in BASE and is out of memory, timed out, crashed,
+  raised an error or gave a wrong result in NEW. A case that became *unsupported* is listed but does not fail the gate:
   that is a statement about what the implementation supports, not about its speed or memory.
 
 Cases present in only one of the runs are listed and never fail the gate. Faster and leaner cases
@@ -27,18 +28,32 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError
+from harness.report.noise import UNCHANGED, judge_time, relative_change
 from harness.report.runs import Run, device_label, failures, format_bytes, format_ms, load_run, measurements, resolve_run
 from harness.results import RESULTS_DIR
 
 KEY = ["case", "implementation", "mode"]
-BROKEN_STATUSES = {"oom": "more memory", "timeout": "slower", "crash": "broken", "error": "broken"}
+BROKEN_STATUSES = {"oom": "more memory", "timeout": "slower", "crash": "broken", "error": "broken", "wrong": "broken"}
 # How rows are ordered in the printed table: what fails the gate first.
 VERDICT_ORDER = ["slower", "more memory", "broken", "now unsupported", "faster", "less memory", "fixed",
                  "within noise", "unchanged"]
 REGRESSIONS = {"slower", "more memory", "broken"}
 
 
+EXAMPLES = """\
+examples:
+  python -m harness compare 20261201-090000 20261207-101500
+                                  fail (exit status 1) on a slowdown or memory growth beyond 5%
+  python -m harness compare results/main results/branch --threshold 10%
+                                  two run folders, a wider threshold
+
+A slowdown must also clear both runs' p20–p80 spread; compare runs measured on the same device.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("base", metavar="BASE", help="baseline run folder or run id")
     parser.add_argument("new", metavar="NEW", help="new run folder or run id")
     parser.add_argument(
@@ -111,39 +126,17 @@ def _indexed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop_duplicates(subset=KEY, keep="last").set_index(KEY)
 
 
-def _relative(base: float, new: float) -> float:
-    if pd.isna(base) or pd.isna(new):
-        return float("nan")
-    if base == 0:
-        return 0.0 if new == 0 else float("inf")
-    return new / base - 1
-
-
 def _measured_change(base: pd.Series, new: pd.Series, threshold: float) -> dict:
-    time_change = _relative(base["time_median"], new["time_median"])
-    memory_change = _relative(base["peak_memory"], new["peak_memory"])
-    verdicts, notes = [], []
-    has_spread = not pd.isna([base["time_p20"], base["time_p80"], new["time_p20"], new["time_p80"]]).any()
-    if not has_spread and not pd.isna(time_change):
-        notes.append("no p20/p80: threshold only")
-    if time_change > threshold:
-        if not has_spread or new["time_p20"] > base["time_p80"]:
-            verdicts.append("slower")
-        else:
-            verdicts.append("within noise")
-            notes.append("p20–p80 ranges overlap")
-    elif time_change < -threshold:
-        if not has_spread or new["time_p80"] < base["time_p20"]:
-            verdicts.append("faster")
-        else:
-            verdicts.append("within noise")
-            notes.append("p20–p80 ranges overlap")
+    time = judge_time(base, new, threshold)
+    memory_change = relative_change(base["peak_memory"], new["peak_memory"])
+    verdicts = [] if time.verdict == UNCHANGED else [time.verdict]
+    notes = [time.note] if time.note else []
     if memory_change > threshold:
         verdicts.append("more memory")
     elif memory_change < -threshold:
         verdicts.append("less memory")
     return dict(
-        base_time=base["time_median"], new_time=new["time_median"], time_change=time_change,
+        base_time=base["time_median"], new_time=new["time_median"], time_change=time.change,
         base_memory=base["peak_memory"], new_memory=new["peak_memory"], memory_change=memory_change,
         verdicts=verdicts or ["unchanged"], note="; ".join(notes),
     )

@@ -7,8 +7,10 @@ from pathlib import Path
 import pandas as pd
 
 from harness.report import tables
+from harness.report.dashboard import CPU_CAVEAT
 from harness.report.runs import Run
 from harness.results import BASELINE
+from harness.sweep import load
 
 MAX_CASES_PER_DTYPE = 30  # keeps the comment readable (and far below GitHub's comment size limit)
 MAX_FAILURES = 20
@@ -41,17 +43,32 @@ def write_summary(
         f"full dashboard: `{escape(dashboard)}`",
         "",
     ]
+    for run in runs:
+        warning = load.warning(run.meta)
+        if warning:
+            lines += [f"> **Loaded machine** ({escape(run.name)}): {escape(warning)}", ""]
+    if any(run.meta.get("device_kind") == "cpu" for run in runs):
+        lines += [f"> **CPU only.** {escape(CPU_CAVEAT)}", ""]
     rates = [rate for run in runs for rate in [matmul_rate_line(run.name, run.meta)] if rate]
     if rates:
         lines += ["matmul rate (what `matmul_fraction` divides by): " + "; ".join(rates), ""]
-    if frame.empty:
+    if frame.empty and failures.empty:
         lines += ["No measurements in these runs.", ""]
-    for dtype in sorted(frame["dtype"].unique()) if not frame.empty else []:
-        table = tables.case_by_implementation(frame, mode, dtype, tables.time_and_memory_cell)
+    loaded = any(load.warning(run.meta) for run in runs)
+    picks = tables.picks(frame, failures, mode, "machine loaded" if loaded else "")
+    if not picks.empty:
+        lines += ["### Which implementation for which shape, and how sure", "",
+                  "The pick is named alone only when it is faster than every other beyond both measured "
+                  "spreads (p20–p80); a case without numbers for an implementation lists it under *no numbers*.", ""]
+        lines += _table(picks.head(MAX_CASES_PER_DTYPE * 2).set_index("case"), index="case")
+        if len(picks) > MAX_CASES_PER_DTYPE * 2:
+            lines.append(f"\n…and {len(picks) - MAX_CASES_PER_DTYPE * 2} more cases in the dashboard.")
+        lines.append("")
+    dtypes = sorted(set(frame["dtype"]) | set(failures["dtype"])) if not (frame.empty and failures.empty) else []
+    for dtype in dtypes:
+        table = tables.case_by_implementation(frame, mode, dtype, tables.time_and_memory_cell, failures)
         if table.empty:
             continue
-        fastest = tables.best_per_case(frame, mode).set_index("case")["fastest"]
-        table.insert(0, "fastest", fastest.reindex(table.index).fillna("–"))
         lines += [f"### {escape(dtype)}: median time (speed-up over {BASELINE}), peak memory", ""]
         lines += _table(table.head(MAX_CASES_PER_DTYPE), index="case")
         if len(table) > MAX_CASES_PER_DTYPE:

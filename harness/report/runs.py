@@ -4,7 +4,9 @@ Everything downstream (plots, dashboard, Markdown, compare) works on two frames:
 
 - ``measurements``: one row per run x case x implementation x mode, one column per metric
   (``time_median``, ``time_p20``, ``peak_memory``, ...), only for cases that produced numbers;
-- ``failures``: one row per case that did not (``status`` other than ok), with its reason.
+- ``failures``: one row per case that did not (``status`` other than ok: no numbers, or numbers
+  that are ``wrong``), with its reason and the case's columns, so that tables, plots and
+  heatmaps show a failure in the place its numbers would have had.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def _read_optional_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 def _with_run_and_keys(run: Run) -> pd.DataFrame:
     rows = run.rows.copy()
     rows["run"] = run.name
-    for column in ("case", "shape", "dtype", "tied", "options", "logits", "implementation", "mode", "device"):
+    for column in ("case", "shape", "dtype", "tied", "options", "logits", "implementation", "mode", "device", "note"):
         rows[column] = rows[column].fillna("").astype(str)
     for column in ("vocab", "hidden", "tokens"):
         rows[column] = pd.to_numeric(rows[column], errors="coerce")
@@ -131,26 +133,22 @@ def measurements(runs: list[Run]) -> pd.DataFrame:
     """
     frames = [_with_run_and_keys(run) for run in runs]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    columns = [*MEASUREMENT_KEY, "series", *METRICS]
+    columns = [*MEASUREMENT_KEY, "series", *METRICS, "note"]
     if rows.empty:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=[*columns, "speedup"])
     rows = rows[(rows["status"].isin(["ok", ""])) & (rows["metric"].isin(list(METRICS)))]
     if rows.empty:
-        return pd.DataFrame(columns=columns)
-    wide = (
-        rows.groupby([*MEASUREMENT_KEY, "metric"], dropna=False, sort=False)["value"]
-        .last()
-        .unstack("metric")
-        .reset_index()
-    )
+        return pd.DataFrame(columns=[*columns, "speedup"])
+    grouped = rows.groupby([*MEASUREMENT_KEY, "metric"], dropna=False, sort=False)
+    wide = grouped["value"].last().unstack("metric").reset_index()
     for metric in METRICS:
         if metric not in wide:
             wide[metric] = float("nan")
-    runs_per_impl = wide.groupby("implementation")["run"].nunique()
-    shared = set(runs_per_impl[runs_per_impl > 1].index)
-    wide["series"] = [
-        f"{impl} [{run}]" if impl in shared else impl for impl, run in zip(wide["implementation"], wide["run"])
-    ]
+    # The timer's noise warning and the like: on the time rows (the same on every metric row of a mode).
+    notes = rows[rows["metric"] == "time_median"].groupby(MEASUREMENT_KEY, dropna=False, sort=False)["note"].last()
+    wide = wide.merge(notes.rename("note").reset_index(), on=MEASUREMENT_KEY, how="left")
+    wide["note"] = wide["note"].fillna("")
+    wide["series"] = _series(wide, frames)
     wide["speedup"] = _speedup_over_baseline(wide)
     return wide[[*columns, "speedup"]]
 
@@ -164,15 +162,29 @@ def _speedup_over_baseline(wide: pd.DataFrame) -> pd.Series:
     return pd.Series((merged["baseline_time"] / merged["time_median"]).to_numpy(), index=wide.index)
 
 
+def _series(frame: pd.DataFrame, frames: list[pd.DataFrame]) -> list[str]:
+    """What names each row's implementation in plots and tables: its name, with the run added when
+    several of the runs (``frames``) hold the same implementation."""
+    runs = pd.concat([f[["implementation", "run"]] for f in frames], ignore_index=True)
+    runs_per_impl = runs.groupby("implementation")["run"].nunique()
+    shared = set(runs_per_impl[runs_per_impl > 1].index)
+    return [f"{impl} [{run}]" if impl in shared else impl for impl, run in zip(frame["implementation"], frame["run"])]
+
+
+FAILURE_COLUMNS = ["run", "device", *CASE_COLUMNS, "implementation", "series", "mode", "status", "reason"]
+
+
 def failures(runs: list[Run]) -> pd.DataFrame:
-    """Every case that produced no numbers, with its status and reason (one row per case x impl x mode)."""
+    """Every case without numbers that stand, with its status and reason (one row per case x impl x
+    mode): out of memory, timed out, crashed, raised an error, unsupported, or measured but ``wrong``."""
     frames = [_with_run_and_keys(run) for run in runs]
-    columns = ["run", "case", "dtype", "implementation", "mode", "status", "reason"]
+    columns = FAILURE_COLUMNS
     if not frames:
         return pd.DataFrame(columns=columns)
     rows = pd.concat(frames, ignore_index=True)
     bad = rows[(rows["metric"] == "status") | (~rows["status"].isin(["ok", ""]))]
     bad = bad.drop_duplicates(subset=["run", "case", "implementation", "mode", "status"], keep="last")
+    bad = bad.assign(series=_series(bad, frames))
     return bad[columns].reset_index(drop=True)
 
 

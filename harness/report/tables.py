@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness.report import noise
 from harness.report.runs import format_bytes, format_ms, format_ratio
 from harness.results import BASELINE
 
@@ -12,41 +13,126 @@ def _case_order(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["dtype", "shape", "vocab", "hidden", "tokens", "case", "mode"], kind="stable")
 
 
-def best_per_case(frame: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
-    """Per case (and mode): the fastest implementation, its speed-up over the baseline, and the leanest one."""
-    columns = ["dtype", "case", "mode", "fastest", "time", f"{BASELINE} time", "speed-up",
-               "peak memory (fastest)", "leanest", "peak memory (leanest)"]
+# Statuses that are a statement about what an implementation supports, not a failure of it.
+NOT_A_FAILURE = ("unsupported",)
+PICK_COLUMNS = ["dtype", "case", "V, D, N", "pick", "how sure", "time (p20–p80)", f"speed-up over {BASELINE}",
+                "leanest (peak memory)", "no numbers"]
+
+
+def picks(frame: pd.DataFrame, failed: pd.DataFrame, mode: str | None, caveat: str = "") -> pd.DataFrame:
+    """Per case: which implementation to pick and how sure that is, its time, its speed-up over the
+    baseline, the leanest, and every implementation without numbers (timeout, error, wrong, ...).
+
+    The pick is the lowest median time; it is named alone only when it is faster than every other
+    implementation beyond both measured spreads (``harness.report.noise``), otherwise the
+    implementations within noise of it are named with it ("a ≈ b"). An implementation whose numbers are
+    ``wrong`` or missing is never the pick: it is listed under "no numbers" in its case's row.
+    ``caveat`` qualifies every pick's "how sure" (e.g. "machine loaded").
+    """
     data = frame if mode is None else frame[frame["mode"] == mode]
     data = data.dropna(subset=["time_median"])
+    bad = failed if mode is None else failed[failed["mode"] == mode]
+    cases = pd.concat([data[_ORDER_COLUMNS], bad[_ORDER_COLUMNS]], ignore_index=True)
+    cases = _case_order(cases.assign(mode=mode or "")).drop_duplicates(subset=["dtype", "case"])
     rows = []
-    for _, group in _case_order(data).groupby(["dtype", "case", "mode"], sort=False):
-        fastest = group.loc[group["time_median"].idxmin()]
-        baseline = group[group["implementation"] == BASELINE]["time_median"]
-        memory = group.dropna(subset=["peak_memory"])
-        leanest = memory.loc[memory["peak_memory"].idxmin()] if not memory.empty else None
+    for _, case in cases.iterrows():
+        group = data[(data["case"] == case["case"]) & (data["dtype"] == case["dtype"])].sort_values("time_median")
+        pick = _pick(group)
+        if caveat and not group.empty:
+            pick["how sure"] += f"; {caveat}"
         rows.append({
-            "dtype": fastest["dtype"],
-            "case": fastest["case"],
-            "mode": fastest["mode"],
-            "fastest": fastest["series"],
-            "time": format_ms(fastest["time_median"]),
-            f"{BASELINE} time": format_ms(baseline.iloc[-1]) if not baseline.empty else "–",
-            "speed-up": format_ratio(fastest["speedup"]),
-            "peak memory (fastest)": format_bytes(fastest["peak_memory"]),
-            "leanest": leanest["series"] if leanest is not None else "–",
-            "peak memory (leanest)": format_bytes(leanest["peak_memory"]) if leanest is not None else "–",
+            "dtype": case["dtype"],
+            "case": case["case"],
+            "V, D, N": _shape(case),
+            **pick,
+            "no numbers": _no_numbers(bad[(bad["case"] == case["case"]) & (bad["dtype"] == case["dtype"])]),
         })
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=PICK_COLUMNS)
 
 
-def case_by_implementation(frame: pd.DataFrame, mode: str, dtype: str, cell) -> pd.DataFrame:
-    """case x implementation table of ``cell(row) -> str`` for one mode and dtype ("–" where not measured)."""
+_ORDER_COLUMNS = ["dtype", "shape", "vocab", "hidden", "tokens", "case"]
+
+
+def _shape(case: pd.Series) -> str:
+    values = [case["vocab"], case["hidden"], case["tokens"]]
+    return "–" if any(pd.isna(v) for v in values) else ", ".join(f"{int(v):,}" for v in values)
+
+
+def _pick(group: pd.DataFrame) -> dict:
+    """The pick among one case's measured implementations (sorted by median time) and how sure."""
+    empty = {"pick": "–", "how sure": "no implementation has numbers", "time (p20–p80)": "–",
+             f"speed-up over {BASELINE}": "–", "leanest (peak memory)": "–"}
+    if group.empty:
+        return empty
+    leader = group.iloc[0]
+    others = group.iloc[1:]
+    tied = [row["series"] for _, row in others.iterrows() if not noise.clearly_faster(leader, row)]
+    if others.empty:
+        pick, sure = leader["series"], "only one with numbers"
+    elif tied:
+        pick = " ≈ ".join([leader["series"], *tied])
+        sure = "within noise: p20–p80 ranges overlap"
+    else:
+        runner_up = others.iloc[0]
+        ratio = runner_up["time_median"] / leader["time_median"]
+        sure = f"clear: {ratio:.2f}× faster than {runner_up['series']}"
+        if pd.isna([leader["time_p20"], leader["time_p80"], runner_up["time_p20"], runner_up["time_p80"]]).any():
+            sure = f"medians only (no p20/p80): {ratio:.2f}× faster than {runner_up['series']}"
+        pick = leader["series"]
+    if "Interquartile" in str(leader.get("note", "")):
+        sure += "; its timer flagged noise"
+    if "not verified" in str(leader.get("note", "")):
+        sure += "; its result was not verified against torch-eager"
+    memory = group.dropna(subset=["peak_memory"])
+    leanest = memory.loc[memory["peak_memory"].idxmin()] if not memory.empty else None
+    return {
+        "pick": pick,
+        "how sure": sure,
+        "time (p20–p80)": _time_with_spread(leader),
+        f"speed-up over {BASELINE}": format_ratio(leader["speedup"]),
+        "leanest (peak memory)": "–" if leanest is None
+        else f"{leanest['series']} ({format_bytes(leanest['peak_memory'])})",
+    }
+
+
+def _time_with_spread(row: pd.Series) -> str:
+    """"46.08 ms (45.72–49.63)": the median, and p20–p80 in its unit where they share it."""
+    median = format_ms(row["time_median"])
+    if pd.isna(row["time_p20"]) or pd.isna(row["time_p80"]):
+        return median
+    low, high = format_ms(row["time_p20"]), format_ms(row["time_p80"])
+    unit = median.split()[-1]
+    if low.endswith(f" {unit}") and high.endswith(f" {unit}"):
+        low, high = low[: -len(unit) - 1], high[: -len(unit) - 1]
+    return f"{median} ({low}–{high})"
+
+
+def _no_numbers(bad: pd.DataFrame) -> str:
+    """The failures of one case, by implementation ("chunked: timeout"), then how many were unsupported."""
+    failed = bad[~bad["status"].isin(NOT_A_FAILURE)].sort_values("series")
+    parts = [f"{series}: {status}" for series, status in zip(failed["series"], failed["status"])]
+    unsupported = bad["status"].isin(NOT_A_FAILURE).sum()
+    if unsupported:
+        parts.append(f"{unsupported} unsupported")
+    return "; ".join(parts) or "–"
+
+
+def case_by_implementation(frame: pd.DataFrame, mode: str, dtype: str, cell,
+                           failed: pd.DataFrame | None = None) -> pd.DataFrame:
+    """case x implementation table of ``cell(row) -> str`` for one mode and dtype; a case an
+    implementation has no numbers for shows its status (timeout, wrong, ...), "–" where not run."""
     data = _case_order(frame[(frame["mode"] == mode) & (frame["dtype"] == dtype)])
-    if data.empty:
+    bad = pd.DataFrame(columns=["case", "series", "status"]) if failed is None else \
+        failed[(failed["mode"] == mode) & (failed["dtype"] == dtype)]
+    if data.empty and bad.empty:
         return pd.DataFrame()
-    data = data.assign(cell=[cell(row) for _, row in data.iterrows()])
-    table = data.pivot_table(index="case", columns="series", values="cell", aggfunc="last")
-    table = table.reindex(index=data["case"].unique(), columns=sorted(data["series"].unique()))
+    cells = pd.concat([
+        data.assign(cell=[cell(row) for _, row in data.iterrows()])[["case", "series", "cell"]],
+        bad.assign(cell=bad["status"])[["case", "series", "cell"]],
+    ], ignore_index=True)
+    order = list(dict.fromkeys(list(data["case"]) + list(_case_order(bad)["case"] if not bad.empty else [])))
+    table = cells.pivot_table(index="case", columns="series", values="cell", aggfunc="first")
+    table = table.reindex(index=order, columns=sorted(cells["series"].unique()))
     return table.fillna("–")
 
 
@@ -67,16 +153,22 @@ def property_matrix(properties: pd.DataFrame) -> pd.DataFrame:
     return matrix.fillna("–")
 
 
-def precision_matrix(precision: pd.DataFrame) -> pd.DataFrame:
-    """implementation x (dtype, tensor) -> its worst error as a multiple of torch-eager's, over every
-    equivalence and precision property of a check run."""
-    if precision.empty:
+def precision_matrix(precision: pd.DataFrame, column: str = "ratio") -> pd.DataFrame:
+    """implementation x (dtype, tensor) -> its worst error over every equivalence and precision
+    property of a check run: ``ratio``, as a multiple of torch-eager's error on the same inputs, or
+    ``budget_ratio``, as a share of the gate's allowance (written as a percentage). Empty when the
+    check run has no such column (``budget_ratio`` is newer than ``ratio``)."""
+    if precision.empty or column not in precision:
         return pd.DataFrame()
-    data = precision.assign(ratio=pd.to_numeric(precision["ratio"], errors="coerce"))
+    data = precision.assign(value=pd.to_numeric(precision[column], errors="coerce")).dropna(subset=["value"])
+    if data.empty:
+        return pd.DataFrame()
     data = data.assign(column=data["dtype"] + " " + data["tensor"])
-    matrix = data.pivot_table(index="implementation", columns="column", values="ratio", aggfunc="max")
+    matrix = data.pivot_table(index="implementation", columns="column", values="value", aggfunc="max")
     order = sorted(matrix.columns, key=lambda c: (("float32", "bfloat16", "float16").index(c.split()[0])
                                                    if c.split()[0] in ("float32", "bfloat16", "float16") else 9, c))
+    if column == "budget_ratio":
+        return matrix[order].map(lambda v: "–" if pd.isna(v) else f"{v * 100:.0f}%")
     return matrix[order].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
 
 

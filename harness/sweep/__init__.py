@@ -7,6 +7,8 @@
 - ``runner``: runs the (case, implementation) jobs one by one, each in a child process of its own
   (``harness.isolation``: a time limit and a memory limit), and appends their rows;
 - ``worker``: the child process itself; ``measure``: timing and peak memory inside it;
+- ``verify``: each timed result against torch-eager's on the same inputs (a mismatch: ``wrong``);
+- ``load``: the load check (the device's matmul rate at the start, between jobs and at the end);
 - ``rows``: a job's outcome as rows of the results table, with the derived figures;
 - ``distributed``: ``torchrun`` support (cases spread over GPUs, one run).
 """

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from harness.isolation import MEMORY_LIMIT_FRACTION
 from harness.results import MODES, RESULTS_DIR
 from harness.spec import DTYPES
 from harness.sweep.distributed import Coordinator, ranks_from_environment, shard
+from harness.sweep import load
 from harness.sweep.plan import (
     EXPLICIT_CASES_TIMEOUT_S,
     finish_run,
     make_plan,
+    record_load,
     resolve_resume,
     start_run,
 )
@@ -33,7 +37,35 @@ from harness.sweep.presets import PRESETS
 from harness.sweep.runner import job_modes, recorded_jobs, run_jobs
 
 
+EXAMPLES = """\
+examples:
+  python -m harness sweep                      the preset for this machine, then its report
+  python -m harness sweep --dry-run            list the jobs the preset would run, and stop
+  python -m harness sweep models --impl torch-eager --impl chunked
+                                               two implementations on the real model heads
+  python -m harness sweep models:llama3-8b --dtype float32
+                                               one entry of cases/models.toml, in float32
+  python -m harness sweep sweep_vocab --impl mypkg.heads:my_loss --out /tmp/results
+                                               a plugin on the vocabulary sweep, into /tmp/results
+  python -m harness sweep --resume 20261207-101500
+                                               finish an interrupted run
+
+Case files: docs/case-files.md. Each job is checked against torch-eager on the inputs it timed
+(a mismatch is 'wrong'), and the machine's load is checked at the start and the end.
+"""
+
+
+class DeprecatedAlias(argparse.Action):
+    """``--results-dir``: the sweep's older name of ``--out``, still accepted, with a note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated; use --out (the name check uses)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "cases", nargs="*", metavar="CASES",
         help="case files: paths, or names of files in cases/ (e.g. models, sweep_vocab); FILE:ENTRY keeps "
@@ -62,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc-per-node", type=int, metavar="P",
                         help="ranks of each job of a distributed (vocab-parallel) implementation, started with "
                              "torchrun --nproc-per-node P (default: 2)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where runs are written (default: results)")
+    parser.add_argument("--out", dest="results_dir", type=Path, default=RESULTS_DIR, metavar="DIR",
+                        help="results folder the run is written into, as check's --out (default: results)")
+    parser.add_argument("--results-dir", dest="results_dir", type=Path, action=DeprecatedAlias, help=argparse.SUPPRESS)
     parser.add_argument("--resume", metavar="RUN",
                         help="finish an interrupted run (run id or folder): skip what it recorded, append the rest")
     parser.add_argument("--no-report", action="store_true", help="do not build the report after a preset sweep")
@@ -77,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         for job in plan.jobs:
             print(f"{job.implementation}\t{job.case.name}\t{','.join(job_modes(job, plan.settings))}\t{job.case.source}")
         print(f"{len(plan.jobs)} jobs")
+        print_excluded(plan.excluded)
         return 0
 
     console = Console(stderr=True)
@@ -98,14 +133,21 @@ def run(args: argparse.Namespace) -> int:
             spread = f" over {ranks.world_size} processes" if ranks.world_size > 1 else ""
             console.print(f"run {run_dir} on {shared['device_name']}: {len(todo)} jobs{skipped}{spread}",
                           highlight=False)
+            print_excluded(plan.excluded, console)
         label = f"rank {ranks.rank}/{ranks.world_size}" if ranks.world_size > 1 else "sweep"
         counts = run_jobs(shard(todo, ranks), plan.settings, run_dir=run_dir, run_id=run_dir.name,
                           device_name=shared["device_name"], matmul_tflops=shared["matmul_tflops"], label=label,
                           console=console)
-        console.print(f"{label}: {counts.jobs} jobs; results per mode: {dict(counts.statuses)}", highlight=False)
+        console.print(counts.sentence(label), highlight=False)
         coordinator.wait_for_all()
         if ranks.is_leader:
+            meta = record_load(run_dir, plan.settings, counts.probes)
             finish_run(run_dir)
+            loaded = load.warning(meta)
+            if loaded:
+                console.print(f"[bold yellow]WARNING[/]: {escape(loaded)}", highlight=False)
+            else:
+                console.print(load.summary(meta), highlight=False)
             print(f"results: {run_dir}")
             if plan.preset and not args.no_report:
                 build_report(run_dir)
@@ -121,6 +163,16 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
         signal.signal(signal.SIGINT, previous_interrupt)
     return 0
+
+
+def print_excluded(excluded: dict[str, str], console: Console | None = None) -> None:
+    """One line per implementation the preset leaves out, with why."""
+    for name, why in excluded.items():
+        line = f"left out of the preset: {name}: {why} (run it with --impl {name})"
+        if console is None:
+            print(line)
+        else:
+            console.print(escape(line), highlight=False)
 
 
 def _stop_on_sigterm(signum, frame):

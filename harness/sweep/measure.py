@@ -42,8 +42,10 @@ import torch
 from harness.adapter import Implementation
 from harness.case import Inputs
 from harness.errors import UnsupportedCase
+from harness.isolation import one_line
 from harness.onednn import onednn_linear
 from harness.spec import DTYPES
+from harness.sweep import verify
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 L2_FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench
@@ -84,6 +86,7 @@ def mode_function(impl: Implementation, inputs: Inputs, mode: str):
             out = forward()
             loss = out.loss if grad_output is None else out.loss.float()
             loss.backward(grad_output)
+            return out  # what the sweep's verification compares (harness.sweep.verify)
 
         return forward_backward
     if mode == "backward":
@@ -104,11 +107,16 @@ def synchronize(device: str) -> None:
 
 def time_first_call(fn, device: str) -> float:
     """Seconds of one call, compilation and autotuning included when this is the first."""
+    return timed_call(fn, device)[0]
+
+
+def timed_call(fn, device: str) -> tuple[float, object]:
+    """(Seconds of one call, what it returned)."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    output = fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, output
 
 
 def repetitions(call_seconds: float, seconds: float, minimum: int) -> int:
@@ -149,10 +157,21 @@ def _time_cuda(fn, reset, timing: TimingSettings, call_seconds: float) -> list[f
     return time_with_events(fn, reset, count, event=event, before=l2_flush.zero_, synchronize=torch.cuda.synchronize)
 
 
-def time_repeated(fn, reset, device: str, timing: TimingSettings, call_seconds: float) -> list[float]:
+@dataclass(frozen=True)
+class Timed:
+    """Median, p20 and p80 of one call in milliseconds, and the timer's own warnings (CPU only:
+    ``torch.utils.benchmark`` flags an interquartile range that is large against the median)."""
+
+    median: float
+    p20: float
+    p80: float
+    warning: str = ""
+
+
+def time_repeated(fn, reset, device: str, timing: TimingSettings, call_seconds: float) -> Timed:
     """Median, p20 and p80 of one call, in milliseconds (warm: the first call is already done)."""
     if device.startswith("cuda"):
-        return quantiles(_time_cuda(fn, reset, timing, call_seconds))
+        return Timed(*quantiles(_time_cuda(fn, reset, timing, call_seconds)))
     from torch.utils.benchmark import Timer
 
     leaves = reset
@@ -173,7 +192,14 @@ def time_repeated(fn, reset, device: str, timing: TimingSettings, call_seconds: 
     )
     min_run_time = max(timing.measure_time, timing.min_repeats * call_seconds)
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return quantiles([t * 1000 for t in measurement.times])
+    return Timed(*quantiles([t * 1000 for t in measurement.times]), warning=_timer_warning(measurement))
+
+
+def _timer_warning(measurement) -> str:
+    """The timer's own noise warnings as one line ("" when it has none)."""
+    if not measurement.has_warnings:
+        return ""
+    return " ".join(" ".join(w.split()) for w in measurement._warnings)  # noqa: SLF001 - only its repr shows them
 
 
 class _ResidentMemory:
@@ -234,20 +260,99 @@ def peak_memory(fn, inputs: Inputs, device: str) -> tuple[int | None, float]:
     return max(0, int(peak)), seconds
 
 
-def measure_mode(impl: Implementation, inputs: Inputs, mode: str, device: str, timing: TimingSettings) -> dict:
-    """The raw metrics of one mode: first_call, peak_memory, time_median, time_p20, time_p80."""
+@dataclass(frozen=True)
+class Measured:
+    """One mode's raw metrics (first_call, peak_memory, time_median, time_p20, time_p80), the timer's
+    noise warning, and whether its results matched torch-eager's (``verify.Verdict``)."""
+
+    metrics: dict
+    warning: str = ""
+    verdict: verify.Verdict = verify.Verdict()
+    note: str = ""  # e.g. why it was not verified
+
+
+def measure_mode(impl: Implementation, inputs: Inputs, mode: str, device: str, timing: TimingSettings,
+                 *, check: bool = True) -> Measured:
+    """Time one mode; with ``check``, verify its first call's result and, after timing, its result on
+    inputs changed in place, against torch-eager's (``harness.sweep.verify``), outside the timed region."""
     fn = mode_function(impl, inputs, mode)
     inputs.reset_grads()
     if mode == "backward":
         fn = _retained_backward_or_unsupported(fn)
-    first_call = time_first_call(fn, device)
-    peak, call_seconds = peak_memory(fn, inputs, device)
-    median, p20, p80 = time_repeated(fn, list(inputs.gradient_inputs.values()), device, timing, call_seconds)
+    first_call, output = timed_call(fn, device)
+    checker = _Checker(inputs, mode, device) if check else None
+    verdict, note = (checker.first(output) if checker else (verify.Verdict(), ""))
+    del output  # a forward's graph (torch-eager's: its logits) is not kept alive while measuring
     inputs.reset_grads()
-    metrics = {"first_call": first_call * 1000, "time_median": median, "time_p20": p20, "time_p80": p80}
+    peak, call_seconds = peak_memory(fn, inputs, device)
+    timed = time_repeated(fn, list(inputs.gradient_inputs.values()), device, timing, call_seconds)
+    inputs.reset_grads()
+    if checker and verdict.ok and not note and mode != "backward":  # backward replays one forward's graph
+        verdict, note = checker.after_change(fn)
+        inputs.reset_grads()
+    metrics = {"first_call": first_call * 1000, "time_median": timed.median, "time_p20": timed.p20,
+               "time_p80": timed.p80}
     if peak is not None:
         metrics["peak_memory"] = peak
-    return metrics
+    return Measured(metrics, timed.warning, verdict, note)
+
+
+class _Checker:
+    """The verification of one mode's results (``harness.sweep.verify``), freeing what it holds."""
+
+    def __init__(self, inputs: Inputs, mode: str, device: str) -> None:
+        from harness.registry import resolve
+        from harness.results import BASELINE
+
+        self.inputs, self.mode, self.device = inputs, mode, device
+        self.eager = resolve(BASELINE)
+        self.first_result: verify.Result | None = None
+        self.first_reference: verify.Reference | None = None
+
+    def _compare(self, result: verify.Result, what: str = "") -> tuple[verify.Verdict, verify.Reference]:
+        inputs = self.inputs
+        expected = verify.reference(self.eager, inputs, gradients=self.mode != "forward")
+        verdict = verify.compare(result, expected, dtype=inputs.hidden.dtype, dim=inputs.weight.shape[1],
+                                 vocab=inputs.weight.shape[0], tokens=inputs.labels.numel(), what=what)
+        return verdict, expected
+
+    def first(self, output) -> tuple[verify.Verdict, str]:
+        try:
+            result = verify.result_of(output, self.inputs, self.mode)
+            verdict, expected = self._compare(result)
+        except Exception as exc:  # noqa: BLE001 - e.g. torch-eager's chunk out of memory: the timing stands
+            return verify.Verdict(), f"not verified: {type(exc).__name__}: {one_line(exc)}"
+        # Kept for the cached-answer check: the loss and one number per gradient, not the tensors.
+        self.first_result = verify.Result(None if result.loss is None else result.loss.clone(),
+                                          {name: _summed(g) for name, g in result.grads.items()})
+        self.first_reference = verify.Reference(expected.loss, expected.loss_terms, {})
+        del expected
+        free_device_memory(self.device)
+        return verdict, ""
+
+    def after_change(self, fn) -> tuple[verify.Verdict, str]:
+        try:
+            with verify.changed_inputs(self.inputs):
+                result = verify.result_of(fn(), self.inputs, self.mode)
+                verdict, expected = self._compare(result, what="on inputs changed in place")
+                summary = verify.Result(result.loss, {name: _summed(g) for name, g in result.grads.items()})
+                if verdict.ok:
+                    verdict = verify.cached_answer(self.first_result, summary, self.first_reference, expected)
+        except Exception as exc:  # noqa: BLE001
+            return verify.Verdict(), f"not verified on changed inputs: {type(exc).__name__}: {one_line(exc)}"
+        finally:
+            free_device_memory(self.device)
+        return verdict, ""
+
+
+def _summed(grad: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else grad.detach().double().sum().reshape(1)
+
+
+def free_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _retained_backward_or_unsupported(fn):
@@ -308,7 +413,27 @@ def matmul_routine_tflops(dtype_name: str, device: str, timing: TimingSettings) 
             pass
     rates = {}
     for name, (fn, seconds) in routines.items():
-        median_ms = time_repeated(fn, [], device, timing, seconds)[0]
+        median_ms = time_repeated(fn, [], device, timing, seconds).median
         rates[name] = 2 * size**3 / (median_ms / 1000) / 1e12
     return rates
 
+
+
+PROBE_SIZES = {"cpu": (1024, "float32"), "cuda": (4096, "bfloat16")}  # a call of about 10 ms on a CPU
+PROBE_TIMING = TimingSettings(measure_time=0.1, min_repeats=5, gpu_warmup=0.01)
+
+
+def probe_tflops(device: str) -> float:
+    """The load check's fixed matmul (``harness.sweep.load``): TFLOP/s of torch.mm at one size and
+    dtype per kind of device, median of about 0.1 s of calls after a warm one."""
+    size, dtype_name = PROBE_SIZES["cuda" if device.startswith("cuda") else "cpu"]
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator, device=device).to(DTYPES[dtype_name]) for _ in range(2))
+
+    def matmul():
+        torch.mm(a, b)
+
+    time_first_call(matmul, device)
+    seconds = time_first_call(matmul, device)
+    median_ms = time_repeated(matmul, [], device, PROBE_TIMING, seconds).median
+    return 2 * size**3 / (median_ms / 1000) / 1e12

@@ -1,12 +1,13 @@
 """What a sweep will do and where it writes: the plan from the command line (and a resumed run's
-own arguments), and the run folder's ``meta.json`` at the start and the end of the run."""
+own arguments), and the run folder's ``meta.json`` at the start and the end of the run (with the
+load check's readings and judgement: ``harness.sweep.load``)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,14 +16,22 @@ from rich.console import Console
 from harness.environment import host_environment, memory_bytes
 from harness.errors import HarnessError
 from harness.isolation import MEMORY_LIMIT_FRACTION, child_environment
-from harness.results import MODES, new_run_dir, read_meta, write_json_atomic
+from harness.results import MODES, mark_run_finished, new_run_dir, read_meta, write_json_atomic
 from harness.spec import DTYPES
 from harness.sweep.cases import canonical_case_argument, load_cases, with_dtypes
 from harness.sweep.distributed import Ranks, visible_device_for
 from harness.sweep.measure import TimingSettings
 from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
 from harness.sweep.rows import Job
-from harness.sweep.runner import COMPILE_CACHES, SweepSettings, job_modes, measure_environment, plan_jobs
+from harness.sweep.load import judge, load_average, probe_record
+from harness.sweep.runner import (
+    COMPILE_CACHES,
+    SweepSettings,
+    job_modes,
+    measure_environment,
+    measure_probe,
+    plan_jobs,
+)
 
 EXPLICIT_CASES_TIMEOUT_S = 600  # per (case, implementation) when case files are given
 # Arguments stored in meta.json, so that --resume RUN alone re-creates the sweep.
@@ -73,6 +82,7 @@ class SweepPlan:
     dtypes: list[str]
     preset: str | None  # the preset's name when no case files were given
     arguments: dict  # stored in meta.json for --resume
+    excluded: dict[str, str] = field(default_factory=dict)  # implementation -> why the preset skips it
 
 
 def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -> SweepPlan:
@@ -118,6 +128,10 @@ def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -
         world_size=choice["nproc_per_node"] or 2,
     )
     jobs = [job for job in plan_jobs(cases, choice["impl"]) if job_modes(job, settings)]
+    # A preset leaves out what cannot run with the pinned packages, unless --impl names it.
+    excluded = {name: why for name, why in preset.excluded} if is_preset_run and not choice["impl"] else {}
+    excluded = {name: why for name, why in excluded.items() if any(job.implementation == name for job in jobs)}
+    jobs = [job for job in jobs if job.implementation not in excluded]
     arguments = {
         **choice,
         "device": choice["device"] or kind,  # a resumed run stays on the same kind of device
@@ -130,6 +144,7 @@ def make_plan(args: argparse.Namespace, ranks: Ranks, resume_dir: Path | None) -
         dtypes=sorted({job.case.case.dtype for job in jobs}),
         preset=preset.name if is_preset_run else None,
         arguments=arguments,
+        excluded=excluded,
     )
 
 
@@ -153,6 +168,8 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
             rates.update(measured["matmul_tflops"])
             meta["matmul_routines"] = {**meta.get("matmul_routines", {}), **measured["matmul_routines"]}
         meta["matmul_tflops"] = rates
+        probes = (meta.get("load") or {}).get("probes", []) + [probe_record("resumed", measure_probe(settings))]
+        meta["load"] = judge(probes, device_kind=settings.device, cpu_count=os.cpu_count())
         meta.setdefault("resumed", []).append(
             {"time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
              "command": host_environment()["command"], "arguments": plan.arguments}
@@ -161,6 +178,7 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         return {"run_dir": str(resume_dir), "device_name": meta["device_name"], "matmul_tflops": rates}
 
     console.print(f"measuring the device's matmul rate ({', '.join(plan.dtypes)})...", highlight=False)
+    load_before = load_average()  # before the sweep's own processes add to it
     device = measure_environment(settings, plan.dtypes)
     run_dir = new_run_dir(results_dir)
     environment = device["environment"]
@@ -181,13 +199,23 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         "max_memory_bytes": settings.max_memory_bytes,
         "world_size": ranks.world_size,
         "arguments": plan.arguments,
+        "excluded": plan.excluded,
+        "load": judge([probe_record("start", device["probe"].get("tflops"), load_before)],
+                      device_kind=settings.device, cpu_count=os.cpu_count()),
         "finished": None,
     }
     write_json_atomic(run_dir / "meta.json", meta)
     return {"run_dir": str(run_dir), "device_name": environment["device_name"], "matmul_tflops": device["matmul_tflops"]}
 
 
-def finish_run(run_dir: Path) -> None:
+def record_load(run_dir: Path, settings: SweepSettings, probes: list[dict]) -> dict:
+    """Leader only: the load check's readings between jobs and at the end into meta.json, judged."""
     meta = read_meta(run_dir)
-    meta["finished"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    readings = (meta.get("load") or {}).get("probes", []) + probes + [probe_record("end", measure_probe(settings))]
+    meta["load"] = judge(readings, device_kind=settings.device, cpu_count=os.cpu_count())
     write_json_atomic(run_dir / "meta.json", meta)
+    return meta
+
+
+def finish_run(run_dir: Path) -> None:
+    mark_run_finished(run_dir)

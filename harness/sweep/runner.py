@@ -26,17 +26,22 @@ from rich.progress import (
 
 from harness.errors import HarnessError
 from harness.isolation import ChildOutcome, Limits, run_child
+from harness.quiet import Captured, captured
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
 from harness.sweep.cases import SweepCase
+from harness.sweep.load import probe_record
 from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
 
-FAILURE_STATUSES = ("oom", "timeout", "crash", "error")
+FAILURE_STATUSES = ("wrong", "oom", "timeout", "crash", "error")
 # Each job compiles into caches of its own, so its first_call is a cold compilation whatever ran
 # before it: with shared caches it read cold for the first job to compile a kernel and warm for the
 # next ones, depending on the order of the jobs. Recorded in meta.json.
 COMPILE_CACHES = "per job: first_call includes cold Triton and inductor compilation"
+# The time limit of the sweep's own jobs (the device's description and matmul rates, the load
+# check's last reading): they are no case, and a short --timeout meant for cases must not stop them.
+SETUP_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,27 @@ class SweepSettings:
 class SweepCounts:
     jobs: int = 0
     statuses: collections.Counter = field(default_factory=collections.Counter)  # per mode
+    probes: list[dict] = field(default_factory=list)  # the load check's readings (harness.sweep.load)
 
     @property
     def failed(self) -> int:
         return sum(self.statuses[s] for s in FAILURE_STATUSES)
+
+    def sentence(self, label: str = "sweep") -> str:
+        """What the jobs gave, as one sentence: "sweep: 40 jobs; 55 modes measured, 1 timed out, ..."."""
+        words = {"ok": "measured", "wrong": "wrong (did not match torch-eager)", "unsupported": "unsupported here",
+                 "oom": "out of memory", "timeout": "timed out", "crash": "crashed", "error": "raised an error"}
+        parts = [f"{self.statuses[s]} {words[s]}" for s in words if self.statuses[s]]
+        parts += [f"{n} {s}" for s, n in sorted(self.statuses.items()) if s not in words]
+        modes = sum(self.statuses.values())
+        jobs = f"{self.jobs} job{'s' if self.jobs != 1 else ''}"
+        if not modes:
+            return f"{label}: {jobs}, nothing measured."
+        return f"{label}: {jobs}; of their {modes} modes, " + _enumerate(parts) + "."
+
+
+def _enumerate(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def plan_jobs(cases: list[SweepCase], implementations: list[str] | None) -> list[Job]:
@@ -102,8 +124,10 @@ def declared_unsupported(job: Job, device: str) -> str | None:
 
     Checked in the sweep process so that such a case costs no worker process; the worker checks
     again, and an implementation that only finds out while running still reports unsupported.
+    The peer packages' import warnings are kept out of the sweep's output (``harness.quiet``).
     """
-    return job.case.case.unsupported_reason(resolve(job.reference), device)
+    with captured(Captured()):
+        return job.case.case.unsupported_reason(resolve(job.reference), device)
 
 
 def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
@@ -113,14 +137,14 @@ def recorded_jobs(run_dir: Path) -> set[tuple[str, str]]:
 
 
 def run_job(job: dict, settings: SweepSettings, reference: str | None = None,
-            env: dict[str, str] | None = None) -> ChildOutcome:
+            env: dict[str, str] | None = None, timeout_s: float | None = None) -> ChildOutcome:
     """One job in a fresh ``harness.sweep.worker`` process, within the sweep's limits (``env``: the
     child's environment, the sweep's by default).
 
     An implementation that runs as P ranks (the ``distributed`` family) names its own job module
     (``torchrun_module``), which becomes torchrun in the same process: the limits cover its ranks.
     """
-    limits = Limits(timeout_s=settings.timeout_s, max_memory_bytes=settings.max_memory_bytes)
+    limits = Limits(timeout_s=timeout_s or settings.timeout_s, max_memory_bytes=settings.max_memory_bytes)
     module = None if reference is None else getattr(resolve(reference), "torchrun_module", None)
     if module is not None:
         job = {**job, "world_size": settings.world_size}
@@ -136,25 +160,51 @@ def job_environment(env: dict[str, str], cache_dir: str) -> dict[str, str]:
 
 
 def measure_environment(settings: SweepSettings, dtypes: list[str]) -> dict:
-    """The device's description and matmul rate per dtype, measured in a child like a case."""
+    """The device's description and matmul rate per dtype, measured in a child like a case, with
+    the load check's first reading (``probe``)."""
     job = {"kind": "environment", "device": settings.device, "dtypes": dtypes, "timing": settings.timing.to_json()}
-    outcome = run_job(job, settings)
+    outcome = run_job(job, settings, timeout_s=max(settings.timeout_s, SETUP_TIMEOUT_S))
     for message in outcome.messages:
         if message.get("event") == "environment":
-            return message
+            return {**message, "probe": probe_message(outcome) or {}}
     status, reason = outcome.failure or ("error", "no result")
     raise HarnessError(f"could not describe the device {settings.device!r} ({status}): {reason}")
+
+
+def probe_message(outcome: ChildOutcome) -> dict | None:
+    """The load check's reading a child sent, if any."""
+    return next((m for m in outcome.messages if m.get("event") == "probe"), None)
+
+
+def measure_probe(settings: SweepSettings) -> float | None:
+    """The load check's matmul rate, measured in a child of its own (None when it failed)."""
+    job = {"kind": "probe", "device": settings.device}
+    message = probe_message(run_job(job, settings, timeout_s=max(settings.timeout_s, SETUP_TIMEOUT_S)))
+    return None if message is None else message.get("tflops")
+
+
+# A distributed job (torchrun, one process per rank) times the rank-side computation directly; its
+# ranks do not yet compare their result with torch-eager's (harness.sweep.verify), so it says so.
+NOT_VERIFIED_DISTRIBUTED = "not verified against torch-eager (a distributed job's ranks do not compare yet)"
+
+
+def _unverified(result: dict) -> dict:
+    if "metrics" not in result:
+        return result
+    return {**result, "note": "; ".join(n for n in (result.get("note"), NOT_VERIFIED_DISTRIBUTED) if n)}
 
 
 def _summary(job: Job, results: dict[str, dict], seconds: float) -> str:
     parts = []
     for mode, result in results.items():
         label = {"forward": "fwd", "forward_backward": "fwd+bwd", "backward": "bwd"}.get(mode, mode)
-        if result["status"] == "ok":
+        if "metrics" in result:
             metrics = result["metrics"]
             text = f"{label} {metrics['time_median']:.3g} ms"
             if "peak_memory" in metrics:
                 text += f", {metrics['peak_memory'] / 2**20:.4g} MiB"
+            if result["status"] != "ok":
+                text += f" [bold red]{result['status']}[/]"
             parts.append(text)
         else:
             parts.append(f"{label} [bold]{result['status']}[/]")
@@ -201,6 +251,7 @@ def run_jobs(
                 "modes": modes,
                 "device": settings.device,
                 "timing": settings.timing.to_json(),
+                "probe": True,
             }
             reason = declared_unsupported(job, settings.device)
             if reason is None:
@@ -208,6 +259,11 @@ def run_jobs(
                     outcome = run_job(payload, settings, reference=job.reference,
                                       env=job_environment(settings.child_env, cache_dir))
                 results, seconds = mode_results(outcome, modes), outcome.seconds
+                if getattr(resolve(job.reference), "torchrun_module", None) is not None:
+                    results = {mode: _unverified(result) for mode, result in results.items()}
+                probe = probe_message(outcome)
+                if probe is not None and probe.get("tflops"):
+                    counts.probes.append(probe_record(f"before {job.implementation} {job.case.name}", probe["tflops"]))
             else:  # known without starting a process
                 results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}
                 seconds = 0.0

@@ -1,8 +1,9 @@
 """The child process that measures one job: ``python -m harness.sweep.worker RESULT_FILE`` (job on stdin).
 
 A job is JSON: ``{"kind": "case", "case": {...}, "implementation": ..., "modes": [...],
-"device": ..., "timing": {...}}`` or ``{"kind": "environment", "device": ..., "dtypes": [...],
-"timing": {...}}``. The worker appends one JSON line to RESULT_FILE as each step starts and ends,
+"device": ..., "timing": {...}, "probe": true}``, ``{"kind": "environment", "device": ...,
+"dtypes": [...], "timing": {...}}`` or ``{"kind": "probe", "device": ...}``. Each measures the load
+check's matmul rate first (``probe``: ``harness.sweep.load``), the environment job last. The worker appends one JSON line to RESULT_FILE as each step starts and ends,
 flushed at once, so that when the process dies (abort, segfault, killed at its time limit) the
 sweep still knows what was measured and in which mode it died.
 
@@ -10,6 +11,8 @@ Failures it can see itself become results (``harness.isolation.classify``): ``Un
 -> unsupported, an out-of-memory error -> oom, a CUDA error that poisons the context (illegal
 memory access, device-side assert) -> crash (and the worker stops with ``FATAL_EXIT_STATUS``,
 since nothing after it can be trusted), anything else -> error. ``harness.isolation`` runs it.
+A mode whose results do not match torch-eager's (``harness.sweep.verify``) is ``wrong``: its
+timings are kept, with the mismatch as its reason. torch-eager itself, the reference, is not checked.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import torch
 import harness  # noqa: F401  (sets TRITON_INTERPRET before anything imports triton)
 from harness.isolation import FATAL_EXIT_STATUS, Report, child_report, classify
 from harness.registry import resolve
+from harness.results import BASELINE
 from harness.case import make_inputs
 from harness.sweep.cases import SweepCase
 from harness.environment import device_environment
-from harness.sweep.measure import TimingSettings, matmul_routine_tflops, measure_mode
+from harness.sweep.measure import TimingSettings, matmul_routine_tflops, measure_mode, probe_tflops
 
 
 def free_memory(device: str) -> None:
@@ -35,12 +39,22 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def send_probe(device: str, out: Report) -> None:
+    """The load check's matmul rate, measured here before anything else (``harness.sweep.load``)."""
+    try:
+        out.send({"event": "probe", "tflops": probe_tflops(device)})
+    except Exception as exc:  # noqa: BLE001 - the job itself matters more than one reading of the load
+        out.send({"event": "probe", "tflops": None, "reason": classify(exc)[1]})
+
+
 def run_case(job: dict, out: Report) -> int:
     case = SweepCase.from_json(job["case"]).case
     device = job["device"]
     timing = TimingSettings(**job["timing"])
     modes = job["modes"]
     impl = resolve(job["implementation"])
+    if job.get("probe"):
+        send_probe(device, out)
 
     def all_modes(status: str, reason: str) -> None:
         for mode in modes:
@@ -60,7 +74,8 @@ def run_case(job: dict, out: Report) -> int:
     for mode in modes:
         out.send({"event": "started", "mode": mode})
         try:
-            metrics = measure_mode(impl, inputs, mode, device, timing)
+            # torch-eager is the reference the others are checked against: nothing to check it with.
+            measured = measure_mode(impl, inputs, mode, device, timing, check=impl.name != BASELINE)
         except Exception as exc:
             status, reason, fatal = classify(exc)
             out.send({"event": "result", "mode": mode, "status": status, "reason": reason})
@@ -69,7 +84,10 @@ def run_case(job: dict, out: Report) -> int:
             inputs.reset_grads()
             free_memory(device)
             continue
-        out.send({"event": "result", "mode": mode, "status": "ok", "metrics": metrics})
+        status = "ok" if measured.verdict.ok else "wrong"
+        note = "; ".join(n for n in (measured.warning, measured.note) if n)
+        out.send({"event": "result", "mode": mode, "status": status, "reason": measured.verdict.reason,
+                  "metrics": measured.metrics, "note": note})
         free_memory(device)
     return 0
 
@@ -88,6 +106,7 @@ def run_environment(job: dict, out: Report) -> int:
         rates[dtype] = max(routines[dtype].values())
     out.send({"event": "environment", "environment": environment, "matmul_tflops": rates,
               "matmul_routines": routines, "matmul_failures": failures})
+    send_probe(device, out)
     return 0
 
 
@@ -96,6 +115,9 @@ def main(argv: list[str]) -> int:
     job = json.load(sys.stdin)
     if job["kind"] == "environment":
         return run_environment(job, out)
+    if job["kind"] == "probe":
+        send_probe(job["device"], out)
+        return 0
     return run_case(job, out)
 
 

@@ -1,0 +1,86 @@
+"""Was the machine loaded while the sweep measured? The load check that meta.json, the sweep's last
+lines and the dashboard's first screen report.
+
+The sweep times one fixed square matmul (``measure.probe_tflops``: torch.mm, 1024 x 1024 in
+float32 on a CPU, 4096 x 4096 in bfloat16 on a GPU) at its start, in each job's process before the
+case (where a job starts a process at all), and at its end, and records the load average
+(``os.getloadavg``) with each. The machine was **loaded**, and the timings are unreliable, when
+
+- the probe's rate moved by more than ``RATE_TOLERANCE`` between its slowest and its fastest
+  reading: on the project's CPU machine (AMD EPYC, 2 cores) quiet runs repeat the matmul rate
+  within about 10 % (torch.mm float32: 0.198-0.216 TFLOP/s over five committed runs of
+  2026-11-24, 0.175-0.197 over five of 2026-12-02), while one other busy process on its two cores
+  halves it (about 50 %); 25 % lies between the two. On a GPU, clocks and temperature move a
+  sustained matmul rate by up to about 10 % too;
+- or, on a CPU, the 1-minute load average at the start was above ``BUSY_CORES_FRACTION`` of the
+  cores: other processes were already using at least half the machine (a load that stays the
+  same all along does not move the rate, yet it slows and disturbs every timing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+RATE_TOLERANCE = 0.25
+BUSY_CORES_FRACTION = 0.5
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, or None where the system has none."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def probe_record(where: str, tflops: float | None, load: list[float] | None = None) -> dict:
+    """One reading of the probe, with the time and the load average (``load``: read earlier, before
+    the sweep's own processes ran)."""
+    return {"where": where, "time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "tflops": tflops, "load_average": load or load_average()}
+
+
+def judge(probes: list[dict], *, device_kind: str, cpu_count: int | None) -> dict:
+    """``meta.json``'s ``load`` section: the readings, the limits, and whether the machine was loaded."""
+    rates = [p["tflops"] for p in probes if p.get("tflops")]
+    moved = 1 - min(rates) / max(rates) if len(rates) >= 2 else None
+    reasons = []
+    if moved is not None and moved > RATE_TOLERANCE:
+        reasons.append(f"the device's matmul rate moved by {moved:.0%} during the sweep ({min(rates):.3g} to "
+                       f"{max(rates):.3g} TFLOP/s; beyond {RATE_TOLERANCE:.0%} it is load, not noise)")
+    start = next((p for p in probes if p.get("where") == "start"), None)
+    start_load = (start or {}).get("load_average")
+    if device_kind == "cpu" and start_load and cpu_count and start_load[0] > BUSY_CORES_FRACTION * cpu_count:
+        reasons.append(f"the load average was {start_load[0]:.1f} on {cpu_count} cores at the start")
+    return {
+        "loaded": bool(reasons),
+        "reasons": reasons,
+        "rate_moved": moved,
+        "rate_tolerance": RATE_TOLERANCE,
+        "busy_cores_fraction": BUSY_CORES_FRACTION,
+        "probes": probes,
+    }
+
+
+def warning(meta: dict) -> str | None:
+    """The one-sentence warning for a run whose machine was loaded (None: not loaded, or not checked)."""
+    load = meta.get("load") or {}
+    if not load.get("loaded"):
+        return None
+    return ("The machine was loaded while this sweep ran, so its timings are unreliable: "
+            + "; ".join(load.get("reasons") or ["see meta.json's load section"])
+            + ". Rerun it on a quiet machine before drawing conclusions.")
+
+
+def summary(meta: dict) -> str:
+    """One line on the load check for a run that passed it (or that predates it)."""
+    load = meta.get("load")
+    if not load:
+        return "no load check recorded (a run from before the check existed)"
+    moved = load.get("rate_moved")
+    rates = [p["tflops"] for p in load.get("probes", []) if p.get("tflops")]
+    if moved is None:
+        return "load check: too few matmul-rate readings to judge"
+    return (f"load check passed: the matmul rate stayed within {moved:.0%} over {len(rates)} readings "
+            f"(limit {load.get('rate_tolerance', RATE_TOLERANCE):.0%})")
