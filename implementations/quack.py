@@ -58,12 +58,12 @@ class QuackCrossEntropy(Implementation):
         return Capabilities(dtypes=ALL_DTYPES, supported_options=CE_SUPPORTED, unsupported_options=CE_UNSUPPORTED)
 
     def compute(self, hidden, weight, labels, spec, bias):
-        from quack.cross_entropy import cross_entropy
-
         vector = 16 // hidden.element_size()
         if weight.shape[0] % vector:
             raise UnsupportedCase(f"quack's cross_entropy loads {vector} logits of this dtype at a time: V = "
                                   f"{weight.shape[0]} is not a multiple of {vector} (its backward asserts it)")
+        from quack.cross_entropy import cross_entropy
+
         class_weight = None if spec.class_weight is None else spec.class_weight.to(hidden.device, torch.float32)
         loss = cross_entropy(composed_logits(hidden, weight, bias, spec), labels.long(), weight=class_weight,
                              ignore_index=spec.ignore_index, reduction=spec.reduction)
@@ -85,13 +85,13 @@ class QuackLinearCrossEntropy(Implementation):
                             supported_options=LINEAR_SUPPORTED, unsupported_options=LINEAR_UNSUPPORTED)
 
     def compute(self, hidden, weight, labels, spec, bias):
-        from quack.linear_cross_entropy import chunked_linear_cross_entropy
-
         sizes = {"N": hidden.shape[0], "D": hidden.shape[1], "V": weight.shape[0]}
         unaligned = [f"{k} = {v}" for k, v in sizes.items() if v % 8]
         if unaligned:
             raise UnsupportedCase(f"quack's chunked_linear_cross_entropy needs N, D and V multiples of 8 (TMA); "
                                   f"{', '.join(unaligned)}")
+        from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
         loss = chunked_linear_cross_entropy(hidden, weight, labels.long(), ignore_index=spec.ignore_index,
                                             reduction=spec.reduction)
         return LossOutput(loss, None)

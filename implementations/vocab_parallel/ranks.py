@@ -19,6 +19,10 @@ the head weight (and of the bias and class weights). Three ways to compute the l
   caller masks ignored tokens and reduces, as Megatron's trainers do, and converts PyTorch's label
   smoothing to Megatron's convention (``megatron_smoothing``).
 
+Peers whose rank-side computation lives beside their adapter (``PEER_MODULES``, each module's
+``rank_loss``): ``liger`` (``LigerVocabParallelCrossEntropy``), ``torchtitan`` (its loss-parallel
+cross-entropy) and ``fla`` (``fused_linear_cross_entropy_loss`` with a process group; NCCL only).
+
 A label that no rank owns (out of range) makes every rank raise the same ``IndexError``, after the
 all-reduce that finds it, so no rank is left waiting in a collective.
 
