@@ -28,7 +28,7 @@ from harness.spec import LossOutput
 from implementations.composed import composed_logits
 from implementations.distributed import VocabParallel, equal_shards_world_size
 from implementations.known_shapes import second_backward_rescales_the_saved_gradient
-from implementations.triton_runtime import triton_availability
+from implementations.triton_runtime import TRUNCATION, triton_availability
 
 PACKAGE_HINT = "pip install 'lmhead-bench[liger]'"
 
@@ -281,11 +281,6 @@ STRUCTURAL = (
     ),
 )
 
-TRUNCATION = (
-    "Triton 3.9's interpreter casts float32 to bfloat16 by truncation (runtime/interpreter.py: cast_impl "
-    "passes no rounding mode to _convert_float), where a GPU rounds to nearest even: on a CPU every bfloat16 "
-    "value a Triton kernel stores is rounded toward zero, all in the same direction"
-)
 ACCUMULATION = (
     "liger-kernel 0.8.5 accumulates the weight and bias gradients across its token chunks in the input dtype "
     "unless accum_dtype=torch.float32 is passed (its default is None): one rounding of the input dtype per "
@@ -323,7 +318,11 @@ CE_KNOWN_ISSUES = (
         PACKAGE,
         matches=second_backward_rescales_the_saved_gradient,
     ),
+    # Its kernel stores the per-token loss (and z-loss) and the logits' gradient in the logits' dtype.
+    KnownImprecision(TRUNCATION, TRUNCATED, "triton 3.9", ("bfloat16",), (*STORED_BFLOAT16, *PARAMETER_GRADIENTS),
+                     max_ratio=2.0, devices=("cpu",)),
 )
+
 
 def _probabilities_may_underflow(case) -> torch.Tensor:
     """Per token (the labels' shape): whether some class's float32 probability may be 0, i.e. its

@@ -16,6 +16,13 @@ import torch
 
 from harness.adapter import Availability
 
+# What the interpreter does differently from a GPU, which the Triton peers' known issues cite.
+TRUNCATION = (
+    "Triton 3.9's interpreter casts float32 to bfloat16 by truncation (runtime/interpreter.py: cast_impl "
+    "passes no rounding mode to _convert_float), where a GPU rounds to nearest even: on a CPU every bfloat16 "
+    "value a Triton kernel stores is rounded toward zero, all in the same direction"
+)
+
 
 def interpreter_on() -> bool:
     """True when Triton's interpreter is active (Triton reads the setting once, at import)."""
