@@ -287,3 +287,28 @@ def test_liger_ce_overwrites_its_input_which_only_an_op_that_saved_its_output_se
                           atol=1e-6)
     corrupted = grad(LigerCrossEntropyLoss(), torch.tanh) - grad(F.cross_entropy, torch.tanh)
     assert corrupted.abs().max() > 1e-2
+
+
+def _known_examples():
+    from harness.known import KnownLimitation
+
+    for name in CPU_RUNNABLE:
+        for known in resolve(name).known_issues("cpu"):
+            if not isinstance(known, KnownLimitation) and (not known.devices or "cpu" in known.devices):
+                yield pytest.param(name, known, id=f"{name}-{known.example.split(':')[0]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, known", list(_known_examples()))
+def test_a_peers_known_issue_shows_exactly_as_known_on_its_example(name, known):
+    """Until issue 25's generic test covers every adapter's entries: a fix upstream (a pass) or
+    another failure there (a fail) shows up here, and the entry is updated."""
+    from harness.check.run_property import KNOWN_FAILURE
+
+    impl = resolve(name)
+    if not impl.availability().available:
+        pytest.skip(f"{name}: {impl.availability().detail}")
+    property_id, case = known.example.split(": ")
+    result = run_case(Target(name, impl), find_property(property_id), parse_case(case), "cpu")
+    assert result.status == KNOWN_FAILURE, f"{result.status}: {result.detail}"
+    assert known.reason in result.detail
