@@ -115,9 +115,6 @@ class FlaVocabParallel(VocabParallel):
     def capabilities(self, device):
         return fla_capabilities(device)
 
-    def known_issues(self, device):
-        return KNOWN_ISSUES
-
     def world_size(self, num_tokens, vocab):
         return equal_shards_world_size(num_tokens, vocab, "fla-core's process_group")
 
