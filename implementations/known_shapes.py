@@ -4,7 +4,9 @@ Liger-Kernel's losses and fla-core's (adapted from Liger's) compute the gradient
 save them, and in backward multiply the saved buffers by the upstream gradient in place. A second
 backward through a retained graph then scales them again: two backwards of ``c * loss`` give
 ``c g + c^2 g`` where ``2 c g`` was due, or ``2 c^2 g`` for a tensor whose ``.grad`` autograd made
-the saved buffer itself (it then holds ``c^2 g`` and receives ``c^2 g`` again).
+the saved buffer itself (it then holds ``c^2 g`` and receives ``c^2 g`` again). Here ``c`` is
+the upstream gradient at the peer's own output: the property's loss scale divided by the case's
+``loss_div_factor``, which the harness applies after the peer.
 """
 
 from __future__ import annotations
@@ -30,5 +32,11 @@ def second_backward_rescales_the_saved_gradient(m: Mismatch) -> bool:
         return False
     if not m.tensor.startswith("grad_"):
         return False
-    c = m.loss_scale
+    c = upstream_at_the_peer(m)
     return within(m, (1 + c) / 2) or within(m, c)
+
+
+def upstream_at_the_peer(m: Mismatch) -> float:
+    """The gradient reaching the peer's loss in backward: the loss scale over the loss_div_factor
+    (applied by the harness after the peer, for the adapters of these peers)."""
+    return m.loss_scale / (m.case.option("loss_div_factor") or 1.0)

@@ -27,7 +27,7 @@ from harness.known import KnownFailure, KnownImprecision, Mismatch
 from harness.spec import LossOutput
 from implementations.composed import composed_logits
 from implementations.distributed import VocabParallel, equal_shards_world_size
-from implementations.known_shapes import second_backward_rescales_the_saved_gradient
+from implementations.known_shapes import second_backward_rescales_the_saved_gradient, upstream_at_the_peer
 from implementations.triton_runtime import TRUNCATION, triton_availability
 
 PACKAGE_HINT = "pip install 'lmhead-bench[liger]'"
@@ -255,7 +255,7 @@ def _second_backward_scales_the_saved_gradient_again(m: Mismatch) -> bool:
         return False
     if m.actual is None or m.expected is None or m.allowed is None or not m.tensor.startswith("grad_"):
         return False
-    c = m.loss_scale
+    c = upstream_at_the_peer(m)
     factor = c if m.tensor == "grad_hidden" else (1 + c) / 2
     return mismatch(m.tensor, m.actual, m.expected * factor, m.allowed) is None
 
