@@ -103,6 +103,16 @@ CE_SUPPORTED = ("bias", "ignore_index", "label_smoothing", "z_loss", "logit_scal
 CE_INTERPRETER_FAILURES = {
     "class_weight": "liger-kernel's class-weight kernel fails under Triton's interpreter (no GPU here)",
 }
+# Its loss is in the logits' dtype, so in bfloat16 its backward multiplies the bfloat16 logits'
+# gradient by a bfloat16 upstream gradient (element_mul_kernel), which the interpreter gets wrong.
+CE_INTERPRETER_DTYPES = (torch.float32, torch.float16)
+BFLOAT16_PRODUCTS = (
+    "liger-ce in bfloat16 on a CPU: Triton 3.9's interpreter keeps bfloat16 values as their uint16 bit patterns "
+    "and applies numpy's multiply to them (runtime/interpreter.py: binary_op), so the product of two bfloat16 "
+    "values, here the logits' gradient times the upstream gradient in LigerCrossEntropyFunction's backward "
+    "(any upstream gradient but 1: a scaled loss, a loss_div_factor), is garbage (up to 1e38 or inf); on a GPU "
+    "it runs"
+)
 
 
 class LigerCrossEntropy(Implementation):
@@ -116,8 +126,15 @@ class LigerCrossEntropy(Implementation):
         return liger_availability()
 
     def capabilities(self, device):
-        unsupported = dict(CE_INTERPRETER_FAILURES) if device == "cpu" else {}
-        return Capabilities(supported_options=CE_SUPPORTED, unsupported_options=unsupported)
+        if device != "cpu":
+            return Capabilities(supported_options=CE_SUPPORTED)
+        return Capabilities(dtypes=CE_INTERPRETER_DTYPES, supported_options=CE_SUPPORTED,
+                            unsupported_options=dict(CE_INTERPRETER_FAILURES))
+
+    def unsupported_reason(self, spec, *, dtype, device, has_bias):
+        if device == "cpu" and dtype == torch.bfloat16 and self.availability().available:
+            return BFLOAT16_PRODUCTS
+        return super().unsupported_reason(spec, dtype=dtype, device=device, has_bias=has_bias)
 
     def known_issues(self, device):
         return CE_KNOWN_ISSUES
@@ -318,9 +335,6 @@ CE_KNOWN_ISSUES = (
         PACKAGE,
         matches=second_backward_rescales_the_saved_gradient,
     ),
-    # Its kernel stores the per-token loss (and z-loss) and the logits' gradient in the logits' dtype.
-    KnownImprecision(TRUNCATION, TRUNCATED, "triton 3.9", ("bfloat16",), (*STORED_BFLOAT16, *PARAMETER_GRADIENTS),
-                     max_ratio=2.0, devices=("cpu",)),
 )
 
 

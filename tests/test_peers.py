@@ -312,3 +312,34 @@ def test_a_peers_known_issue_shows_exactly_as_known_on_its_example(name, known):
     result = run_case(Target(name, impl), find_property(property_id), parse_case(case), "cpu")
     assert result.status == KNOWN_FAILURE, f"{result.status}: {result.detail}"
     assert known.reason in result.detail
+
+
+@no_gpu
+def test_liger_ce_refuses_bfloat16_on_a_cpu_with_the_interpreters_reason():
+    impl = resolve("liger-ce")
+    if not impl.availability().available:
+        pytest.skip(impl.availability().detail)
+    reason = impl.unsupported_reason(LossSpec(), dtype=torch.bfloat16, device="cpu", has_bias=False)
+    assert "uint16 bit patterns" in reason
+    assert impl.unsupported_reason(LossSpec(), dtype=torch.float16, device="cpu", has_bias=False) is None
+
+
+@pytest.mark.slow
+def test_the_interpreter_multiplies_bfloat16_values_as_their_bits():
+    """Why liger-ce refuses bfloat16 on a CPU: a Triton kernel's bfloat16 x bfloat16 product under the
+    interpreter is wrong, bfloat16 x float32 right (Triton 3.9)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale(x_ptr, g_ptr, n: tl.constexpr):
+        offsets = tl.arange(0, n)
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) * tl.load(g_ptr))
+
+    if torch.cuda.is_available():
+        pytest.skip("about Triton's interpreter")
+    for upstream_dtype, wrong in ((torch.bfloat16, True), (torch.float32, False)):
+        x = torch.linspace(-1, 1, 8, dtype=torch.bfloat16)
+        scale[(1,)](x, torch.tensor(0.375, dtype=upstream_dtype), n=8)
+        expected = torch.linspace(-1, 1, 8, dtype=torch.bfloat16) * 0.375
+        assert bool((x.float() - expected.float()).abs().max() > 1) == wrong
