@@ -56,6 +56,17 @@ def world_size_for(num_tokens: int) -> int:
     return WORLD_SIZES[num_tokens % len(WORLD_SIZES)]
 
 
+def equal_shards_world_size(num_tokens: int, vocab: int, who: str) -> int:
+    """P for a library that assumes V / P classes on every rank (it derives rank r's first class as
+    r V / P): the usual P when it divides V, else the other one that does; else the case is refused."""
+    preferred = world_size_for(num_tokens)
+    for world_size in (preferred, *[p for p in WORLD_SIZES if p != preferred]):
+        if vocab % world_size == 0:
+            return world_size
+    raise UnsupportedCase(f"{who} assumes V divisible by P (equal vocabulary shards); V = {vocab} is divisible "
+                          f"by none of {', '.join(map(str, WORLD_SIZES))}")
+
+
 def _gathered(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if parts[0] is None else torch.cat(parts)
 
@@ -258,15 +269,8 @@ class MegatronVocabParallel(VocabParallel):
         return MEGATRON_ISSUES
 
     def world_size(self, num_tokens, vocab):
-        """P as for the others when it divides V, else the other one that does; else refused."""
-        preferred = world_size_for(num_tokens)
-        for world_size in (preferred, *[p for p in WORLD_SIZES if p != preferred]):
-            if vocab % world_size == 0:
-                return world_size
-        raise UnsupportedCase(
-            f"megatron-core's vocab_parallel_cross_entropy assumes V divisible by P (it pads the vocabulary "
-            f"with trainable rows); V = {vocab} is divisible by none of {', '.join(map(str, WORLD_SIZES))}"
-        )
+        # Megatron pads the vocabulary with trainable rows to a multiple of P instead.
+        return equal_shards_world_size(num_tokens, vocab, "megatron-core's vocab_parallel_cross_entropy")
 
     def _reports_z_loss(self, spec):
         return False

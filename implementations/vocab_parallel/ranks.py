@@ -19,6 +19,10 @@ the head weight (and of the bias and class weights). Three ways to compute the l
   caller masks ignored tokens and reduces, as Megatron's trainers do, and converts PyTorch's label
   smoothing to Megatron's convention (``megatron_smoothing``).
 
+Peers whose rank-side computation lives beside their adapter (``PEER_MODULES``, each module's
+``rank_loss``): ``liger`` (``LigerVocabParallelCrossEntropy``), ``torchtitan`` (its loss-parallel
+cross-entropy) and ``fla`` (``fused_linear_cross_entropy_loss`` with a process group; NCCL only).
+
 A label that no rank owns (out of range) makes every rank raise the same ``IndexError``, after the
 all-reduce that finds it, so no rank is left waiting in a collective.
 
@@ -29,6 +33,7 @@ traffic (a ring all-reduce of B bytes sends about 2 (P - 1) / P x B per rank).
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from harness.semantics import transform_logits
 from harness.spec import LossSpec
 
-FAMILIES = ("chunked", "dtensor", "megatron")
+FAMILIES = ("chunked", "dtensor", "megatron", "fla", "liger", "torchtitan")
 
 # Smallest float32 chunk of logits per rank worth making (the same reasoning as the chunked
 # loss's: tiny chunks make skinny matmuls and one pair of collectives each).
@@ -244,7 +249,7 @@ def _mesh(where: Group):
     return _MESHES[key]
 
 
-def _reduce_like_loss(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_like_loss(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return per_token
     if reduction == "sum":
@@ -252,7 +257,17 @@ def _reduce_like_loss(per_token: torch.Tensor, valid: torch.Tensor, reduction: s
     return per_token.sum() / valid.sum()
 
 
-def _leaves(request: Request):
+def all_reduce_hidden_gradient(hidden: torch.Tensor, needed: bool, where: Group) -> torch.Tensor | None:
+    """The hidden states' gradient summed over the ranks, as a column-parallel head's backward does
+    (in float32, one rounding to the input dtype at the end); None when not needed."""
+    if not needed:
+        return None
+    grad = hidden.grad.float()
+    _all_reduce(grad, dist.ReduceOp.SUM, where)
+    return grad.to(hidden.dtype)
+
+
+def leaves(request: Request):
     """(needs, hidden, weight, bias): detached copies requiring the gradients this request wants
     (none when it has no upstream gradient, i.e. a forward alone), for a peer's autograd."""
     needs = request.needs if request.upstream is not None else (False, False, False)
@@ -268,7 +283,7 @@ def dtensor_loss(request: Request, where: Group) -> Reply:
     from torch.distributed.tensor.parallel import loss_parallel
 
     spec = request.spec
-    (need_h, need_w, need_b), hidden, weight, bias = _leaves(request)
+    (need_h, need_w, need_b), hidden, weight, bias = leaves(request)
     labels = request.labels.long()
     num_tokens = hidden.shape[0]
     grad_enabled = need_h or need_w or need_b
@@ -287,18 +302,14 @@ def dtensor_loss(request: Request, where: Group) -> Reply:
             if spec.z_loss_multiplier:
                 valid = labels != spec.ignore_index
                 lse = torch.logsumexp(logits, dim=-1).full_tensor()
-                z_loss = _reduce_like_loss(spec.z_loss_multiplier * lse.square() * valid, valid, spec.reduction)
+                z_loss = reduce_like_loss(spec.z_loss_multiplier * lse.square() * valid, valid, spec.reduction)
                 loss = loss + z_loss
             if grad_enabled:
                 try:
                     (loss * request.upstream.float()).sum().backward()
                 except RuntimeError as exc:  # say where: the gate's known-limitation entry matches on it
                     raise RuntimeError(f"loss_parallel backward: {exc}") from None
-    grad_h = None
-    if need_h:
-        grad_h = hidden.grad.float()
-        _all_reduce(grad_h, dist.ReduceOp.SUM, where)  # a column-parallel head's input gradient
-        grad_h = grad_h.to(hidden.dtype)
+    grad_h = all_reduce_hidden_gradient(hidden, need_h, where)
     return Reply(
         loss=loss.detach(),
         z_loss=None if z_loss is None else z_loss.detach(),
@@ -331,7 +342,7 @@ def megatron_loss(request: Request, where: Group) -> Reply:
 
     _use_megatron_group(where)
     spec = request.spec
-    (need_h, need_w, need_b), hidden, weight, bias = _leaves(request)
+    (need_h, need_w, need_b), hidden, weight, bias = leaves(request)
     labels = request.labels.long()
     valid = labels != spec.ignore_index
     grad_enabled = need_h or need_w or need_b
@@ -344,21 +355,22 @@ def megatron_loss(request: Request, where: Group) -> Reply:
         # Selected, not multiplied by the mask: an ignored token's loss may be inf (smoothing takes the
         # log of probabilities that underflow), and inf x 0 would make the whole loss NaN.
         per_token = torch.where(valid, per_token, 0.0)
-        loss = _reduce_like_loss(per_token, valid, spec.reduction)
+        loss = reduce_like_loss(per_token, valid, spec.reduction)
         if grad_enabled:
             (loss * request.upstream.float()).sum().backward()
-    grad_h = None
-    if need_h:
-        grad_h = hidden.grad.float()
-        _all_reduce(grad_h, dist.ReduceOp.SUM, where)
-        grad_h = grad_h.to(hidden.dtype)
+    grad_h = all_reduce_hidden_gradient(hidden, need_h, where)
     return Reply(loss.detach(), None, grad_h, weight.grad if need_w else None, bias.grad if need_b else None)
 
 
 COMPUTE = {"chunked": chunked_loss, "dtensor": dtensor_loss, "megatron": megatron_loss}
+# Peers whose rank-side computation lives beside their adapter, as ``rank_loss(request, where)``.
+PEER_MODULES = {"fla": "implementations.fla", "liger": "implementations.liger",
+                "torchtitan": "implementations.torchtitan"}
 
 
 def compute(request: Request, where: Group) -> Reply:
+    if request.family in PEER_MODULES:
+        return importlib.import_module(PEER_MODULES[request.family]).rank_loss(request, where)
     return COMPUTE[request.family](request, where)
 
 
