@@ -208,7 +208,7 @@ def test_a_drawn_case_that_loses_the_cuda_context_is_the_reproducer_and_nothing_
     assert result.status == FAIL and "illegal memory access" in result.detail
     first_failing = next(i for i, case in enumerate(announced) if case.num_tokens > 3)
     assert first_failing == len(announced) - 1, "no case ran after it"
-    assert result.reproducer.endswith(f"--case '{announced[-1]}'")
+    assert result.reproducer.endswith(f"--case {shlex.quote(str(announced[-1]))}")
 
 
 # --- what the terminal shows ----------------------------------------------------------------------

@@ -265,7 +265,7 @@ class TestUnsupportedAndInference:
 
 class TestListCommand:
     def test_lists_all_implementations_and_a_plugin(self, capsys):
-        assert main(["list", "--plugin", "tests.plugin_examples:plain_eager"]) == 0
+        assert main(["list", "--verbose", "--plugin", "tests.plugin_examples:plain_eager"]) == 0
         out = capsys.readouterr().out
         for name in BUILTINS + ("tests.plugin_examples:plain_eager",):
             assert name in out

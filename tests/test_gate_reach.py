@@ -37,8 +37,9 @@ def test_a_plugin_gets_batched_inputs_as_given_and_its_output_shape_is_checked()
 
 def test_a_reduced_case_is_also_judged_token_by_token():
     """One token dropped in a block of 4096 moves a bfloat16 mean of 8192 tokens by 1/4096 of a
-    token's loss, hidden in the mean's allowance; per token it is the whole loss of that token."""
-    case = "N=8192,D=8,V=17,dtype=bfloat16,reduction=mean,seed=3"
+    token's loss, hidden in the mean's allowance; per token it is the whole loss of that token.
+    (A frozen backbone: the dropped token's zero hidden-state gradient would show first.)"""
+    case = "N=8192,D=8,V=17,dtype=bfloat16,reduction=mean,grads=weight,seed=3"
     result = judge("tests.reach_bugs:last_token_of_4096_block_dropped", "equivalence/float32", case)
     assert result.status == FAIL and "loss per token" in result.detail
 

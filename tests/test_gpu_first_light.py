@@ -218,7 +218,7 @@ def test_on_the_gpu_machines_torch_2_11_torch_linear_ce_says_it_is_unavailable(m
     monkeypatch.delattr(torch.nn, "LinearCrossEntropyOptions", raising=False)
     impl = TorchLinearCrossEntropy()
     row = describe(impl, "cuda")
-    assert row["available"] == "no" and row["how / why not"].startswith("needs torch >= 2.13")
+    assert row["here"] == "no" and row["how / why not"].startswith("needs torch >= 2.13")
     jobs = [j for j in plan_jobs(load_cases(["gpu_smoke:cce-table1"]), None) if j.implementation == impl.name]
     assert len(jobs) == 1
     assert declared_unsupported(jobs[0], "cuda").startswith("needs torch >= 2.13 for F.linear_cross_entropy")

@@ -39,7 +39,7 @@ def test_every_peer_is_a_built_in():
 @pytest.mark.parametrize("name", GPU_ONLY)
 def test_a_gpu_only_peer_is_listed_unavailable_with_what_it_needs(name):
     row = describe(resolve(name), "cpu")
-    assert row["available"] == "no"
+    assert row["here"] == "no"
     assert "GPU" in row["how / why not"] and "not installed" not in row["how / why not"]
     assert "Error" not in row["how / why not"].split(":")[0]  # a reason, not an import error
 
@@ -56,7 +56,7 @@ def test_a_cpu_runnable_peer_lists_its_options_and_the_reasons_for_the_rest(name
     if not impl.availability().available:
         pytest.skip(f"{name}: {impl.availability().detail}")
     row = describe(impl, "cpu")
-    assert row["available"] == "yes"
+    assert row["here"] == "yes"
     assert "loss_div_factor" in row["options"]
     for option, why in impl.capabilities("cpu").reasons().items():
         assert why, option

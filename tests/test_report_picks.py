@@ -18,7 +18,7 @@ from harness.report.noise import clearly_faster, judge_time
 from harness.report.runs import device_label, failures, load_run, measurements, primary_mode
 from harness.report.tables import picks
 from harness.results import PROPERTY_COLUMNS, RowWriter, mark_run_finished, read_meta, run_finished, write_json_atomic
-from harness.sweep.load import judge, probe_record, warning
+from harness.machine_load import judge, probe_record, warning
 from tests.report_fixtures import SWEEP_COMMIT, SYNTHETIC_DEVICE, write_check_run, write_sweep_run
 
 CASE = dict(case="head/N=512/float32", shape="head", vocab=4096, hidden=256, tokens=512, dtype="float32",

@@ -23,7 +23,7 @@ from harness.report.checks import CheckChoice, device_identity, short_commit
 from harness.report.plots import Plot
 from harness.report.runs import MODES_BY_PREFERENCE, CheckResults, Run
 from harness.results import BASELINE, run_finished
-from harness.sweep import load
+from harness import machine_load as load
 
 STATUS_CLASSES = {"pass": "good", "ok": "good", "fail": "bad", "failed": "bad", "error": "bad", "crash": "bad",
                   "oom": "bad", "timeout": "bad", "wrong": "bad", "unsupported": "muted", "known-failure": "warn"}

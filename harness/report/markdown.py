@@ -10,7 +10,7 @@ from harness.report import tables
 from harness.report.dashboard import CPU_CAVEAT
 from harness.report.runs import Run
 from harness.results import BASELINE
-from harness.sweep import load
+from harness import machine_load as load
 
 MAX_CASES_PER_DTYPE = 30  # keeps the comment readable (and far below GitHub's comment size limit)
 MAX_FAILURES = 20

@@ -24,7 +24,7 @@ from harness.isolation import MEMORY_LIMIT_FRACTION
 from harness.results import MODES, RESULTS_DIR
 from harness.spec import DTYPES
 from harness.sweep.distributed import Coordinator, ranks_from_environment, shard
-from harness.sweep import load
+from harness import machine_load as load
 from harness.sweep.plan import (
     EXPLICIT_CASES_TIMEOUT_S,
     finish_run,

@@ -424,7 +424,7 @@ PROBE_TIMING = TimingSettings(measure_time=0.1, min_repeats=5, gpu_warmup=0.01)
 
 
 def probe_tflops(device: str) -> float:
-    """The load check's fixed matmul (``harness.sweep.load``): TFLOP/s of torch.mm at one size and
+    """The load check's fixed matmul (``harness.machine_load``): TFLOP/s of torch.mm at one size and
     dtype per kind of device, median of about 0.1 s of calls after a warm one."""
     size, dtype_name = PROBE_SIZES["cuda" if device.startswith("cuda") else "cpu"]
     generator = torch.Generator(device=device).manual_seed(0)

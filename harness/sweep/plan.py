@@ -1,6 +1,6 @@
 """What a sweep will do and where it writes: the plan from the command line (and a resumed run's
 own arguments), and the run folder's ``meta.json`` at the start and the end of the run (with the
-load check's readings and judgement: ``harness.sweep.load``)."""
+load check's readings and judgement: ``harness.machine_load``)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from harness.sweep.distributed import Ranks, visible_device_for
 from harness.sweep.measure import TimingSettings
 from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
 from harness.sweep.rows import Job
-from harness.sweep.load import judge, load_average, probe_record
+from harness.machine_load import judge, load_average, probe_record
 from harness.sweep.runner import (
     COMPILE_CACHES,
     SweepSettings,

@@ -30,7 +30,7 @@ from harness.quiet import Captured, captured
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
 from harness.sweep.cases import SweepCase
-from harness.sweep.load import probe_record
+from harness.machine_load import probe_record
 from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
 
@@ -61,7 +61,7 @@ class SweepSettings:
 class SweepCounts:
     jobs: int = 0
     statuses: collections.Counter = field(default_factory=collections.Counter)  # per mode
-    probes: list[dict] = field(default_factory=list)  # the load check's readings (harness.sweep.load)
+    probes: list[dict] = field(default_factory=list)  # the load check's readings (harness.machine_load)
 
     @property
     def failed(self) -> int:

@@ -3,7 +3,7 @@
 A job is JSON: ``{"kind": "case", "case": {...}, "implementation": ..., "modes": [...],
 "device": ..., "timing": {...}, "probe": true}``, ``{"kind": "environment", "device": ...,
 "dtypes": [...], "timing": {...}}`` or ``{"kind": "probe", "device": ...}``. Each measures the load
-check's matmul rate first (``probe``: ``harness.sweep.load``), the environment job last. The worker appends one JSON line to RESULT_FILE as each step starts and ends,
+check's matmul rate first (``probe``: ``harness.machine_load``), the environment job last. The worker appends one JSON line to RESULT_FILE as each step starts and ends,
 flushed at once, so that when the process dies (abort, segfault, killed at its time limit) the
 sweep still knows what was measured and in which mode it died.
 
@@ -40,7 +40,7 @@ def free_memory(device: str) -> None:
 
 
 def send_probe(device: str, out: Report) -> None:
-    """The load check's matmul rate, measured here before anything else (``harness.sweep.load``)."""
+    """The load check's matmul rate, measured here before anything else (``harness.machine_load``)."""
     try:
         out.send({"event": "probe", "tflops": probe_tflops(device)})
     except Exception as exc:  # noqa: BLE001 - the job itself matters more than one reading of the load
