@@ -169,8 +169,10 @@ def check(
 
     >>> import torch.nn.functional as F
     >>> from harness import check
-    >>> def my_loss(hidden, weight, labels, *, bias=None, reduction="mean"):
-    ...     return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, reduction=reduction)
+    >>> def my_loss(hidden, weight, labels, *, bias=None, reduction="mean"):  # (N, D) or (B, T, D)
+    ...     logits = F.linear(hidden, weight, bias).float().flatten(0, -2)
+    ...     loss = F.cross_entropy(logits, labels.flatten(), reduction=reduction)
+    ...     return loss.view(labels.shape) if reduction == "none" else loss
     >>> report = check(my_loss, properties=["equivalence/float32"], max_examples=0, in_process=True)
     >>> report.passed, report["equivalence/float32"].cases_checked > 20
     (True, True)

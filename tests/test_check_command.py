@@ -98,7 +98,6 @@ def test_a_correct_plugin_passes_and_what_does_not_apply_to_it_is_said(capsys, t
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_run_folder_holds_meta_properties_and_behaviour(capsys, tmp_path):
     """The default run: each implementation in child processes, rows written as they come."""
     status, _, _ = run_check(
@@ -109,6 +108,7 @@ def test_the_run_folder_holds_meta_properties_and_behaviour(capsys, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["kind"] == "check" and meta["profile"] == "ci"
+    assert meta["finished"], "a completed run is marked finished, for the report to pick it"
     assert {"torch", "triton", "liger-kernel", "cut-cross-entropy", "hypothesis"} <= set(meta["packages"])
     assert meta["device_kind"] in ("cpu", "cuda") and "git_commit" in meta
     assert meta["implementations"] == ["torch-eager", "tests.broken_impls:missing_bias_gradient"]

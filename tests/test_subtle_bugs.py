@@ -32,6 +32,7 @@ from tests.find_killers import (
     CORPORA,
     DEVICE,
     all_bugs,
+    cost,
     evaluate,
     gate_examples,
     read_table,
@@ -67,7 +68,18 @@ def test_the_gate_reaches_the_case_that_kills_each_bug(bug):
         f"{bug}'s killer is no longer among {killer.property}'s explicit examples: run python -m tests.find_killers")
 
 
-@pytest.mark.parametrize("bug", all_bugs())
+QUICK_COST = 4 * 10**7  # a killer costlier than this (find_killers.cost) runs in the full tier
+
+
+def detection_params():
+    """Every bug; those whose killer is a large case (tens of thousands of tokens: a minute for the
+    Python-loop kernel) marked slow."""
+    for bug in all_bugs():
+        large = bug in KILLERS and cost(parse_case(KILLERS[bug].case)) > QUICK_COST
+        yield pytest.param(bug, marks=[pytest.mark.slow] if large else [], id=bug)
+
+
+@pytest.mark.parametrize("bug", detection_params())
 def test_the_gate_detects_each_bug_on_that_case(bug):
     """The correct kernel passes the same case: it is among the explicit examples it passes (below,
     or in the full tier's whole gate for the properties at size)."""

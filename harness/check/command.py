@@ -79,6 +79,7 @@ from harness.results import (
     PROPERTY_COLUMNS,
     RESULTS_DIR,
     RowWriter,
+    mark_run_finished,
     new_run_dir,
     write_json_atomic,
 )
@@ -501,6 +502,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         if args.junit_xml is not None:
             write_junit(args.junit_xml, results, suite=f"lmhead-bench check ({profile_name}, {device})")
 
+    mark_run_finished(run_dir)  # a report attaches a finished check run before an interrupted one
     names = [t.given for t in targets]
     order = {p.id: i for i, p in enumerate(PROPERTIES)}
     results.sort(key=lambda r: (names.index(r.implementation), order[r.property]))

@@ -40,8 +40,10 @@ _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.f
 # the whole budget of the implementation twice over (a property's share of it is a deadline that
 # its first ``min_drawn`` cases may overrun), or, for a fixed count, 10 s a drawn case: a compile
 # and a Triton-interpreter run, about six times the slowest mean seen on a 2-core CPU
-# (torch.compile: 1.7 s a case).
-UNBUDGETED_S = 300.0
+# (torch.compile: 1.7 s a case). The unbudgeted part is generous: torch.compile recompiles for each
+# explicit example's shape, and took 380 s over equivalence/float32's on the loaded 2-core CPU
+# machine (2026-12-07); a limit a slow machine hits would make the verdict depend on its speed.
+UNBUDGETED_S = 900.0
 SECONDS_PER_DRAWN_CASE = 10.0
 
 

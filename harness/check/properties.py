@@ -41,7 +41,7 @@ from harness.check.evaluation import (
     term_magnitudes,
     upstream_for,
 )
-from harness.check.tolerance import Allowance, Error, allowance, mismatch, output_roundings
+from harness.check.tolerance import Allowance, Error, allowance, error_norm, mismatch, output_roundings
 from harness.errors import HarnessError, UnsupportedCase
 from harness.known import KnownFailure, KnownImprecision, KnownIssue, Mismatch
 from harness.semantics import head_logits, keep_positions
@@ -156,12 +156,14 @@ def allowed_error(
 
 def judge(name: str, actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor, case: Case,
           ctx: CheckContext, eager_errors: list[Error] | None, out_dtypes: list[torch.dtype],
-          identity: bool = False, loss_scale: float = 1.0) -> Mismatch | None:
+          identity: bool = False, loss_scale: float = 1.0, allowed: Allowance | None = None) -> Mismatch | None:
     """Compare one tensor under the rule (widened by a known imprecision that applies, which is then
     observed); the mismatch when it is out of bounds, else None. ``name`` may carry a batch,
-    ``loss/1``: the rule is that of its kind of tensor."""
+    ``loss/1``: the rule is that of its kind of tensor; ``allowed``: the rule's allowance, when the
+    caller has it already."""
     kind = name.partition("/")[0]
-    allowed = allowed_error(kind, expected, terms, case, eager_errors, out_dtypes)
+    if allowed is None:
+        allowed = allowed_error(kind, expected, terms, case, eager_errors, out_dtypes)
     problem = mismatch(name, actual, expected, allowed)
     if problem is None:
         return None
@@ -205,11 +207,12 @@ def compare_to_reference(
             if not eager.is_finite():
                 raise CaseRejected(f"torch-eager's {name} is not finite on this case")
             eager_errors = [eager]
-        used = allowed_error(name, expected, terms, case, eager_errors, out_dtypes).used(actual, expected)
-        own = Error.between(actual, expected, terms)
-        eager_norm = eager_errors[0].norm if eager_errors else own.norm
-        ctx.errors.append(ErrorRecord(name, case.dtype, own.norm, eager_norm, case, used))
-        problem = judge(name, actual, expected, terms, case, ctx, eager_errors, out_dtypes)
+        allowed = allowed_error(name, expected, terms, case, eager_errors, out_dtypes)
+        used = allowed.used(actual, expected)
+        own_norm = error_norm(actual, expected)
+        eager_norm = eager_errors[0].norm if eager_errors else own_norm
+        ctx.errors.append(ErrorRecord(name, case.dtype, own_norm, eager_norm, case, used))
+        problem = judge(name, actual, expected, terms, case, ctx, eager_errors, out_dtypes, allowed=allowed)
         if problem is not None:
             problems.append(problem)
     return problems

@@ -181,10 +181,19 @@ def recurs(given: str, property_id: str, steps: list[Step]) -> bool:
         argv += ["--case", step.spelled(property_id)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
     try:
-        finished = subprocess.run(argv, env=env, capture_output=True, timeout=REPLAY_TIMEOUT_S, check=False)
+        finished = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=REPLAY_TIMEOUT_S,
+                                  check=False)
     except subprocess.TimeoutExpired:
         return True  # a hang where it hung before: it recurs
+    if finished.returncode == 2:  # the command refused its input: the implementation cannot be named there
+        said = [line for line in finished.stderr.splitlines() if line.strip()]
+        raise CannotRerun(said[-1] if said else "the command exited 2")
     return finished.returncode == 1
+
+
+class CannotRerun(Exception):
+    """A fresh process cannot run the implementation by its name (a lambda, a function defined in a
+    test or a notebook): the failure cannot be replayed there."""
 
 
 @dataclass(frozen=True)
@@ -199,8 +208,11 @@ def confirm(given: str, property_id: str, failing: Case, history: list[Step]) ->
     """The shortest replay that fails in a fresh process (see the module docstring). ``history``
     holds the cases that ran in this process before the failing one, oldest first."""
     last = Step(property_id, failing)
-    if recurs(given, property_id, [last]):
-        return Confirmed([last], "")
+    try:
+        if recurs(given, property_id, [last]):
+            return Confirmed([last], "")
+    except CannotRerun as refused:
+        return Confirmed([last], f"not replayed in a fresh process, which cannot import it ({refused})")
     count = 1
     while count < min(len(history), MAX_STEPS):
         count = min(2 * count, len(history), MAX_STEPS)
