@@ -164,6 +164,7 @@ def logits_with_terms(
     spec: LossSpec,
     dtype: torch.dtype,
     hidden_terms: torch.Tensor | None = None,
+    terms_share: float = 1.0,
 ) -> LogitTerms:
     """The logits of float64 inputs and their terms, step by step as ``transform_logits`` computes them.
 
@@ -174,10 +175,21 @@ def logits_with_terms(
     scales them by its slope ``1 - tanh^2`` and adds ``|z|`` for its own rounding; ``x / cap``
     computed in ``dtype`` may underflow, up to ``underflow(dtype)`` lost, ``cap`` times that in
     the logit; near saturation the slope is off by roundoffs of ``2 tanh^2``.
+
+    ``terms_share`` < 1: a raw logit rounded in ``dtype`` is off by a fraction of its value (the
+    product ``|h . w|``, the bias, and the errors its input brings, ``(terms(h) - |h|) . |w|``),
+    not of its dot product's terms, which grow as D where the value grows as sqrt(D); the terms
+    count only through a float32 accumulation, ``terms_share`` of them in units of ``dtype``. The
+    size is the larger of the two, never more than the terms.
     """
     hidden_terms = hidden.abs() if hidden_terms is None else hidden_terms
-    logits = F.linear(hidden, weight, bias)
+    product = F.linear(hidden, weight)
+    logits = product if bias is None else product + bias
     size = F.linear(hidden_terms, weight.abs(), None if bias is None else bias.abs())
+    if terms_share < 1.0:
+        value = product.abs() + F.linear(hidden_terms - hidden.abs(), weight.abs())
+        value = value if bias is None else value + bias.abs()
+        size = torch.maximum(value, terms_share * size)
     chain = chain_terms = class_scale_terms = None
     if spec.class_scale is not None:
         scale = spec.class_scale.double()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from harness.adapter import Implementation
 from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs, strided_copy
 from harness.errors import HarnessError
 from harness.semantics import NormTerms, in_float64, logits_with_terms, norm_with_terms, reference_loss
-from harness.check.tolerance import LOGIT_ROUNDINGS, logit_rounding_factor, summed_over_tokens
+from harness.check.tolerance import LOGIT_ROUNDINGS, SUM_ORDER, logit_rounding_factor, summed_over_tokens
 from harness.spec import LossOutput, LossSpec, underflow, unit_roundoff
 
 
@@ -136,8 +137,17 @@ def logit_terms(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if spec.norm is not None:
             norm = norm_with_terms(hidden, spec, hidden_terms)
             hidden, hidden_terms = norm.output, norm.size
-        terms = logits_with_terms(hidden, weight.detach().double(), bias, spec, dtype, hidden_terms)
+        terms = logits_with_terms(hidden, weight.detach().double(), bias, spec, dtype, hidden_terms,
+                                  accumulation_share(dtype, hidden.shape[-1]))
     return terms.logits, terms.size
+
+
+def accumulation_share(dtype: torch.dtype, length: int) -> float:
+    """What a float32 sum of ``length`` terms costs in units of ``dtype``'s roundoff: ``SUM_ORDER``
+    float32 roundoffs per sqrt(length), at most one roundoff of ``dtype``. A logit's dot product
+    and a logsumexp are accumulated in float32 by every legitimate kernel: their terms count at
+    this share, their values at the full rounding of ``dtype``."""
+    return min(1.0, SUM_ORDER * math.sqrt(max(length, 1)) * unit_roundoff(torch.float32) / unit_roundoff(dtype))
 
 
 def _head_with_terms(inputs: Inputs, dtype: torch.dtype):
@@ -159,7 +169,8 @@ def _head_with_terms(inputs: Inputs, dtype: torch.dtype):
     if spec.norm is not None:
         norm = norm_with_terms(hidden, spec, hidden_terms)
         projected, projected_terms = norm.output, norm.size
-    head = logits_with_terms(projected, weight, bias, spec, dtype, projected_terms)
+    head = logits_with_terms(projected, weight, bias, spec, dtype, projected_terms,
+                             accumulation_share(dtype, projected.shape[-1]))
     return hidden, hidden_terms, weight, spec, norm, projected_terms, head
 
 
@@ -171,11 +182,13 @@ def term_magnitudes(
     A rounding error is a fraction of the terms a result is computed from, not of the result. The
     model, element by element (``x`` the raw logits, ``z`` the soft-capped ones, ``p = softmax(z)``):
 
-    - a logit: ``L = |h| . |w| + |b|`` (the terms of its dot product), then through the head's
-      options as ``harness.semantics.logits_with_terms`` models them; for a tied model's computed hidden states ``h =
+    - a logit: ``L = |h| . |w| + |b|`` (the terms of its dot product), of which a float32
+      accumulation's share counts, and at least its value ``|h . w| + |b|`` (``accumulation_share``),
+      then through the head's options as ``harness.semantics.logits_with_terms`` models them; for a tied model's computed hidden states ``h =
       tanh(layer(e))``, ``|h|`` is replaced by the terms of ``h``: ``(1 - h^2) (|W_layer| . |e| +
       |b_layer|) + |h|``;
-    - ``logsumexp(z)``: ``E = sum_j p_j L_j + |logsumexp(z)|``;
+    - ``logsumexp(z)``: ``E = sum_j p_j L_j + a |logsumexp(z)|``, ``a`` the share of a float32
+      sum over V (``accumulation_share``): the logsumexp itself is computed in float32;
     - a token's cross-entropy ``lse - z_y`` (smoothed: ``(1 - eps) w_y (lse - z_y) + eps / V sum_j
       w_j (lse - z_j)``): the same expression with ``E`` and ``L`` in place of ``lse`` and ``z``;
       its z-loss ``m lse^2``: ``2 m |lse| E``;
@@ -205,8 +218,8 @@ def term_magnitudes(
         hidden, hidden_terms, weight, spec, norm, projected_terms, head = _head_with_terms(inputs, dtype)
         logits, logit_size = head.logits, head.size
         probs, lse = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)
-        lse_terms = (probs * logit_size).sum(-1) + lse.abs()
         vocab = logits.shape[-1]
+        lse_terms = (probs * logit_size).sum(-1) + accumulation_share(dtype, vocab) * lse.abs()
         largest = logits.abs().amax(-1) if vocab else lse.abs()
         widening = logit_rounding_factor(LOGIT_ROUNDINGS, dtype, largest) / LOGIT_ROUNDINGS  # per token, >= 1
         labels = inputs.labels.reshape(-1)
