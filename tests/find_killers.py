@@ -51,7 +51,16 @@ CORPORA = {"tests.subtle_bugs": "fused_chunked", "tests.subtle_head_bugs": "corr
 
 # Bugs no explicit example kills yet, each with why: the gate's known gaps. tests/test_subtle_bugs.py
 # shows each one passing where it should fail, so that closing a gap moves it into the table.
-KNOWN_SURVIVORS: dict[str, tuple[str, str, str]] = {}
+KNOWN_SURVIVORS: dict[str, tuple[str, str, str]] = {
+    "tests.reach_bugs:target_gradient_from_rounded_probability": (
+        "equivalence/bfloat16",
+        "B=2,T=40,D=64,V=129,dtype=bfloat16,reduction=none,logits=confident,seed=2500",
+        "the budget counts a logit's error as a relative error of every probability, every term positive; "
+        "for a confident token the errors of z_y and of the logsumexp cancel in p_y, which it does not credit, "
+        "so the gradient's budget is about 30 x torch-eager's error there, and the norm-wise comparison "
+        "(10 x torch-eager's error norm on grad_hidden) is floored at one element's budget",
+    ),
+}
 
 
 @dataclass(frozen=True)

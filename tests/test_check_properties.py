@@ -99,7 +99,7 @@ def test_a_small_gradient_error_in_bfloat16_is_caught_element_by_element():
     but not next to each element's own terms."""
     assert_fails(BROKEN + "z_loss_without_gradient", "equivalence/bfloat16",
                  "N=7,D=16,V=31,dtype=bfloat16,z_loss=0.1,bias=1,tied=1,seed=0",
-                 "grad_hidden: 9 of 112 elements beyond the allowed error")
+                 "grad_hidden: 36 of 112 elements beyond the allowed error")
 
 
 # --- the autograd contract -----------------------------------------------------------------------

@@ -113,7 +113,18 @@ def equivalence_examples(dtype: str) -> list[Case]:
         cases.append(_option_case(OPTIONS, k, dtype, seed + 201 + 10 * k, ignored="none"))
     cases.append(Case.build(tokens=(70,), dim=65, vocab=129, dtype=dtype, tied=True, bias=True, z_loss=1e-2,
                             ignored="some", seed=seed + 201))
-    return cases + padding_examples(dtype) + confident_examples(dtype)
+    return cases + layout_examples(dtype) + padding_examples(dtype) + confident_examples(dtype)
+
+
+def layout_examples(dtype: str) -> list[Case]:
+    """Each view layout on (B, T) inputs with B > 1, where a view's row stride differs from a
+    contiguous tensor's (labels ``ids[:, 1:]`` step T + 1 per row): the block-edge shapes that
+    rotate through the layouts are mostly flat."""
+    seed = DTYPE_SEEDS[dtype] + 450
+    return [Case.build(tokens=(3, 37), dim=33, vocab=131, dtype=dtype, reduction=REDUCTIONS[i], layout=layout,
+                       ignored="some", bias=True, upstream="strided" if REDUCTIONS[i] == "none" else "random",
+                       seed=seed + i)
+            for i, layout in enumerate(("strided", "sliced", "transposed"))]
 
 
 def padding_examples(dtype: str) -> list[Case]:
@@ -129,6 +140,8 @@ def padding_examples(dtype: str) -> list[Case]:
                    class_weight=True, seed=seed + 2),
         Case.build(tokens=(4, 70), dim=33, vocab=257, dtype=dtype, reduction="mean", ignored="right",
                    class_weight=True, label_smoothing=0.1, seed=seed + 3),
+        # A whole sequence of 600 padded tokens: every aligned chunk of up to 512 tokens in it is padding.
+        Case.build(tokens=(2, 600), dim=16, vocab=64, dtype=dtype, reduction="mean", ignored="runs", seed=seed + 4),
     ]
 
 

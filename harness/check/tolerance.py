@@ -26,7 +26,10 @@ Where each part comes from:
   same budget: it is the check of the model.
 - **Per element, in units of its own terms.** Rounding errors scale with the terms a result is
   computed from, not with its value or with the tensor's largest element, so the weight-gradient
-  row of a class no token has gets a small allowance of its own. The terms are widened per token
+  row of a class no token has gets a small allowance of its own. A logit's own size is its value
+  (a rounding in the input dtype is a fraction of it); its dot product's terms count at the cost
+  of a float32 sum, which is how every legitimate kernel accumulates it (``evaluation.
+  accumulation_share``). The terms are widened per token
   where a rounding of a logit is no longer a small relative change of its probability (large
   logits in a half dtype, ``logit_rounding_factor``), from that token's own logits only. Sums over
   tokens (a reduced loss, the gradients of the head's parameters) add independent per-token
