@@ -14,7 +14,7 @@ import shutil
 import torch
 
 from harness.adapter import ALL_DTYPES, Availability, Capabilities, Implementation
-from harness.known import KnownImprecision, KnownLimitation
+from harness.known import KnownLimitation
 from harness.spec import LossOutput
 from implementations.torch_native import RECOMPILE_LIMIT
 
@@ -89,17 +89,12 @@ class CutCrossEntropy(Implementation):
 
 
 # --- known issues of cut-cross-entropy 25.1.1's CPU path ---
+# Its torch_compile impl soft-caps the logits in the input dtype (torch_compile.py: softcapping, then
+# .float()): within the gate's budget (0.11 x the allowance on the case that showed it under the old rule;
+# CPU machine, 2026-12-07), so no entry.
 
 PACKAGE = "cut-cross-entropy 25.1.1"
 KNOWN_ISSUES = (
-    KnownImprecision(
-        "cut-cross-entropy 25.1.1's torch_compile impl (what `cce` runs on a CPU) soft-caps the logits in the "
-        "input dtype and upcasts after (torch_compile.py: softcapping(logits, softcap), then logits.float()), "
-        "where its CUDA kernels and torch-eager cap in float32: up to three more roundings of every capped logit",
-        "equivalence/bfloat16: N=1,D=7,V=2,dtype=bfloat16,reduction=mean,softcap=5.0,seed=0",
-        PACKAGE, ("bfloat16", "float16"), ("loss", "grad_hidden", "grad_weight"), max_ratio=4.0,
-        requires=("softcap",), devices=("cpu",),
-    ),
     KnownLimitation(
         "on a CPU, cut-cross-entropy runs its torch.compile implementation, whose backward donates its saved "
         "buffers: a second backward (retain_graph=True) raises",

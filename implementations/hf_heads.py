@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 from harness.adapter import Availability, Capabilities, Implementation
-from harness.known import KnownImprecision
 from harness.errors import UnsupportedCase
 from harness.spec import LossOutput, LossSpec
 
@@ -180,9 +179,6 @@ class HFHead(Implementation):
                     f"(norm={self.kind.norm})")
         return None
 
-    def known_issues(self, device):
-        return (SOFTCAP_IN_MODEL_DTYPE,) if self.kind.has_softcap else ()
-
     # --- the model -------------------------------------------------------------------------------
 
     def build(self, weight: torch.Tensor, spec: LossSpec, *, positions: int = 1) -> nn.Module:
@@ -291,13 +287,6 @@ def hf_implementations() -> tuple[HFHead, ...]:
     return tuple(HFHead(kind) for kind in KINDS)
 
 
-SOFTCAP_IN_MODEL_DTYPE = KnownImprecision(
-    "transformers 5.23's Gemma2ForCausalLM soft-caps the logits in the model's dtype (modeling_gemma2.py: logits / "
-    "final_logit_softcapping, tanh, * final_logit_softcapping on the lm_head output) and upcasts only in the loss "
-    "(ForCausalLMLoss: logits.float()), where torch-eager caps the float32 logits: up to three more roundings of "
-    "every capped logit",
-    "equivalence/bfloat16: B=2,T=37,D=65,V=257,dtype=bfloat16,reduction=mean,softcap=30.0,ignored=some,scale=16.0,"
-    "seed=2153",
-    "transformers 5.23", ("bfloat16", "float16"),
-    ("loss", "grad_hidden", "grad_weight", "grad_norm_weight"), max_ratio=4.0, requires=("softcap",),
-)
+# Gemma2ForCausalLM soft-caps the logits in the model's dtype (modeling_gemma2.py) and upcasts only in the
+# loss: within the gate's budget (0.27 x the allowance on the case that showed it under the old rule; CPU
+# machine, 2026-12-07), so no entry.

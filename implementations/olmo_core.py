@@ -33,7 +33,7 @@ import torch
 
 from harness.adapter import ALL_DTYPES, Availability, Capabilities, Implementation
 from harness.errors import UnsupportedCase
-from harness.known import KnownFailure, KnownImprecision, Mismatch
+from harness.known import KnownFailure, Mismatch
 from harness.spec import LossOutput, LossSpec
 from implementations.liger import Liger
 
@@ -184,9 +184,6 @@ class OlmoCoreNormalizedHead(OlmoCoreHead):
         return Capabilities(dtypes=ALL_DTYPES, unsupported_options=unsupported,
                             supported_options=("class_scale", "ignore_index", "z_loss", "loss_div_factor"))
 
-    def known_issues(self, device):
-        return (Z_LOSS_AT_IGNORED_TOKENS, SZ_PRODUCT_IN_MODEL_DTYPE)
-
     def build(self, dim, vocab, spec, dtype, has_bias):
         from olmo_core.config import DType
         from olmo_core.nn.lm_head import LMHeadConfig, LMHeadType
@@ -279,12 +276,6 @@ FUSED_LINEAR_UNPACKS_THREE = KnownFailure(
     f"{PACKAGE} with liger-kernel 0.8.5",
     raises=("ValueError", "too many values to unpack (expected 3)"),
 )
-SZ_PRODUCT_IN_MODEL_DTYPE = KnownImprecision(
-    "ai2-olmo-core 3.0.0's NormalizedLMHead multiplies the logits by sz in the model's dtype (lm_head.py: logits = "
-    "sz * self.w_out(x)) and upcasts only in the loss, where torch-eager scales the float32 logits: one more "
-    "rounding of every logit in bfloat16 and float16, and the gradients of sz and of the raw logits formed in "
-    "that dtype by autograd",
-    "equivalence/bfloat16: N=35,D=8,V=515,dtype=bfloat16,reduction=mean,class_scale=1,ignored=some,scale=100.0,seed=389",
-    PACKAGE, ("bfloat16", "float16"), ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_class_scale"),
-    max_ratio=4.0, requires=("class_scale",),
-)
+# NormalizedLMHead multiplies the logits by sz in the model's dtype (lm_head.py) and upcasts only in the loss:
+# within the gate's budget (0.008 x the allowance on the case that showed it under the old rule; CPU machine,
+# 2026-12-07), so no entry.

@@ -141,6 +141,8 @@ def test_the_run_folder_holds_meta_properties_and_behaviour(capsys, tmp_path):
          "error: torch-eager has no chunk size"),
         (["--impl", "torch-eager", "--timeout", "0"], "error: --timeout must be > 0 seconds"),
         (["--impl", "torch-eager", "--max-memory", "-1"], "error: --max-memory must be >= 0 GiB"),
+        (["--exclude", "no-such-kernel"], "error: --exclude takes built-in names; unknown: no-such-kernel"),
+        (["--impl", "chunked", "--exclude", "torch-compile"], "error: --exclude narrows the default set"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(capsys, tmp_path, args, message):
@@ -159,7 +161,7 @@ def test_after_an_illegal_memory_access_the_remaining_properties_run_in_a_fresh_
         "equivalence/float16": "fail", "equivalence/float32": "pass", "equivalence/bfloat16": "pass"}, str(report)
     failure = report["equivalence/float16"]
     assert failure.detail.startswith("raised RuntimeError: CUDA error: an illegal memory access was encountered")
-    assert "--property equivalence/float16 --case 'N=" in failure.reproducer
+    assert "--property equivalence/float16 --case N=" in failure.reproducer
 
 
 def test_a_property_that_times_out_fails_with_its_last_case_as_the_reproducer_and_the_rest_still_run(

@@ -65,10 +65,17 @@ def test_two_forwards_before_their_backwards_reach_a_per_shape_gradient_buffer()
 
 
 def test_an_optimizer_step_in_place_reaches_a_weight_copy_cached_by_pointer():
-    reach_bugs.forget_cached_state()
-    case = "N=65,D=33,V=257,dtype=float32,reduction=mean,seed=5"
-    result = judge("tests.reach_bugs:weight_copy_cached_by_pointer", "autograd/training-steps", case)
-    assert result.status == FAIL and "optimizer step" in result.detail
+    """The copy is keyed by address, and whether another tensor reuses that address (a stale copy
+    on both sides of the identity) depends on the allocator: among the property's examples, all of
+    which the gate runs, one fails."""
+    failures = []
+    for case in ("N=65,D=33,V=257,dtype=float32,reduction=mean,seed=5",
+                 "B=2,T=33,D=65,V=129,dtype=float32,reduction=mean,bias=1,ignored=some,seed=370",
+                 "N=70,D=64,V=131,dtype=float16,reduction=sum,bias=1,label_smoothing=0.1,ignored=some,seed=372"):
+        reach_bugs.forget_cached_state()
+        result = judge("tests.reach_bugs:weight_copy_cached_by_pointer", "autograd/training-steps", case)
+        failures += [result.detail] if result.status == FAIL else []
+    assert failures and all("optimizer step" in detail for detail in failures)
 
 
 def test_a_sequence_of_cases_parses_with_and_without_a_property():

@@ -89,7 +89,7 @@ def test_the_smoke_run_installs_sweeps_gates_and_packs_it_all(tmp_path):
     facts = json.loads((out / "env" / "facts.json").read_text())
     assert "first-light-probe 0.1" in facts["pythonpath_distributions"]
     assert facts["device_kind"] == "cpu" and facts["packages"]["torch"]
-    assert "LM-head implementations on this machine" in (out / "env" / "list.txt").read_text()
+    assert "LM-head implementations here" in (out / "env" / "list.txt").read_text()
 
     log = (out / "first_light.log").read_text()
     assert log == done.stdout  # everything the stages printed, and nothing else

@@ -147,7 +147,7 @@ def test_in_process_mode_shows_the_kernels_traceback(pytester):
                                 "--lmhead-property", "equivalence/float32", "--lmhead-max-examples", "0",
                                 "--lmhead-in-process")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*-m harness check --impl tests.broken_impls:raises_past_64_tokens *--case 'N=*",
+    result.stdout.fnmatch_lines(["*-m harness check --impl tests.broken_impls:raises_past_64_tokens *--case *",
                                  "*raised ValueError: this kernel's tile holds 64 tokens*",
                                  "*in raises_past_64_tokens*", "*in _check_token_count*"])
 
@@ -160,14 +160,15 @@ import torch.nn.functional as F
 
 
 def good(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean"):
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    """(N, D) or (B, T, D) hidden states, as a model passes them."""
+    logits = F.linear(hidden, weight, bias).float().flatten(0, -2)
+    loss = F.cross_entropy(logits, labels.flatten(), ignore_index=ignore_index, reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
 
 
 def bad(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean"):
     """Averages over every token, ignored ones included."""
-    losses = F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=ignore_index,
-                             reduction="none")
+    losses = good(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none")
     if reduction == "mean":
         return losses.sum() / labels.numel()
     return losses.sum() if reduction == "sum" else losses
@@ -241,7 +242,7 @@ def test_a_kernel_author_gates_a_good_and_a_bad_kernel_in_their_own_test_suite(i
 
     failure = done.stdout.split("_ test_lmhead_gate[kern:bad-equivalence/float32] _")[1].strip("_ \n").splitlines()
     reproducer, reason = failure[0], failure[1]
-    assert re.search(r"-m harness check --impl kern:bad --property equivalence/float32 --case 'N=\d+", reproducer)
+    assert re.search(r"-m harness check --impl kern:bad --property equivalence/float32 --case '?[BN]=\d+", reproducer)
     assert reason.startswith("kern:bad equivalence/float32: loss: ")
     rerun = subprocess.run(["bash", "-c", reproducer], cwd=tmp_path, env=_without_pythonpath(),
                            capture_output=True, text=True, timeout=600)

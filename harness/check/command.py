@@ -114,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="built-in name or package.module:attr (repeatable; default: every available built-in)",
     )
     parser.add_argument(
+        "--exclude", action="append", default=[], metavar="NAME",
+        help="leave this built-in out of the default set (repeatable)",
+    )
+    parser.add_argument(
         "--property", action="append", metavar="ID", dest="properties",
         help=f"check only these properties (repeatable): {', '.join(PROPERTY_IDS)}",
     )
@@ -169,12 +173,20 @@ def default_jobs() -> int:
     return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
 
 
-def choose_targets(names: list[str] | None, console: Console) -> list[Target]:
-    """The implementations to check: as named, or every built-in available here."""
+def choose_targets(names: list[str] | None, console: Console, excluded: list[str] = ()) -> list[Target]:
+    """The implementations to check: as named, or every built-in available here but ``excluded``."""
+    unknown = sorted(set(excluded) - set(builtin_names()))
+    if unknown:
+        raise HarnessError(f"--exclude takes built-in names; unknown: {', '.join(unknown)}")
     if names:
+        if excluded:
+            raise HarnessError("--exclude narrows the default set of built-ins; it cannot be combined with --impl")
         return [Target(name, resolve(name)) for name in dict.fromkeys(names)]
     targets = []
     for name in builtin_names():
+        if name in excluded:
+            console.print(f"[dim]skipping {escape(name)}: excluded[/dim]")
+            continue
         impl = resolve(name)
         available = impl.availability()
         if available.available:
@@ -403,7 +415,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         return run_one_case(args, console)
     dtypes = check_dtypes(args.dtypes)
     props = selected_properties(args.properties, dtypes)
-    targets = choose_targets(args.impl, console)
+    targets = choose_targets(args.impl, console, args.exclude)
     if not targets:
         raise HarnessError("no implementation to check: none of the built-ins is available here")
     profile_name = args.profile or default_profile()

@@ -236,9 +236,7 @@ def compare_identity(
     ``sides(impl)`` computes both sides per tensor; ``reference`` is the float64 value both
     approximate and ``magnitudes`` the size of its terms. Each side may be off the reference by the
     tolerance rule, with torch-eager's error on that side for the norm-wise part, so the sides may
-    differ by the sum of both allowances; and each is judged against the reference on its own, for
-    two sides wrong alike (a stale cache on both). Outputs are allowed roundings to the case's dtype
-    per side.
+    differ by the sum of both allowances. Outputs are allowed roundings to the case's dtype per side.
     """
     got = sides(impl)
     yard = None if is_yardstick(impl) else sides(YARDSTICK)
@@ -260,10 +258,6 @@ def compare_identity(
                 raise CaseRejected(f"torch-eager's {name} is not finite on this case")
         problem = judge(name, lhs, rhs, terms, case, ctx, errors, [dtype, dtype], identity=True,
                         loss_scale=loss_scale)
-        for index, side in enumerate((lhs, rhs)):  # each side on its own: both may be wrong alike
-            if problem is None:
-                problem = judge(name, side, expected, terms, case, ctx, errors and [errors[index]], [dtype],
-                                loss_scale=loss_scale)
         if problem is not None:
             problems.append(problem)
     return problems
