@@ -12,7 +12,7 @@ once and every variant is judged against them, as ``check_equivalence`` judges o
 import pytest
 
 from harness.case import parse_case
-from harness.check.evaluation import PER_TOKEN_LOSS, run_implementation, run_reference
+from harness.check.evaluation import run_implementation, run_reference
 from harness.check.examples import fitted_examples
 from harness.check.properties import (YARDSTICK, CaseRejected, CheckContext, compare_per_token,
                                       compare_to_reference, find_property)
@@ -58,7 +58,7 @@ def judge_all(property_id: str) -> dict[str, str]:
             try:
                 problems = compare_to_reference(run_implementation(impl, case), reference, eager, case, ctx)
                 if not problems and case.reduction != "none":
-                    problems = compare_per_token(impl, case, ctx, reference.magnitudes[PER_TOKEN_LOSS])
+                    problems = compare_per_token(impl, case, ctx)
             except CaseRejected:
                 continue
             if problems:

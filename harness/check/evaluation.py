@@ -45,7 +45,6 @@ class Outcome:
 
 
 LossFunction = Callable[[Inputs], LossOutput]
-PER_TOKEN_LOSS = "loss/token"  # term_magnitudes' entry for the per-token losses of any reduction
 
 
 def implementation_loss(impl: Implementation) -> LossFunction:
@@ -211,8 +210,7 @@ def term_magnitudes(
       per-token roundings: ``tolerance.summed_over_tokens`` of the linear sum and the root-sum-square.
 
     Reductions sum the per-token terms with the reduction's weights, and the upstream gradients
-    (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results. The
-    per-token losses' own terms come too, as ``PER_TOKEN_LOSS`` (a reduced case is also judged per token).
+    (``loss_scale``, ``backward_calls``, per-token upstream) scale them like the results.
     """
     with torch.no_grad():
         hidden, hidden_terms, weight, spec, norm, projected_terms, head = _head_with_terms(inputs, dtype)
@@ -244,7 +242,7 @@ def term_magnitudes(
         else:
             total = _token_sum(per_token_ce * ce_scale + per_token_z * z_scale) / spec.loss_div_factor
             z = _token_sum(per_token_z * z_scale) / spec.loss_div_factor
-        terms = {"loss": total, "z_loss": z, PER_TOKEN_LOSS: per_token}
+        terms = {"loss": total, "z_loss": z}
 
         # the gradients: times the upstream gradient of every backward
         upstream = valid if inputs.upstream is None else inputs.upstream.reshape(-1).abs().double()

@@ -29,7 +29,6 @@ from harness.adapter import Implementation
 from harness.baseline import TorchEager
 from harness.case import GRADIENT_INPUTS, Case, Inputs, make_inputs
 from harness.check.evaluation import (
-    PER_TOKEN_LOSS,
     CheckFailure,
     Outcome,
     evaluate,
@@ -145,25 +144,27 @@ def summation_lengths(case: Case, tensor: str) -> tuple[int, ...]:
 
 def allowed_error(
     name: str, expected: torch.Tensor, terms: torch.Tensor, case: Case, eager_errors: list[Error] | None,
-    out_dtypes: list[torch.dtype], ratio: float = 1.0,
+    out_dtypes: list[torch.dtype], ratio: float = 1.0, accumulated: int = 0,
 ) -> Allowance:
     """The tolerance rule for tensor ``name`` of ``case`` (``eager_errors``: torch-eager's error on
-    each side, None when there is no norm-wise comparison)."""
-    roundings = output_roundings(name, case.option("loss_div_factor") != 1)
+    each side, None when there is no norm-wise comparison; ``accumulated``: backwards added into
+    ``.grad`` after the first, each one more rounding of the output)."""
+    roundings = output_roundings(name, case.option("loss_div_factor") != 1) + accumulated
     return allowance(eager_errors, expected, terms, case.torch_dtype, out_dtypes, summation_lengths(case, name),
                      roundings, ratio)
 
 
 def judge(name: str, actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor, case: Case,
           ctx: CheckContext, eager_errors: list[Error] | None, out_dtypes: list[torch.dtype],
-          identity: bool = False, loss_scale: float = 1.0, allowed: Allowance | None = None) -> Mismatch | None:
+          identity: bool = False, loss_scale: float = 1.0, allowed: Allowance | None = None,
+          accumulated: int = 0) -> Mismatch | None:
     """Compare one tensor under the rule (widened by a known imprecision that applies, which is then
     observed); the mismatch when it is out of bounds, else None. ``name`` may carry a batch,
     ``loss/1``: the rule is that of its kind of tensor; ``allowed``: the rule's allowance, when the
     caller has it already."""
     kind = name.partition("/")[0]
     if allowed is None:
-        allowed = allowed_error(kind, expected, terms, case, eager_errors, out_dtypes)
+        allowed = allowed_error(kind, expected, terms, case, eager_errors, out_dtypes, accumulated=accumulated)
     problem = mismatch(name, actual, expected, allowed)
     if problem is None:
         return None
@@ -171,7 +172,8 @@ def judge(name: str, actual: torch.Tensor, expected: torch.Tensor, terms: torch.
                     identity=identity)
     known = ctx.imprecision(case, kind)
     if known is not None:
-        widened = allowed_error(kind, expected, terms, case, eager_errors, out_dtypes, ratio=known.max_ratio)
+        widened = allowed_error(kind, expected, terms, case, eager_errors, out_dtypes, ratio=known.max_ratio,
+                                accumulated=accumulated)
         if mismatch(name, actual, expected, widened) is None:
             ctx.observed.append((known, Mismatch(ctx.property_id, case, name, problem, **evidence)))
             return None
@@ -230,6 +232,7 @@ def compare_identity(
     magnitudes: dict[str, torch.Tensor],
     *,
     loss_scale: float = 1.0,
+    accumulated: dict[str, int] | None = None,
 ) -> list[Mismatch]:
     """What differs between the two sides of an identity by more than allowed.
 
@@ -257,7 +260,7 @@ def compare_identity(
             if not all(e.is_finite() for e in errors):
                 raise CaseRejected(f"torch-eager's {name} is not finite on this case")
         problem = judge(name, lhs, rhs, terms, case, ctx, errors, [dtype, dtype], identity=True,
-                        loss_scale=loss_scale)
+                        loss_scale=loss_scale, accumulated=(accumulated or {}).get(name, 0))
         if problem is not None:
             problems.append(problem)
     return problems
@@ -274,43 +277,44 @@ def check_equivalence(impl: Implementation, case: Case, ctx: CheckContext) -> No
     ref = run_reference(case)
     problems = compare_to_reference(got, ref, yard, case, ctx)
     if not problems and case.reduction != "none" and yard is not None:
-        problems = compare_per_token(impl, case, ctx, ref.magnitudes[PER_TOKEN_LOSS])
+        problems = compare_per_token(impl, case, ctx)
     ctx.fail_if(problems)
 
 
-def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext, terms: torch.Tensor) -> list[Mismatch]:
-    """A reduced loss is one number, and one bad token in 65536 hides in a mean: the same inputs with
+def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext) -> list[Mismatch]:
+    """A reduced loss is one number, and one bad token in 65536 hides in a mean: the case with
     reduction none, forward only, judged token by token (skipped where the implementation has no
-    per-token loss). ``terms``: the per-token losses' terms (``evaluation.PER_TOKEN_LOSS``)."""
+    per-token loss). Its own inputs (``make_inputs`` draws an upstream gradient for reduction
+    none), so that the case a mismatch names is the case that was run."""
     per_token_case = case.replace(reduction="none")
 
     def per_token(which: Implementation) -> torch.Tensor:
-        inputs = make_inputs(case.replace(chunk=None) if which is YARDSTICK else case, device=ctx.device)
-        spec = inputs.spec.replace(reduction="none")
+        inputs = make_inputs(per_token_case.replace(chunk=None) if which is YARDSTICK else per_token_case,
+                             device=ctx.device)
         if case.chunk is not None and which is not YARDSTICK:
             which = which.with_chunk_size(case.chunk)
         with torch.no_grad():
-            return which.loss(inputs.hidden, inputs.weight, inputs.labels, spec, bias=inputs.bias).loss
+            return which.loss(inputs.hidden, inputs.weight, inputs.labels, inputs.spec, bias=inputs.bias).loss
 
     try:
         got = per_token(impl)
     except UnsupportedCase:
         return []
-    reference_inputs = make_inputs(case, reference=True)
-    reference_inputs.spec = reference_inputs.spec.replace(reduction="none")
+    reference_inputs = make_inputs(per_token_case, reference=True)
     with torch.no_grad():
         expected = reference_loss_function(reference_inputs).loss
+        terms = term_magnitudes(reference_inputs, case.torch_dtype)["loss"]
     if tuple(got.shape) != tuple(expected.shape):
-        message = (f"loss per token (reduction=none on this case's inputs): shape {tuple(got.shape)}, expected "
+        message = (f"loss per token (this case with reduction=none): shape {tuple(got.shape)}, expected "
                    f"{tuple(expected.shape)}")
-        return [Mismatch(ctx.property_id, case, "loss", message)]
+        return [Mismatch(ctx.property_id, per_token_case, "loss", message)]
     eager = Error.between(per_token(YARDSTICK).detach().cpu(), expected, terms)
     if not eager.is_finite():
         return []
     problem = judge("loss", got.detach().cpu(), expected, terms, per_token_case, ctx, [eager], [got.dtype])
     if problem is None:
         return []
-    message = f"loss per token (the same inputs with reduction=none): {problem.message}"
+    message = f"loss per token (this case with reduction=none): {problem.message}"
     return [dataclasses.replace(problem, message=message)]
 
 
@@ -528,15 +532,16 @@ def check_call_pattern(pattern: str, count: int):
         terms: dict[int, dict[str, torch.Tensor]] = {}
         reference = run_pattern(reference_loss_function, batches(case, count, reference=True), pattern,
                                 on_call=lambda k, batch: terms.setdefault(k, term_magnitudes(batch, case.torch_dtype)))
-        magnitudes = {}
+        magnitudes, accumulated = {}, {}
         for name in reference:
             tensor, _, which = name.partition("/")
             if which.isdigit():
                 magnitudes[name] = terms[int(which)][tensor]
-            else:  # a head gradient: the batches it spans
+            else:  # a head gradient: the batches it spans, each backward after the first added into .grad
                 spans = {"all": range(count), "accumulated": range(count - 1), "step": [count - 1]}[which]
                 magnitudes[name] = sum(terms[k][tensor] for k in spans)
-        problems = compare_identity(impl, sides, reference, case, ctx, magnitudes)
+                accumulated[name] = len(spans) - 1
+        problems = compare_identity(impl, sides, reference, case, ctx, magnitudes, accumulated=accumulated)
         what = {"interleaved": f"{count} forwards, then their backwards in another order",
                 "steps": f"{count - 1} micro-batches, an optimizer step in place, one more batch"}[pattern]
         ctx.fail_if(problems, f"{what}, vs each batch alone")
