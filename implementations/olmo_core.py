@@ -234,6 +234,18 @@ def _z_loss_counted_at_ignored_tokens(case):
     return evaluate(unmasked, make_inputs(case, reference=True)).tensors(), terms
 
 
+def _batches_spanned(m: Mismatch, tensor: str) -> float:
+    """How many batches of the case's shapes a compared tensor sums (a call pattern's head
+    gradient): the ratio of its terms to one batch's, at least 1."""
+    from harness.case import make_inputs
+    from harness.check.evaluation import term_magnitudes
+
+    if m.terms is None or "/" not in m.tensor:
+        return 1.0
+    one = term_magnitudes(make_inputs(m.case, reference=True), m.case.torch_dtype)[tensor].sum()
+    return max(1.0, float(m.terms.sum() / one.clamp_min(1e-300)))
+
+
 def _z_loss_of_ignored_tokens_kept(m: Mismatch) -> bool:
     """With reduction none, the results are those of a z-loss that also counts the ignored tokens
     (and nothing else differs): within the allowance plus the gate's budget of the terms of every
@@ -247,11 +259,16 @@ def _z_loss_of_ignored_tokens_kept(m: Mismatch) -> bool:
             or m.expected is None or m.allowed is None):
         return False
     results, terms = _z_loss_counted_at_ignored_tokens(m.case)
-    if m.tensor not in results:
+    # an identity's tensors may carry a suffix: "grad_weight/all" is the head gradient summed over
+    # the batches of a call pattern, "loss/1" the loss of its second batch
+    tensor, _, batches = m.tensor.partition("/")
+    if tensor not in results or (batches and not m.identity):
         return False
-    budget = BUDGET * unit_roundoff(m.case.torch_dtype) * terms[m.tensor].double()
-    if m.identity:  # the sides may be permuted or scaled copies: the largest of those, twice
-        expected, extra = m.expected.double(), 2 * budget.max().expand(m.expected.shape)
+    budget = BUDGET * unit_roundoff(m.case.torch_dtype) * terms[tensor].double()
+    if m.identity:  # the sides may be permuted or scaled copies, or sums over several batches of
+        # the case's shapes: the largest element's budget, twice, per batch summed
+        expected, extra = m.expected.double(), 2 * budget.max() * _batches_spanned(m, tensor)
+        extra = extra.expand(m.expected.shape)
     else:
         expected, extra = results[m.tensor], budget.reshape(results[m.tensor].shape)
     widened = dataclasses.replace(m.allowed, bound=m.allowed.bound + extra, norm=m.allowed.norm + float(extra.norm()))

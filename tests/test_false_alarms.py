@@ -17,6 +17,7 @@ from harness.check.examples import fitted_examples
 from harness.check.properties import (YARDSTICK, CaseRejected, CheckContext, compare_per_token,
                                       compare_to_reference, find_property)
 from harness.check.run_property import PASS, Target, run_case
+from harness.check.shared import SharedResults
 from harness.check.strategies import fit_to
 from harness.check.support_probe import discover_support
 from harness.registry import resolve
@@ -43,8 +44,9 @@ def test_no_variant_fails_where_torch_eager_was_lucky(variant, property_id, case
     assert result.status == PASS, result.detail
 
 
-def judge_all(property_id: str) -> dict[str, str]:
-    """Every variant on every explicit example of the property: {variant: the first failure}."""
+def judge_all(property_id: str, folder) -> dict[str, str]:
+    """Every variant on every explicit example of the property: {variant: the first failure}. The
+    per-token checks share their reference and torch-eager's result in ``folder``."""
     prop = find_property(property_id)
     impls = {name: resolve(name) for name in VARIANTS}
     support = discover_support(impls[VARIANTS[0]], "cpu")
@@ -54,7 +56,7 @@ def judge_all(property_id: str) -> dict[str, str]:
         for name, impl in impls.items():
             if name in failures:
                 continue
-            ctx = CheckContext(property_id=prop.id)
+            ctx = CheckContext(property_id=prop.id, shared=SharedResults(folder))
             try:
                 problems = compare_to_reference(run_implementation(impl, case), reference, eager, case, ctx)
                 if not problems and case.reduction != "none":
@@ -69,5 +71,5 @@ def judge_all(property_id: str) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("property_id", ["equivalence/bfloat16", "equivalence/float16", "equivalence/float32",
                                          "precision/at-scale", "equivalence/model-sizes"])
-def test_no_variant_fails_an_explicit_example(property_id):
-    assert judge_all(property_id) == {}
+def test_no_variant_fails_an_explicit_example(property_id, tmp_path):
+    assert judge_all(property_id, tmp_path) == {}

@@ -27,6 +27,7 @@ import importlib.metadata
 from contextlib import nullcontext
 import os
 import queue
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -422,11 +423,14 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     profile = get_profile(profile_name, args.max_examples)
     device = local_device()
     jobs = 1 if args.in_process else min(args.jobs or default_jobs(), len(targets))
+    # Several implementations share the reference and the yardstick of each case (harness.check.shared).
+    shared = tempfile.TemporaryDirectory(prefix="lmhead-check-shared-") if len(targets) > 1 else None
     settings = GateSettings(
         profile=profile_name, max_examples=args.max_examples, device=device, dtypes=dtypes,
         in_process=args.in_process, threads=max(1, (os.cpu_count() or 1) // jobs),
         limits=child_limits(profile_name, args.max_examples, timeout_s=args.timeout,
                             max_memory_gib=args.max_memory, jobs=jobs),
+        shared_folder=shared and shared.name,
     )
 
     run_dir = new_run_dir(args.out, "-check")
@@ -511,6 +515,8 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
             for future in futures:
                 future.result()  # a harness bug in a pipeline surfaces here instead of being lost
     finally:
+        if shared is not None:
+            shared.cleanup()
         if args.junit_xml is not None:
             write_junit(args.junit_xml, results, suite=f"lmhead-bench check ({profile_name}, {device})")
 

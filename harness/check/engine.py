@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from harness.case import parse_case
 from harness.check.behaviour import EDGE_CASE_TIMEOUT_S, EDGE_CASES, BehaviourResult, probe, run_behaviour
@@ -23,6 +24,7 @@ from harness.check.profiles import get_profile
 from harness.check.properties import PROPERTIES, Property, find_property
 from harness.check.reproduce import split_detail
 from harness.check.run_property import FAIL, PropertyResult, Target, reproducer, run_property
+from harness.check.shared import SharedResults
 from harness.check.support_probe import Support, discover_support
 from harness.check.worker import SUPPORT_ITEM
 from harness.environment import memory_bytes
@@ -73,6 +75,7 @@ class GateSettings:
     in_process: bool = False
     limits: ChildLimits = field(default_factory=lambda: ChildLimits(Limits(), Limits()))
     threads: int | None = None  # OMP_NUM_THREADS of each child (None: torch's default)
+    shared_folder: str | None = None  # where the checks of several implementations share results (None: nowhere)
 
 
 def child_limits(profile: str, max_examples: int | None, *, timeout_s: float | None = None,
@@ -153,10 +156,12 @@ def _in_process(target, property_ids, settings, behaviour, on_progress):
     support = restricted_support(discover_support(target.impl, settings.device), settings.dtypes)
     yield SupportResult(target.given, support)
     history = []  # every case run for this implementation: a failure's reproducer may need the ones before it
+    shared = SharedResults(settings.shared_folder and Path(settings.shared_folder))
     for property_id in property_ids:
         tell(property_id)
         yield run_property(target, find_property(property_id), support, profile, settings.device,
-                           on_case=lambda case, item=property_id: tell(item, str(case)), history=history)
+                           on_case=lambda case, item=property_id: tell(item, str(case)), history=history,
+                           shared=shared)
     if behaviour:
         for edge in EDGE_CASES:
             yield BehaviourResult(target.given, edge.id, *probe(target.impl, edge, settings.device))
@@ -169,6 +174,8 @@ def _in_children(target, property_ids, settings, behaviour, cancel, on_progress)
         args += ["--max-examples", str(settings.max_examples)]
     for dtype in settings.dtypes or ():
         args += ["--dtype", dtype]
+    if settings.shared_folder:
+        args += ["--shared-results", settings.shared_folder]
     started: dict[str, float] = {}  # when each item started, for the seconds of one that took its process down
     running = ""
 

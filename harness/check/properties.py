@@ -40,6 +40,7 @@ from harness.check.evaluation import (
     term_magnitudes,
     upstream_for,
 )
+from harness.check.shared import SharedResults
 from harness.check.tolerance import Allowance, Error, allowance, error_norm, mismatch, output_roundings
 from harness.errors import HarnessError, UnsupportedCase
 from harness.known import KnownFailure, KnownImprecision, KnownIssue, Mismatch
@@ -84,10 +85,13 @@ class CheckContext:
     ``known`` holds the implementation's known issues (``harness.known``): a mismatch a structural
     known failure matches, or one within a known imprecision's bound, is appended to ``observed``
     instead of failing; ``errors`` collects the candidate's error on every compared tensor.
+    ``shared`` holds what the checks of other implementations in the run computed for a case (the
+    reference, the yardstick).
     """
 
     device: str = "cpu"
     property_id: str = ""
+    shared: SharedResults = SharedResults()
     known: tuple[KnownIssue, ...] = ()
     observed: list[tuple[KnownIssue, Mismatch]] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
@@ -271,10 +275,12 @@ def compare_identity(
 
 def check_equivalence(impl: Implementation, case: Case, ctx: CheckContext) -> None:
     got = run_implementation(impl, case, device=ctx.device)
-    yard = None if is_yardstick(impl) and case.chunk is None else run_implementation(
-        YARDSTICK, case.replace(chunk=None), device=ctx.device
-    )
-    ref = run_reference(case)
+    yard = None
+    if not (is_yardstick(impl) and case.chunk is None):
+        unchunked = case.replace(chunk=None)
+        yard = ctx.shared.get("yardstick", unchunked, ctx.device,
+                              lambda: run_implementation(YARDSTICK, unchunked, device=ctx.device))
+    ref = ctx.shared.get("reference", case, "cpu", lambda: run_reference(case))
     problems = compare_to_reference(got, ref, yard, case, ctx)
     if not problems and case.reduction != "none" and yard is not None:
         problems = compare_per_token(impl, case, ctx)
@@ -300,15 +306,15 @@ def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext) -> li
         got = per_token(impl)
     except UnsupportedCase:
         return []
-    reference_inputs = make_inputs(per_token_case, reference=True)
-    with torch.no_grad():
-        expected = reference_loss_function(reference_inputs).loss
-        terms = term_magnitudes(reference_inputs, case.torch_dtype)["loss"]
+    expected, terms = ctx.shared.get("per-token reference", per_token_case, "cpu",
+                                     lambda: _per_token_reference(per_token_case))
     if tuple(got.shape) != tuple(expected.shape):
         message = (f"loss per token (this case with reduction=none): shape {tuple(got.shape)}, expected "
                    f"{tuple(expected.shape)}")
         return [Mismatch(ctx.property_id, per_token_case, "loss", message)]
-    eager = Error.between(per_token(YARDSTICK).detach().cpu(), expected, terms)
+    eager_loss = ctx.shared.get("per-token yardstick", per_token_case.replace(chunk=None), ctx.device,
+                                lambda: per_token(YARDSTICK).detach().cpu())
+    eager = Error.between(eager_loss, expected, terms)
     if not eager.is_finite():
         return []
     problem = judge("loss", got.detach().cpu(), expected, terms, per_token_case, ctx, [eager], [got.dtype])
@@ -316,6 +322,13 @@ def compare_per_token(impl: Implementation, case: Case, ctx: CheckContext) -> li
         return []
     message = f"loss per token (this case with reduction=none): {problem.message}"
     return [dataclasses.replace(problem, message=message)]
+
+
+def _per_token_reference(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 loss per token of a case with reduction none, and its terms."""
+    inputs = make_inputs(case, reference=True)
+    with torch.no_grad():
+        return reference_loss_function(inputs).loss, term_magnitudes(inputs, case.torch_dtype)["loss"]
 
 
 def check_chunk_size(impl: Implementation, case: Case, ctx: CheckContext) -> None:

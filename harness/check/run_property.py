@@ -28,6 +28,7 @@ from harness.check.profiles import Profile
 from harness.check.properties import PROPERTIES, CaseRejected, CheckContext, ErrorRecord, Property
 from harness.check.reproduce import Step, confirm, traceback_text
 from harness.check.reproduce import command as replay_command
+from harness.check.shared import SharedResults
 from harness.check.strategies import cases, fit_to
 from harness.check.support_probe import Support
 from harness.errors import HarnessError, UnsupportedCase
@@ -146,9 +147,10 @@ class _Run:
     """The bookkeeping of one property on one implementation: what ran, what was refused, and why."""
 
     def __init__(self, target: Target, prop: Property, device: str, on_case: Callable[[Case], None] | None,
-                 history: list[Step] | None = None):
+                 history: list[Step] | None = None, shared: SharedResults = SharedResults()):
         self.target, self.prop, self.on_case, self.history = target, prop, on_case, history
-        self.ctx = CheckContext(device=device, property_id=prop.id, known=known_issues(target, device))
+        self.ctx = CheckContext(device=device, property_id=prop.id, known=known_issues(target, device),
+                                shared=shared)
         self.limitations = tuple(k for k in self.ctx.known if isinstance(k, KnownLimitation))
         self.passed = 0
         self.refused: collections.Counter = collections.Counter()
@@ -213,13 +215,15 @@ def run_property(
     device: str,
     on_case: Callable[[Case], None] | None = None,
     history: list[Step] | None = None,
+    shared: SharedResults = SharedResults(),
 ) -> PropertyResult:
     """Check one property: its explicit examples, then drawn cases; never raises for what the
     implementation does. ``on_case`` is called with each case before it runs (the worker reports
     it, so that a crash names its case). ``history``: the cases run in this process so far, which
-    this property's are appended to; given, a failure is confirmed in a fresh process."""
+    this property's are appended to; given, a failure is confirmed in a fresh process. ``shared``:
+    the reference and yardstick results the checks of other implementations saved."""
     started = time.perf_counter()
-    run = _Run(target, prop, device, on_case, history)
+    run = _Run(target, prop, device, on_case, history, shared)
 
     def result(status: str, detail: str = "", repro: str = "") -> PropertyResult:
         if status == PASS and run.refused:

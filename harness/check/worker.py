@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 SUPPORT_ITEM = "support"
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-examples", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", action="append", dest="dtypes", help="check only these dtypes (repeatable)")
+    parser.add_argument("--shared-results", help="the folder where checks of several implementations share results")
     parser.add_argument("properties", nargs="+")
     args = parser.parse_args(argv)
 
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.check.profiles import get_profile
     from harness.check.properties import find_property
     from harness.check.run_property import FAIL, Target, run_property
+    from harness.check.shared import SharedResults
     from harness.check.support_probe import discover_support
     from harness.isolation import FATAL_EXIT_STATUS, child_report, is_fatal
     from harness.registry import resolve
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     support = restricted_support(discover_support(target.impl, args.device), args.dtypes and tuple(args.dtypes))
     profile = get_profile(args.profile, args.max_examples)
     history = []  # every case run in this process: a failure's reproducer may need the ones before it
+    shared = SharedResults(args.shared_results and Path(args.shared_results))
     for property_id in args.properties:
         report.send({"started": property_id})
         if property_id == SUPPORT_ITEM:
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         def announce(case) -> None:
             report.send({"case": str(case)})
 
-        result = run_property(target, prop, support, profile, args.device, on_case=announce, history=history)
+        result = run_property(target, prop, support, profile, args.device, on_case=announce, history=history,
+                              shared=shared)
         report.send({"item": property_id, **dataclasses.asdict(result)})
         if result.status == FAIL and is_fatal(result.detail):
             return FATAL_EXIT_STATUS
