@@ -25,7 +25,7 @@ from harness.case import Case, Inputs, parse_case
 from harness.case import make_inputs as _case_inputs
 from harness.errors import HarnessError
 from harness.semantics import ReferenceResult, reference_result
-from harness.spec import DTYPES, OPTIONS, REDUCTIONS, LossSpec, validate_inputs
+from harness.spec import DTYPES, OPTIONS, REDUCTIONS, LossSpec, known_choices, validate_inputs
 
 # Two of the statuses of ``harness.check.run_property`` (not imported: it imports Hypothesis).
 PASS, FAIL = "pass", "fail"
@@ -341,23 +341,11 @@ def cases(
     from harness.check.strategies import cases as gate_cases
     from harness.check.support_probe import Support
 
-    chosen_dtypes = _known("dtype", dtypes, tuple(DTYPES))
-    chosen_reductions = _known("reduction", reductions, REDUCTIONS)
-    chosen_options = _known("option", options, OPTIONS, empty_allowed=True)
+    chosen_dtypes = known_choices("dtype", dtypes, tuple(DTYPES))
+    chosen_reductions = known_choices("reduction", reductions, REDUCTIONS)
+    chosen_options = known_choices("option", options, OPTIONS, empty_allowed=True)
     support = Support(True, chosen_dtypes, chosen_reductions, frozenset(chosen_options))
     return gate_cases(support, dtypes=chosen_dtypes, reductions=chosen_reductions, **kinds)
-
-
-def _known(what: str, given: Iterable[str] | None, known: tuple[str, ...], *, empty_allowed: bool = False):
-    if given is None:
-        return known
-    chosen = tuple(dict.fromkeys([given] if isinstance(given, str) else given))
-    unknown = [value for value in chosen if value not in known]
-    if unknown:
-        raise HarnessError(f"unknown {what} {unknown[0]!r}; expected some of {', '.join(known)}")
-    if not chosen and not empty_allowed:
-        raise HarnessError(f"no {what} given; expected some of {', '.join(known)}")
-    return chosen
 
 
 def make_inputs(case: Case | str, *, device: str = "cpu") -> Inputs:

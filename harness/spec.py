@@ -238,6 +238,20 @@ class LossOutput:
     z_loss: torch.Tensor | None = None
 
 
+def known_choices(what: str, given, known: tuple[str, ...], *, empty_allowed: bool = False) -> tuple[str, ...]:
+    """``given`` (one name or several; None: all of ``known``) as a tuple without repeats;
+    ``HarnessError`` for a name ``known`` lacks, or for none at all unless ``empty_allowed``."""
+    if given is None:
+        return known
+    chosen = tuple(dict.fromkeys([given] if isinstance(given, str) else given))
+    unknown = [value for value in chosen if value not in known]
+    if unknown:
+        raise HarnessError(f"unknown {what} {unknown[0]!r}; expected some of {', '.join(known)}")
+    if not chosen and not empty_allowed:
+        raise HarnessError(f"no {what} given; expected some of {', '.join(known)}")
+    return chosen
+
+
 def validate_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

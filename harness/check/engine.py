@@ -30,7 +30,7 @@ from harness.check.worker import SUPPORT_ITEM
 from harness.environment import memory_bytes
 from harness.errors import HarnessError
 from harness.isolation import MEMORY_LIMIT_FRACTION, Limits, child_environment, run_items
-from harness.spec import DTYPES
+from harness.spec import DTYPES, known_choices
 
 LOG_LINES_KEPT = 60  # of a child's output, kept as the traceback of the property it died in
 
@@ -99,15 +99,7 @@ def child_limits(profile: str, max_examples: int | None, *, timeout_s: float | N
 
 def check_dtypes(dtypes) -> tuple[str, ...] | None:
     """``dtypes`` as a tuple of known names (None stays None); ``HarnessError`` for an unknown one."""
-    if dtypes is None:
-        return None
-    chosen = tuple(dict.fromkeys([dtypes] if isinstance(dtypes, str) else dtypes))
-    unknown = [d for d in chosen if d not in DTYPES]
-    if unknown:
-        raise HarnessError(f"unknown dtype {unknown[0]!r}; expected some of {', '.join(DTYPES)}")
-    if not chosen:
-        raise HarnessError(f"no dtype given; expected some of {', '.join(DTYPES)}")
-    return chosen
+    return None if dtypes is None else known_choices("dtype", dtypes, tuple(DTYPES))
 
 
 def selected_properties(ids=None, dtypes: tuple[str, ...] | None = None) -> list[Property]:
