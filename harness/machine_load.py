@@ -15,12 +15,25 @@ case (where a job starts a process at all), and at its end, and records the load
 - or, on a CPU, the 1-minute load average at the start was above ``BUSY_CORES_FRACTION`` of the
   cores: other processes were already using at least half the machine (a load that stays the
   same all along does not move the rate, yet it slows and disturbs every timing).
+
+A case may also be measured under a load of its own choosing (the case file's ``companions``):
+``companion_processes`` starts that many CPU-bound processes beside its jobs, so that how an
+implementation degrades on a shared machine is measured, not met by chance. Readings taken while
+they run are recorded with their count and left out of the judgement above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+# What a companion runs: a pure-Python busy loop, one core's worth of work that allocates nothing
+# and does no I/O (a data loader's or another training process's CPU share, reduced to its load).
+COMPANION_PROGRAM = "while True: pass"
 
 RATE_TOLERANCE = 0.25
 BUSY_CORES_FRACTION = 0.5
@@ -34,16 +47,32 @@ def load_average() -> list[float] | None:
         return None
 
 
-def probe_record(where: str, tflops: float | None, load: list[float] | None = None) -> dict:
+def probe_record(where: str, tflops: float | None, load: list[float] | None = None, companions: int = 0) -> dict:
     """One reading of the probe, with the time and the load average (``load``: read earlier, before
-    the sweep's own processes ran)."""
-    return {"where": where, "time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "tflops": tflops, "load_average": load or load_average()}
+    the sweep's own processes ran), and the companion processes running beside it, if any."""
+    record = {"where": where, "time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "tflops": tflops, "load_average": load or load_average()}
+    return {**record, "companions": companions} if companions else record
+
+
+@contextlib.contextmanager
+def companion_processes(count: int) -> Iterator[list[subprocess.Popen]]:
+    """``count`` CPU-bound processes running for the duration of the block, then killed."""
+    companions = [subprocess.Popen([sys.executable, "-c", COMPANION_PROGRAM], stdin=subprocess.DEVNULL,
+                                   start_new_session=True) for _ in range(count)]
+    try:
+        yield companions
+    finally:
+        for companion in companions:
+            companion.kill()
+        for companion in companions:
+            companion.wait()
 
 
 def judge(probes: list[dict], *, device_kind: str, cpu_count: int | None) -> dict:
-    """``meta.json``'s ``load`` section: the readings, the limits, and whether the machine was loaded."""
-    rates = [p["tflops"] for p in probes if p.get("tflops")]
+    """``meta.json``'s ``load`` section: the readings, the limits, and whether the machine was loaded.
+    Readings taken beside a case's own companion processes are kept but not judged."""
+    rates = [p["tflops"] for p in probes if p.get("tflops") and not p.get("companions")]
     moved = 1 - min(rates) / max(rates) if len(rates) >= 2 else None
     reasons = []
     if moved is not None and moved > RATE_TOLERANCE:

@@ -28,6 +28,34 @@ def _log_call(name: str, hidden: torch.Tensor) -> None:
             log.write(f"{name} {hidden.shape[0]} {os.getpid()} {os.getppid()}\n")
 
 
+def companions_running() -> list[int]:
+    """The pids of the sweep's companion processes running now (``harness.machine_load``)."""
+    from harness.machine_load import COMPANION_PROGRAM
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and COMPANION_PROGRAM in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
+
+
+class CountsCompanions(Implementation):
+    """The eager loss; logs its token count and how many companion processes run beside it."""
+
+    name = "test-counts-companions"
+    family = "plugin"
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        path = os.environ.get("LMHEAD_TEST_CALL_LOG")
+        if path:
+            with open(path, "a") as log:
+                log.write(f"tokens {hidden.shape[0]} companions {len(companions_running())}\n")
+        return eager_loss(hidden, weight, labels, spec, bias)
+
+
 class Aborting(Implementation):
     """Kills its own process with SIGABRT, as a failed assertion in a C++ extension does."""
 

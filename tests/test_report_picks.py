@@ -164,3 +164,11 @@ def test_the_load_check_passes_a_steady_rate_and_flags_a_busy_start():
     verdict = judge(busy, device_kind="cpu", cpu_count=2)
     assert verdict["loaded"] and "load average was 3.1 on 2 cores" in verdict["reasons"][0]
     assert not judge(busy, device_kind="cuda", cpu_count=2)["loaded"], "a GPU's rate alone decides"
+
+
+def test_readings_beside_a_cases_own_companion_processes_are_kept_but_not_judged():
+    probes = [probe_record("start", 0.20, [0.2, 0.2, 0.2]), probe_record("beside companions", 0.09, companions=1),
+              probe_record("end", 0.21)]
+    verdict = judge(probes, device_kind="cpu", cpu_count=2)
+    assert not verdict["loaded"], "the load the case asked for is no sign of an unreliable run"
+    assert [p.get("companions", 0) for p in verdict["probes"]] == [0, 1, 0]

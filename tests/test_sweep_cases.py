@@ -130,6 +130,8 @@ def test_lower_bound_and_logits_sizes_follow_the_definitions():
          "[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']", "entry 'x': the name is used twice"),
         ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\nlogits = 'sharp'",
          "entry 'x': 'logits' must be among random, peaked"),
+        ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\ncompanions = -1",
+         "entry 'x': 'companions' must be a number of processes"),
         ("[[case]]\nvocab = 8", "entry 1: 'name' must be"),
         ("title = 'x'", "unknown top-level key 'title'"),
         ("description = 'nothing'", "no [[case]] entries"),

@@ -20,6 +20,7 @@ import pytest
 from harness.case import Case
 from harness.cli import main
 from harness.isolation import child_environment
+from tests.sweep_plugins import companions_running
 from harness.registry import builtin_names
 from harness.results import list_runs, read_meta, read_rows
 from harness.environment import PROJECT_ROOT
@@ -291,3 +292,23 @@ def test_the_results_folder_is_named_with_out_as_in_check_and_results_dir_still_
     assert "deprecated" not in capsys.readouterr().err
     assert main([*argv, "--results-dir", str(tmp_path / "b")]) == 0
     assert "note: --results-dir is deprecated; use --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_case_with_companions_runs_beside_that_many_busy_processes_and_meta_says_so(tmp_path, capsys, monkeypatch):
+    cases = tmp_path / "loaded.toml"
+    cases.write_text('dtypes = ["float32"]\n[[case]]\nname = "tiny-loaded"\nvocab = 256\ndim = 16\ntokens = 32\n'
+                     'companions = 1\n[[case]]\nname = "tiny"\nvocab = 256\ndim = 16\ntokens = 48\n')
+    log = tmp_path / "neighbours.log"
+    monkeypatch.setenv("LMHEAD_TEST_CALL_LOG", str(log))
+    results = tmp_path / "results"
+    argv = ["sweep", str(cases), "--out", str(results), "--impl", f"{PLUGINS}:CountsCompanions",
+            "--mode", "forward", *QUICK]
+    assert main(argv) == 0
+    run_dir = only_run(results)
+    assert read_meta(run_dir)["companions"] == {"tiny-loaded/N=32/float32": 1}
+    assert set(read_rows(run_dir).status) == {"ok"}
+    seen = {tuple(map(int, line.split()[1::2])) for line in log.read_text().splitlines()}  # (tokens, companions)
+    assert seen == {(32, 1), (48, 0)}, "one companion beside the loaded case's job, none beside the other"
+    assert "beside 1 companion process" in " ".join(capsys.readouterr().err.split())
+    assert not list(companions_running()), "stopped after the job"

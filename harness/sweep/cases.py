@@ -51,7 +51,7 @@ INPUT_SEED = 1234
 
 FILE_KEYS = ("description", "tokens", "dtypes", "implementations", "case")
 ENTRY_KEYS = ("name", "vocab", "dim", "hidden", "tokens", "dtypes", "logits", "tied", "options", "implementations",
-              "modes", "note")
+              "modes", "companions", "note")
 # Keys a case file's ``options`` table takes: the options and their older names, and the reduction.
 OPTION_KEYS = ("reduction", *(key for option in OPTION_DECLARATIONS for key in (option.name, *option.aliases)))
 
@@ -67,6 +67,7 @@ class SweepCase:
     implementations: tuple[str, ...] | None = None  # None: every implementation the sweep runs
     modes: tuple[str, ...] | None = None  # None: every mode the sweep measures
     source: str = ""  # the case file
+    companions: int = 0  # CPU-bound processes running beside its jobs (harness.machine_load.companion_processes)
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "case": format_case(self.case)}
@@ -146,6 +147,12 @@ class _EntryReader:
             self.fail(f"'implementations' must be a non-empty list of names, got {value!r}")
         return tuple(value)
 
+    def companions(self) -> int:
+        value = self.table.get("companions", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(f"'companions' must be a number of processes (0 or more), got {value!r}")
+        return value
+
     def modes(self) -> tuple[str, ...] | None:
         value = self.table.get("modes")
         if value is None:
@@ -224,6 +231,7 @@ def load_case_file(path: Path) -> list[SweepCase]:
         reduction, options = reader.options()
         implementations = reader.implementations(default_impls)
         modes = reader.modes()
+        companions = reader.companions()
         for vocab, dim, logits, n, dtype in itertools.product(vocabs, dims, logit_modes, tokens, dtypes):
             parts = [name]
             if len(vocabs) > 1:
@@ -238,7 +246,7 @@ def load_case_file(path: Path) -> list[SweepCase]:
                             logits=logits, seed=INPUT_SEED)
             except HarnessError as exc:  # the options' own range checks (e.g. softcap > 0)
                 reader.fail(str(exc))
-            cases.append(SweepCase("/".join(parts), name, case, tied, implementations, modes, where))
+            cases.append(SweepCase("/".join(parts), name, case, tied, implementations, modes, where, companions))
     return cases
 
 

@@ -30,7 +30,7 @@ from harness.quiet import Captured, captured
 from harness.registry import resolve, resolve_many
 from harness.results import RowWriter, read_rows
 from harness.sweep.cases import SweepCase
-from harness.machine_load import probe_record
+from harness.machine_load import companion_processes, probe_record
 from harness.sweep.measure import TimingSettings
 from harness.sweep.rows import Job, job_rows, mode_results
 
@@ -209,7 +209,9 @@ def _summary(job: Job, results: dict[str, dict], seconds: float) -> str:
         else:
             parts.append(f"{label} [bold]{result['status']}[/]")
     reasons = {r.get("reason", "") for r in results.values() if r["status"] != "ok"} - {""}
-    line = escape(f"{job.implementation:>16}  {job.case.name} ({seconds:.0f} s): ") + "; ".join(parts)
+    beside = f", beside {job.case.companions} companion process{'es' if job.case.companions > 1 else ''}" \
+        if job.case.companions else ""
+    line = escape(f"{job.implementation:>16}  {job.case.name} ({seconds:.0f} s{beside}): ") + "; ".join(parts)
     if reasons:
         line += escape(f"  ({sorted(reasons)[0]})")
     return line
@@ -254,8 +256,10 @@ def run_jobs(
                 "probe": True,
             }
             reason = declared_unsupported(job, settings.device)
+            companions = job.case.companions
             if reason is None:
-                with tempfile.TemporaryDirectory(prefix="lmhead-bench-job-") as cache_dir:
+                with tempfile.TemporaryDirectory(prefix="lmhead-bench-job-") as cache_dir, \
+                        companion_processes(companions):
                     outcome = run_job(payload, settings, reference=job.reference,
                                       env=job_environment(settings.child_env, cache_dir))
                 results, seconds = mode_results(outcome, modes), outcome.seconds
@@ -263,7 +267,8 @@ def run_jobs(
                     results = {mode: _unverified(result) for mode, result in results.items()}
                 probe = probe_message(outcome)
                 if probe is not None and probe.get("tflops"):
-                    counts.probes.append(probe_record(f"before {job.implementation} {job.case.name}", probe["tflops"]))
+                    counts.probes.append(probe_record(f"before {job.implementation} {job.case.name}", probe["tflops"],
+                                                      companions=companions))
             else:  # known without starting a process
                 results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}
                 seconds = 0.0
