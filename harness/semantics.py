@@ -174,7 +174,9 @@ def logits_with_terms(
     ``|s|`` and adds ``|s x|`` for the product's own rounding. The softcap ``cap tanh(x / cap)``
     scales them by its slope ``1 - tanh^2`` and adds ``|z|`` for its own rounding; ``x / cap``
     computed in ``dtype`` may underflow, up to ``underflow(dtype)`` lost, ``cap`` times that in
-    the logit; near saturation the slope is off by roundoffs of ``2 tanh^2``.
+    the logit; the slope (the chain rule's factor) is off by roundoffs of ``2 tanh^2`` near
+    saturation, and by its derivative ``2 |tanh| slope / cap`` times the terms of ``x``: a logit
+    rounded to ``dtype`` before the cap moves the slope at that logit.
 
     ``terms_share`` < 1: a raw logit rounded in ``dtype`` is off by a fraction of its value (the
     product ``|h . w|``, the bias, and the errors its input brings, ``(terms(h) - |h|) . |w|``),
@@ -205,11 +207,14 @@ def logits_with_terms(
     if spec.softcap is not None:
         tanh = torch.tanh(logits / spec.softcap)
         slope = 1 - tanh.square()
+        # The slope computed from a rounded tanh (2 tanh^2), at a logit that is itself off by its
+        # size: the slope moves by |d slope / dx| = 2 |tanh| slope / cap per unit of the logit.
+        slope_terms = slope + 2 * tanh.square() + 2 * tanh.abs() * slope * size / spec.softcap
         logits = spec.softcap * tanh
         lost_to_underflow = spec.softcap * underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
         size = size * slope + logits.abs() + lost_to_underflow
-        chain, chain_terms = _times(chain, slope), _times(chain_terms, slope + 2 * tanh.square())
-        class_scale_terms = _times(class_scale_terms, slope + 2 * tanh.square())
+        chain, chain_terms = _times(chain, slope), _times(chain_terms, slope_terms)
+        class_scale_terms = _times(class_scale_terms, slope_terms)
     return LogitTerms(logits, size, chain, chain_terms, class_scale_terms)
 
 

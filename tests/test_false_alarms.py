@@ -33,13 +33,22 @@ LUCKY_FOR_TORCH_EAGER = (
 )
 
 
+# Cases a dev run drew where a variant was rejected by a gap in the term model, since closed: one
+# token, bias 75 times the others' logits cancelling a matmul product of about 80 in bfloat16, a
+# softcap of 5 (a logit rounded before the cap moves the cap's slope at that logit, 2026-12-07).
+FOUND_BY_DEV_RUNS = (
+    ("equivalence/bfloat16", "N=1,D=3,V=1023,dtype=bfloat16,reduction=mean,bias=1,label_smoothing=0.5,softcap=5.0,"
+                             "scale=100.0,logits=peaked,seed=0"),
+)
+
+
 def test_the_corpus_holds_at_least_ten_documented_variants():
     assert len(VARIANTS) >= 10 and all(variant.__doc__ for variant in correct_variants.VARIANTS)
 
 
-@pytest.mark.parametrize("property_id, case", LUCKY_FOR_TORCH_EAGER)
+@pytest.mark.parametrize("property_id, case", LUCKY_FOR_TORCH_EAGER + FOUND_BY_DEV_RUNS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_no_variant_fails_where_torch_eager_was_lucky(variant, property_id, case):
+def test_no_variant_fails_a_case_that_once_raised_a_false_alarm(variant, property_id, case):
     result = run_case(Target(variant, resolve(variant)), find_property(property_id), parse_case(case), "cpu")
     assert result.status == PASS, result.detail
 
