@@ -198,7 +198,9 @@ def term_magnitudes(
     - everything a token's logits reach is widened by ``logit_rounding_factor`` of that token's own
       largest logit (a rounding of a large logit moves its probability by a factor, not a fraction);
     - a logit gradient rounded to the case's ``dtype`` may also lose up to ``underflow(dtype)``
-      outright, whatever its size: that is ``underflow / u`` in units of the terms;
+      outright, whatever its size: that is ``underflow / u`` in units of the terms; below the
+      dtype's normal range the loss is the same for equal gradients, so sums over tokens take it
+      linearly;
     - the gradients of hidden, weight and bias sum the logit gradients' terms against ``|W|``,
       ``|H|`` and ones; a tied weight adds the embedding path's; a class scale's against the raw
       logits' terms;
@@ -259,16 +261,25 @@ def term_magnitudes(
             + (z_scale * 2 * z_mult)[:, None] * (lse.abs()[:, None] * prob_terms + probs * lse_terms[:, None])
         ) * widening[:, None]
         lost_to_underflow = underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
+        # A logit gradient below the dtype's normal range is stored with that absolute loss, the same
+        # for every token whose gradient has the same value (a mean's 1/N times smoothing's eps/V):
+        # no independent roundings, so its sum over tokens is linear.
+        subnormal = logit_grad < torch.finfo(dtype).smallest_normal
         if head.class_scale_terms is not None:  # d(loss)/d(scale_j) = sum over tokens of dL/dz_j dz_j/ds_j
             products = (logit_grad + lost_to_underflow) * head.class_scale_terms + lost_to_underflow
-            terms["grad_class_scale"] = summed_over_tokens(products.sum(0), products.square().sum(0).sqrt())
+            systematic = subnormal.double() * lost_to_underflow * (head.class_scale_terms + 1)
+            terms["grad_class_scale"] = (summed_over_tokens(products.sum(0), products.square().sum(0).sqrt())
+                                         + systematic.sum(0))
         if head.chain_terms is not None:  # back through the head's options to the raw logits
             logit_grad = logit_grad * head.chain_terms
+            subnormal = subnormal | (logit_grad < torch.finfo(dtype).smallest_normal)
+        systematic = subnormal.double() * lost_to_underflow
         logit_grad = logit_grad + lost_to_underflow
         grad_hidden = logit_grad @ weight.abs()
-        terms["grad_weight"] = summed_over_tokens(logit_grad.t() @ projected_terms,
-                                                  (logit_grad.square().t() @ projected_terms.square()).sqrt())
-        terms["grad_bias"] = summed_over_tokens(logit_grad.sum(0), logit_grad.square().sum(0).sqrt())
+        terms["grad_weight"] = (summed_over_tokens(logit_grad.t() @ projected_terms,
+                                                   (logit_grad.square().t() @ projected_terms.square()).sqrt())
+                                + systematic.t() @ projected_terms)
+        terms["grad_bias"] = summed_over_tokens(logit_grad.sum(0), logit_grad.square().sum(0).sqrt()) + systematic.sum(0)
         if norm is not None:  # back through the norm: its parameters', then its input's gradient
             norm_weight_terms = grad_hidden * (norm.normalized.abs() + hidden_terms * norm.inverse_scale)
             terms["grad_norm_weight"] = summed_over_tokens(norm_weight_terms.sum(0),
