@@ -45,6 +45,9 @@ FOUND_BY_DEV_RUNS = (
                              "scale=100.0,logits=peaked,seed=0"),
     ("precision/at-scale", "N=2500,D=8,V=256,dtype=float16,reduction=mean,bias=1,label_smoothing=0.1,"
                            "logits=confident,seed=0"),
+    # the same underflow, from a mean over 65536 tokens (1/N below float16's normal range)
+    pytest.param("equivalence/model-sizes", "B=2,T=32768,D=4,V=31,dtype=float16,reduction=mean,softcap=5.0,"
+                                            "logits=confident,seed=0", marks=pytest.mark.slow),
 )
 
 
