@@ -107,6 +107,8 @@ class Implementation:
     has_logits_path: bool = True  # ``logits()`` is the implementation's own head (checked by the gate)
     takes_batches: bool = False  # ``compute`` gets (B, T, D) inputs unflattened (a whole head)
     applies_loss_div_factor: bool = False  # ``compute`` divides by ``spec.loss_div_factor`` itself
+    # Sweep modes it has no such thing as, with the reason (e.g. a backward run inside the forward).
+    unsupported_modes: dict[str, str] = {}
 
     def availability(self) -> Availability:
         return Availability(True)

@@ -104,6 +104,8 @@ class TorchtitanChunked(Implementation):
     takes_batches = True  # (B, L, D) as given: it chunks along L
     applies_loss_div_factor = True  # through global_valid_tokens
     has_logits_path = False  # its lm_head is a plain nn.Linear
+    unsupported_modes = {"backward": "it runs the head's backward inside its forward (ChunkedLossWrapper), so a "
+                                     "backward alone has none of the head's work to time"}
 
     def availability(self) -> Availability:
         return torchtitan_availability()

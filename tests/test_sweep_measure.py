@@ -14,6 +14,7 @@ from harness.sweep.cases import SweepCase
 from harness.sweep.distributed import Ranks, ranks_from_environment, shard, visible_device_for
 from harness.sweep.measure import MIN_CALL_SECONDS, TimingSettings, measure_mode, quantiles, repetitions, time_with_events
 from harness.sweep.rows import Job, derived_metrics, job_rows, mode_results
+from harness.sweep.runner import unsupported_modes
 
 QUICK = TimingSettings(measure_time=0.01, min_repeats=2)
 MEASURED = {"first_call", "time_median", "time_p20", "time_p80", "peak_memory"}
@@ -221,3 +222,13 @@ def test_the_sweep_ends_with_a_sentence_not_a_dict():
     counts = SweepCounts(jobs=35, statuses=Counter({"ok": 55, "unsupported": 11, "timeout": 1, "wrong": 2}))
     assert counts.sentence() == ("sweep: 35 jobs; of their 69 modes, 55 measured, 2 wrong (did not match "
                                  "torch-eager), 11 unsupported here and 1 timed out.")
+
+
+def test_a_mode_an_implementation_has_no_such_thing_as_is_unsupported_with_its_reason():
+    """torchtitan's chunked loss runs the head's backward inside its forward: no backward alone."""
+    job = Job(case=SweepCase("tiny/N=64/float32", "tiny", tiny_case()), implementation="torchtitan-chunked",
+              reference="torchtitan-chunked")
+    [(mode, result)] = unsupported_modes(job, ["forward", "forward_backward", "backward"]).items()
+    assert mode == "backward" and result["status"] == "unsupported" and "inside its forward" in result["reason"]
+    eager = Job(case=job.case, implementation="torch-eager", reference="torch-eager")
+    assert unsupported_modes(eager, ["forward", "backward"]) == {}

@@ -119,6 +119,12 @@ def job_modes(job: Job, settings: SweepSettings) -> list[str]:
     return [mode for mode in settings.modes if job.case.modes is None or mode in job.case.modes]
 
 
+def unsupported_modes(job: Job, modes: list[str]) -> dict[str, dict]:
+    """The results of the modes the implementation says it has no such thing as (unsupported)."""
+    declared = resolve(job.reference).unsupported_modes
+    return {mode: {"status": "unsupported", "reason": declared[mode]} for mode in modes if mode in declared}
+
+
 def declared_unsupported(job: Job, device: str) -> str | None:
     """Why the implementation says it cannot run this case here (availability, dtype, options), or None.
 
@@ -245,7 +251,9 @@ def run_jobs(
         task = progress.add_task(label, total=len(jobs), failed=0, unsupported=0)
         for job in jobs:
             progress.update(task, description=f"{label}: {job.implementation} {job.case.name}")
-            modes = job_modes(job, settings)
+            all_modes = job_modes(job, settings)
+            declared_modes = unsupported_modes(job, all_modes)
+            modes = [mode for mode in all_modes if mode not in declared_modes]
             payload = {
                 "kind": "case",
                 "case": job.case.to_json(),
@@ -257,7 +265,8 @@ def run_jobs(
             }
             reason = declared_unsupported(job, settings.device)
             companions = job.case.companions
-            if reason is None:
+            results, seconds = {}, 0.0
+            if reason is None and modes:
                 with tempfile.TemporaryDirectory(prefix="lmhead-bench-job-") as cache_dir, \
                         companion_processes(companions):
                     outcome = run_job(payload, settings, reference=job.reference,
@@ -269,9 +278,9 @@ def run_jobs(
                 if probe is not None and probe.get("tflops"):
                     counts.probes.append(probe_record(f"before {job.implementation} {job.case.name}", probe["tflops"],
                                                       companions=companions))
-            else:  # known without starting a process
+            elif reason is not None:  # known without starting a process
                 results = {mode: {"status": "unsupported", "reason": reason} for mode in modes}
-                seconds = 0.0
+            results = {mode: declared_modes.get(mode) or results[mode] for mode in all_modes}
             writer.append(job_rows(job, results, run_id=run_id, device=device_name, matmul_tflops=matmul_tflops))
             counts.jobs += 1
             counts.statuses.update(result["status"] for result in results.values())
