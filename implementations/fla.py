@@ -25,11 +25,11 @@ import importlib.util
 import torch
 
 from harness.adapter import Availability, Capabilities, Implementation
-from harness.known import KnownFailure, KnownImprecision
+from harness.known import KnownFailure
 from harness.spec import LossOutput
 from implementations.distributed import VocabParallel, equal_shards_world_size
 from implementations.known_shapes import second_backward_rescales_the_saved_gradient
-from implementations.triton_runtime import TRUNCATION, triton_availability
+from implementations.triton_runtime import triton_availability
 
 PACKAGE_HINT = "pip install 'lmhead-bench[fla]'"
 PACKAGE = "fla-core 0.6.0"
@@ -152,8 +152,8 @@ KNOWN_ISSUES = (
         PACKAGE,
         matches=second_backward_rescales_the_saved_gradient,
     ),
-    # Its kernel stores the logits' gradient into the logits, in their dtype (the loss stays float32).
-    KnownImprecision(TRUNCATION, "equivalence/bfloat16: N=257,D=300,V=511,dtype=bfloat16,reduction=mean,bias=1,"
-                     "ignored=some,scale=100.0,seed=2016", "triton 3.9", ("bfloat16",), ("grad_hidden", "grad_weight", "grad_bias"),
-                     max_ratio=2.0, devices=("cpu",)),
+    # Its kernel stores the logits' gradient into the logits, in their dtype, truncated by Triton's
+    # interpreter on a CPU (triton_runtime.TRUNCATION): within the budget since the gate counts the
+    # underflow of gradients below bfloat16's normal range linearly (the mismatches its entry
+    # excused on its example, 2026-12-07), so no entry.
 )

@@ -304,24 +304,20 @@ ACCUMULATION = (
     "chunk; `liger-fp32-accum` is the configuration with float32, the one OLMo-core uses"
 )
 AT_SCALE = "precision/at-scale: N=2048,D=64,V=2048,dtype=bfloat16,reduction=sum,bias=1,seed=21"
-TRUNCATED = "equivalence/bfloat16: N=257,D=300,V=511,dtype=bfloat16,reduction=mean,bias=1,ignored=some,scale=100.0,seed=2016"
 PARAMETER_GRADIENTS = ("grad_weight", "grad_bias")
-STORED_BFLOAT16 = ("loss", "z_loss", "grad_hidden")
 
 ACCUMULATES_IN_INPUT_DTYPE = (
     KnownImprecision(f"{ACCUMULATION}; on a CPU also: {TRUNCATION}", AT_SCALE, PACKAGE, ("bfloat16",),
                      PARAMETER_GRADIENTS, max_ratio=8.0, devices=("cpu",)),
-    KnownImprecision(TRUNCATION, TRUNCATED, "triton 3.9", ("bfloat16",), STORED_BFLOAT16, max_ratio=2.0,
-                     devices=("cpu",)),
     KnownImprecision(ACCUMULATION, AT_SCALE, PACKAGE, ("bfloat16",), PARAMETER_GRADIENTS, max_ratio=8.0,
                      devices=("cuda",)),
     KnownImprecision(ACCUMULATION, AT_SCALE.replace("bfloat16", "float16"), PACKAGE, ("float16",),
                      PARAMETER_GRADIENTS, max_ratio=8.0),
 )
-FLOAT32_ACCUMULATION = (
-    KnownImprecision(TRUNCATION, TRUNCATED, "triton 3.9", ("bfloat16",), (*STORED_BFLOAT16, *PARAMETER_GRADIENTS),
-                     max_ratio=2.0, devices=("cpu",)),
-)
+# With float32 accumulation, what Triton's interpreter truncates on a CPU (TRUNCATION) stays within
+# the budget since the gate counts the underflow of gradients below bfloat16's normal range
+# linearly: that was what its entry excused on its example (2026-12-07), so no entry.
+FLOAT32_ACCUMULATION = ()
 
 CE_KNOWN_ISSUES = (
     KnownFailure(
