@@ -264,7 +264,8 @@ def term_magnitudes(
         # A logit gradient below the dtype's normal range is stored with that absolute loss, the same
         # for every token whose gradient has the same value (a mean's 1/N times smoothing's eps/V):
         # no independent roundings, so its sum over tokens is linear.
-        subnormal = logit_grad < torch.finfo(dtype).smallest_normal
+        normal_min = torch.finfo(dtype).smallest_normal
+        subnormal = logit_grad < normal_min
         if head.class_scale_terms is not None:  # d(loss)/d(scale_j) = sum over tokens of dL/dz_j dz_j/ds_j
             products = (logit_grad + lost_to_underflow) * head.class_scale_terms + lost_to_underflow
             systematic = subnormal.double() * lost_to_underflow * (head.class_scale_terms + 1)
@@ -272,7 +273,7 @@ def term_magnitudes(
                                          + systematic.sum(0))
         if head.chain_terms is not None:  # back through the head's options to the raw logits
             logit_grad = logit_grad * head.chain_terms
-            subnormal = subnormal | (logit_grad < torch.finfo(dtype).smallest_normal)
+            subnormal = subnormal | (logit_grad < normal_min)
         systematic = subnormal.double() * lost_to_underflow
         logit_grad = logit_grad + lost_to_underflow
         grad_hidden = logit_grad @ weight.abs()
