@@ -40,11 +40,18 @@ gradient is accumulated from the float32 buffer and a float32 copy of hidden mad
 Float32 on the CPU: the matmuls go through oneDNN where torch has it (``harness.onednn``), in
 blocks of classes, since it runs at about twice torch.mm's rate on the project's AMD CPU machine;
 ``Chunked(onednn=False)`` keeps torch.mm, as a torch without oneDNN does.
+
+On the CPU each chunk's work is shared among worker threads, one per intra-op thread, each running
+its ops on one thread: first spans of the chunk's tokens (logits, statistics, gradient, the
+hidden-state gradient), then spans of the vocabulary (the weight and bias gradients). No op waits
+at a barrier for a thread that the machine's other work has descheduled (see ``TASKS_PER_WORKER``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -216,12 +223,8 @@ def onednn_vocab_block(tokens: int, dim: int) -> int:
 
 
 def _onednn_logits_matmul(out, hidden, weight, bias, scale):
-    """(hidden @ weight.T + bias) * scale through oneDNN, a block of classes at a time, written into
-    ``out`` (float32, CPU), which is returned; a product of one block needs no copy and is returned
-    itself."""
+    """``out`` (float32, CPU) = (hidden @ weight.T + bias) * scale through oneDNN, a block of classes at a time."""
     linear, size = onednn_linear(), onednn_vocab_block(*hidden.shape)
-    if size >= weight.shape[0] and scale == 1.0:
-        return linear(hidden, weight, bias, "none", [], "")
     for start in range(0, weight.shape[0], size):
         block = slice(start, start + size)
         part = linear(hidden, weight[block], None if bias is None else bias[block], "none", [], "")
@@ -229,42 +232,32 @@ def _onednn_logits_matmul(out, hidden, weight, bias, scale):
             out[:, block].copy_(part)
         else:
             torch.mul(part, scale, out=out[:, block])
-    return out
 
 
-def _onednn_gradient_matmuls(grad, weight, hidden_scaled, alpha, grad_h, grad_w, first):
-    """grad_h = (grad @ weight) * alpha and grad_w (+)= grad.T @ hidden_scaled, a block of classes at
-    a time while the block of ``grad`` is in cache; grad_h is accumulated over the blocks in a
-    (tokens, D) temporary. Returns the weight-gradient accumulator: the first chunk's product of one
-    block becomes it, with no copy.
-
-    oneDNN is slower than torch.mm on the weight gradient of a chunk of more tokens than D (its K
-    longer than its N), so such chunks keep torch.mm for it; and it reads a transposed source
-    slowly, so the block of the gradient is transposed first (figures:
-    docs/measurements/2026-12-02-chunked-onednn.md)."""
-    linear = onednn_linear()
-    onednn_weight_grad = grad_w is not None and grad.shape[0] <= weight.shape[1]
-    if grad_w is not None and not onednn_weight_grad:
-        _accumulate_weight_grad(grad_w, grad, hidden_scaled, first)
-    hidden_t = hidden_scaled.t().contiguous() if onednn_weight_grad else None  # (D, tokens): oneDNN's weight operand
-    acc, size = None, onednn_vocab_block(grad.shape[0], weight.shape[1])
+def _onednn_hidden_grad(out, grad, weight, alpha):
+    """``out`` = (grad @ weight) * alpha through oneDNN, a block of classes at a time, summed in a
+    (tokens, D) temporary."""
+    linear, size = onednn_linear(), onednn_vocab_block(grad.shape[0], weight.shape[1])
+    acc = None
     for start in range(0, weight.shape[0], size):
         block = slice(start, start + size)
-        grad_block = grad[:, block]
-        if grad_h is not None:
-            part = linear(grad_block, weight[block].t(), None, "none", [], "")
-            acc = part if acc is None else acc.add_(part)
-        if onednn_weight_grad:
-            part = linear(grad_block.t().contiguous(), hidden_t, None, "none", [], "")
-            if first and size >= weight.shape[0]:
-                grad_w = part
-            elif first:
-                grad_w[block].copy_(part)
-            else:
-                grad_w[block].add_(part)
-    if grad_h is not None:
-        torch.mul(acc, alpha, out=grad_h)
-    return grad_w
+        part = linear(grad[:, block], weight[block].t(), None, "none", [], "")
+        acc = part if acc is None else acc.add_(part)
+    torch.mul(acc, alpha, out=out)
+
+
+def _onednn_weight_grad(grad_w, grad, hidden_t, first):
+    """grad_w (+)= grad.T @ hidden_t.T through oneDNN, a block of classes at a time. ``hidden_t`` is
+    (D, tokens), oneDNN's weight operand; it reads a transposed source slowly, so each block of
+    ``grad`` is transposed first (docs/measurements/2026-12-02-chunked-onednn.md)."""
+    linear, size = onednn_linear(), onednn_vocab_block(grad.shape[0], hidden_t.shape[0])
+    for start in range(0, grad.shape[1], size):
+        block = slice(start, start + size)
+        part = linear(grad[:, block].t().contiguous(), hidden_t, None, "none", [], "")
+        if first:
+            grad_w[block].copy_(part)
+        else:
+            grad_w[block].add_(part)
 
 
 def _logits_matmul(
@@ -317,59 +310,107 @@ def _rows_label_log_probability(
 # 0), so the token's log p at the label is recomputed from its logits instead of read off p.
 LOG_TINY_PROBABILITY = math.log(1e-30)
 
+# On the CPU, a chunk's work is shared among worker threads, as many as torch's intra-op threads,
+# each running its ops on one OpenMP thread, instead of every op being split among the threads.
+# An op split among threads ends at a barrier, and the floor case makes thousands of them: on a
+# busy machine one thread is often descheduled and the other waits for it at each barrier (2.6-12
+# x the quiet time beside one other process; docs/measurements/2026-12-07-chunked-under-load.md).
+# A worker takes the next task when it finishes one, so a descheduled thread delays only its own.
+# Each chunk is cut into this many tasks per worker: enough for a late task to be taken over, few
+# enough for each task's matmuls to stay wide; and a span of tokens has at least MIN_TASK_TOKENS.
+TASKS_PER_WORKER = 4
+MIN_TASK_TOKENS = 32
 
-def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, token_scale=None):
-    """Run every chunk; return per-token (ce, z) before any reduction (z is None without z-loss) and
-    the requested gradients (float32 accumulators for weight and bias). ``onednn``: the float32 CPU
-    matmuls go through oneDNN (``onednn_linear``)."""
-    # One contiguous copy per pass, if any, instead of a strided matmul (or a copy) per chunk; oneDNN
-    # reads a strided bias as if it were contiguous.
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    num_tokens, vocab = hidden.shape[0], weight.shape[0]
-    device, dtype = hidden.device, hidden.dtype
-    eps, m = spec.label_smoothing, spec.z_loss_multiplier
-    need_h, need_w, need_b = needs
-    want_grad = need_h or need_w or need_b
-    ce_all = torch.empty(num_tokens, 1, dtype=torch.float32, device=device)
-    z_all = torch.empty_like(ce_all) if m else None
-    grad_h = torch.empty_like(hidden) if need_h else None
-    # Zeros only for an empty batch: otherwise the first chunk's matmul overwrites them.
-    new_accumulator = torch.zeros if num_tokens == 0 else torch.empty
-    grad_w = new_accumulator(weight.shape, dtype=torch.float32, device=device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
-    if num_tokens == 0:
-        return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
-    if chunk_size is None:
-        chunk_size = default_chunk_size(
-            num_tokens, vocab, hidden.shape[1], dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad,
-            workspace_bytes=ONEDNN_WORKSPACE_BYTES if onednn else 0,
-        )
-    rows = min(chunk_size, num_tokens)
-    # The chunk's buffers, allocated once and reused by every chunk. The float32 ones (logits, and a
-    # softcap's tanh) are one allocation: glibc returns the heap's free top to the system once it
-    # exceeds a threshold that adapts to twice the largest allocation freed, which two equal buffers
-    # freed together exceed, and the next call would fault all their pages in again.
-    keep_tanh = want_grad and spec.softcap is not None
-    float_bufs = torch.empty(2 if keep_tanh else 1, rows, vocab, dtype=torch.float32, device=device)
-    logits_buf, tanh_buf = float_bufs[0], float_bufs[1] if keep_tanh else None
-    low_precision = dtype != torch.float32
-    grad_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if want_grad and low_precision else None
-    hidden_for_w = hidden.float() if need_w and low_precision and device.type != "cuda" else hidden
-    matmul_scale = _matmul_scale(spec)
-    if want_grad:
-        terms = _GradientTerms.of(batch, spec, vocab, token_scale)
-        if terms.label is None:  # beta = alpha: the gradient over alpha is p - 1 at the label
-            minus_ones = torch.full((rows, 1), -1.0, device=device)
 
-    for start in range(0, num_tokens, rows):
-        end = min(start + rows, num_tokens)
-        z = logits_buf[: end - start]
-        tanh = None if tanh_buf is None else tanh_buf[: end - start]
-        if onednn:
-            z = _onednn_logits_matmul(z, hidden[start:end], weight, bias, matmul_scale)
+@functools.cache
+def _openmp():
+    """threadpoolctl's handle on the OpenMP runtime of torch's CPU ops, or None (no threadpoolctl,
+    or a torch built without OpenMP). OpenMP's thread count belongs to the thread that sets it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    openmp = ThreadpoolController().select(user_api="openmp")
+    return openmp if openmp.lib_controllers else None
+
+
+def cpu_workers(device: torch.device) -> int:
+    """Worker threads of a pass on ``device``: torch's intra-op thread count on the CPU where each
+    thread's OpenMP count can be set, else 1 (the calling thread, each op using every intra-op thread)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1 or _openmp() is None:
+        return 1
+    return torch.get_num_threads()
+
+
+def _start_worker() -> None:
+    _openmp().limit(limits=1)
+    torch.set_grad_enabled(False)  # as in the autograd function that calls the pass: no graph
+
+
+class _Workers:
+    """Runs each task of a list, on ``count`` worker threads or, with a count of 1, in the calling
+    thread; ``map`` returns once all are done (the tasks of a chunk's next step depend on them)."""
+
+    def __init__(self, count: int) -> None:
+        self._pool = None if count == 1 else ThreadPoolExecutor(count, initializer=_start_worker)
+
+    def map(self, task, arguments) -> None:
+        if self._pool is None:
+            for args in arguments:
+                task(*args)
         else:
-            _logits_matmul(z, hidden[start:end], weight, bias, matmul_scale)
+            for _ in self._pool.map(lambda args: task(*args), arguments):
+                pass  # re-raises a task's exception here
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _spans(start: int, end: int, parts: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """[start, end) cut into at most ``parts`` spans, even, each a multiple of ``multiple`` but the last."""
+    step = max(multiple, math.ceil((end - start) / parts / multiple) * multiple)
+    return [(s, min(s + step, end)) for s in range(start, end, step)]
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What a pass's tasks read and write. A chunk takes two steps: ``rows`` tasks (spans of its
+    tokens: logits, statistics, the gradient in place in ``logits``, the hidden-state gradient),
+    then ``classes`` tasks (spans of the vocabulary: the weight and bias gradients). Tasks of a step
+    write disjoint slices."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    batch: _Batch
+    spec: LossSpec
+    terms: _GradientTerms | None  # None: no gradient wanted
+    onednn: bool
+    need_h: bool
+    ce: torch.Tensor  # (N, 1) float32, written by the rows tasks; so are z_loss and alpha
+    z_loss: torch.Tensor | None
+    alpha: torch.Tensor  # (N, 1) float32: the per-token scale of the gradient kept in ``logits``
+    logits: torch.Tensor  # (chunk, V) float32: the logits, then the gradient over alpha
+    tanh: torch.Tensor | None  # (chunk, V) float32: a softcap's tanh, for its chain rule
+    low_precision_grad: torch.Tensor | None  # (chunk, V) input dtype: the gradient for its matmuls
+    grad_h: torch.Tensor | None
+    grad_w: torch.Tensor | None  # (V, D) float32 accumulator
+    grad_b: torch.Tensor | None  # (V,) float32 accumulator
+
+    def rows(self, start: int, end: int, chunk_start: int) -> None:
+        """Tokens [start, end) of the chunk that starts at ``chunk_start``."""
+        spec, batch, weight, bias = self.spec, self.batch, self.weight, self.bias
+        eps, m, vocab = spec.label_smoothing, spec.z_loss_multiplier, weight.shape[0]
+        rows = slice(start - chunk_start, end - chunk_start)
+        z, tanh = self.logits[rows], None if self.tanh is None else self.tanh[rows]
+        if self.onednn:
+            _onednn_logits_matmul(z, self.hidden[start:end], weight, bias, _matmul_scale(spec))
+        else:
+            _logits_matmul(z, self.hidden[start:end], weight, bias, _matmul_scale(spec))
         _to_logits_(z, spec, tanh)
 
         # Row statistics: softmax in place (each exp computed once); logsumexp = z_y - log p_y.
@@ -383,53 +424,133 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, 
         log_p_y = z.gather(1, y).log_()
         if log_p_y.amin().item() < LOG_TINY_PROBABILITY:
             tiny = (log_p_y[:, 0] < LOG_TINY_PROBABILITY).nonzero()[:, 0]
-            log_p_y[tiny] = _rows_label_log_probability(hidden[tiny + start], y[tiny], weight, bias, spec)
-        ce = torch.neg(log_p_y, out=ce_all[start:end])
+            log_p_y[tiny] = _rows_label_log_probability(self.hidden[tiny + start], y[tiny], weight, bias, spec)
+        ce = torch.neg(log_p_y, out=self.ce[start:end])
         if batch.label_weights is not None:
             ce.mul_(batch.label_weights[start:end])
         if eps:
             ce.mul_(1 - eps).add_(eps / vocab * (batch.smoothing_sum * ((z_y - shift) - log_p_y) - shifted_dot))
         if m:
             lse = z_y - log_p_y
-            torch.mul(lse.square(), m, out=z_all[start:end])
-        if not want_grad:
-            continue
+            torch.mul(lse.square(), m, out=self.z_loss[start:end])
+        if self.terms is not None:
+            self._gradient_rows(z, tanh, y, lse if m else None, start, end, rows)
 
-        # d(loss)/dz = alpha * p - beta at the label - gamma * w. The buffer holds it divided by
-        # alpha, which is applied on the matmuls' small operands instead of in a pass of its own.
-        alpha = terms.softmax[start:end]
-        if m:
-            alpha = alpha + terms.z_loss[start:end] * lse
-        grad = z  # p, turned in place into the gradient over alpha
-        if terms.label is None:
-            grad.scatter_add_(1, y, minus_ones[: end - start])
+    def _gradient_rows(self, grad, tanh, y, lse, start, end, rows) -> None:
+        """d(loss)/dz = alpha p - beta [j == y] - gamma w_j in place of p, divided by alpha (applied on
+        the matmuls' small operands instead of in a pass of its own); then these tokens' rows of the
+        hidden-state gradient. ``rows``: their rows in the chunk's buffers."""
+        terms = self.terms
+        alpha = self.alpha[start:end]
+        if lse is None:
+            alpha.copy_(terms.softmax[start:end])
+        else:
+            torch.add(terms.softmax[start:end], terms.z_loss[start:end] * lse, out=alpha)
+        if terms.label is None:  # beta = alpha: the gradient over alpha is p - 1 at the label
+            grad.scatter_add_(1, y, torch.full_like(alpha, -1.0))
         else:
             inverse = torch.where(alpha != 0, alpha.reciprocal(), 0.0)
             grad.scatter_add_(1, y, -(terms.label[start:end] * inverse))
-            if eps:
-                grad.addmm_(terms.smoothing[start:end] * inverse, batch.smoothing_weights.t(), alpha=-1)
+            if self.spec.label_smoothing:
+                grad.addmm_(terms.smoothing[start:end] * inverse, self.batch.smoothing_weights.t(), alpha=-1)
         if tanh is not None:
             _apply_softcap_chain_rule_(grad, tanh)
+        if self.low_precision_grad is not None:  # the copy to the input dtype applies alpha on the way
+            matmul_grad = torch.mul(grad, alpha, out=self.low_precision_grad[rows])
+            if self.need_h:
+                torch.mm(matmul_grad, self.weight, out=self.grad_h[start:end])
+        elif self.need_h and self.onednn:
+            _onednn_hidden_grad(self.grad_h[start:end], grad, self.weight, alpha)
+        elif self.need_h:
+            torch.mm(grad, self.weight, out=self.grad_h[start:end]).mul_(alpha)
 
-        if need_b:
-            grad_b.addmv_(grad.t(), alpha[:, 0])
-        if grad_buf is not None:  # the copy to the input dtype applies alpha on the way
-            matmul_grad = torch.mul(grad, alpha, out=grad_buf[: end - start])
-            if need_h:
-                torch.mm(matmul_grad, weight, out=grad_h[start:end])
-            if need_w:
-                on_cuda = hidden_for_w.dtype != torch.float32
-                _accumulate_weight_grad(grad_w, matmul_grad if on_cuda else grad,
-                                        hidden[start:end] if on_cuda else hidden_for_w[start:end] * alpha,
-                                        first=start == 0)
-        elif onednn:
-            grad_w = _onednn_gradient_matmuls(grad, weight, hidden[start:end] * alpha if need_w else None, alpha,
-                                              grad_h[start:end] if need_h else None, grad_w, first=start == 0)
+    def scaled_hidden(self, chunk_start: int, chunk_end: int) -> torch.Tensor | None:
+        """The chunk's hidden states as the weight gradient's matmul takes them (None: no weight
+        gradient): times alpha, in float32 on the CPU; transposed, (D, tokens), for oneDNN."""
+        if self.grad_w is None:
+            return None
+        hidden = self.hidden[chunk_start:chunk_end]
+        if self.low_precision_grad is not None and hidden.is_cuda:
+            return hidden  # alpha is in low_precision_grad; the matmul accumulates in float32
+        scaled = hidden.float() * self.alpha[chunk_start:chunk_end]
+        return scaled.t().contiguous() if self._onednn_weight_grad(chunk_end - chunk_start) else scaled
+
+    def _onednn_weight_grad(self, tokens: int) -> bool:
+        """oneDNN is slower than torch.mm on the weight gradient of a chunk of more tokens than D (its
+        K longer than its N), so such chunks keep torch.mm (docs/measurements/2026-12-02-chunked-onednn.md)."""
+        return self.onednn and tokens <= self.weight.shape[1]
+
+    def classes(self, start: int, end: int, chunk_start: int, chunk_end: int, hidden: torch.Tensor | None) -> None:
+        """Classes [start, end) of the weight and bias gradients, from the chunk that spans tokens
+        [chunk_start, chunk_end); ``hidden`` is ``scaled_hidden``'s. The first chunk overwrites the
+        weight gradient's accumulator (no pass to zero it)."""
+        tokens, first = chunk_end - chunk_start, chunk_start == 0
+        grad = self.logits[:tokens, start:end]
+        if self.grad_b is not None:
+            self.grad_b[start:end].addmv_(grad.t(), self.alpha[chunk_start:chunk_end, 0])
+        if self.grad_w is None:
+            return
+        grad_w = self.grad_w[start:end]
+        if self._onednn_weight_grad(tokens):
+            _onednn_weight_grad(grad_w, grad, hidden, first)
+        elif self.low_precision_grad is not None and grad.is_cuda:
+            _accumulate_weight_grad(grad_w, self.low_precision_grad[:tokens, start:end], hidden, first)
         else:
-            if need_h:
-                torch.mm(grad, weight, out=grad_h[start:end]).mul_(alpha)
-            if need_w:
-                _accumulate_weight_grad(grad_w, grad, hidden[start:end] * alpha, first=start == 0)
+            _accumulate_weight_grad(grad_w, grad, hidden, first)
+
+
+def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, workers, token_scale=None):
+    """Run every chunk; return per-token (ce, z) before any reduction (z is None without z-loss) and
+    the requested gradients (float32 accumulators for weight and bias). ``onednn``: the float32 CPU
+    matmuls go through oneDNN (``onednn_linear``); ``workers``: threads sharing each chunk's tasks."""
+    # One contiguous copy per pass, if any, instead of a strided matmul (or a copy) per chunk; oneDNN
+    # reads a strided bias as if it were contiguous.
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    need_h, need_w, need_b = needs
+    want_grad = need_h or need_w or need_b
+    ce_all = torch.empty(num_tokens, 1, dtype=torch.float32, device=device)
+    z_all = torch.empty_like(ce_all) if spec.z_loss_multiplier else None
+    grad_h = torch.empty_like(hidden) if need_h else None
+    # Zeros only for an empty batch: otherwise the first chunk's matmul overwrites them.
+    new_accumulator = torch.zeros if num_tokens == 0 else torch.empty
+    grad_w = new_accumulator(weight.shape, dtype=torch.float32, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    if num_tokens == 0:
+        return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            num_tokens, vocab, hidden.shape[1], dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad,
+            workspace_bytes=workers * ONEDNN_WORKSPACE_BYTES if onednn else 0,
+        )
+    rows = min(chunk_size, num_tokens)
+    # The chunk's buffers, allocated once and reused by every chunk. The float32 ones (logits, and a
+    # softcap's tanh) are one allocation: glibc returns the heap's free top to the system once it
+    # exceeds a threshold that adapts to twice the largest allocation freed, which two equal buffers
+    # freed together exceed, and the next call would fault all their pages in again.
+    keep_tanh = want_grad and spec.softcap is not None
+    float_bufs = torch.empty(2 if keep_tanh else 1, rows, vocab, dtype=torch.float32, device=device)
+    low_precision = want_grad and dtype != torch.float32
+    work = _Pass(
+        hidden, weight, bias, batch, spec,
+        terms=_GradientTerms.of(batch, spec, vocab, token_scale) if want_grad else None,
+        onednn=onednn, need_h=need_h, ce=ce_all, z_loss=z_all, alpha=torch.empty_like(ce_all),
+        logits=float_bufs[0], tanh=float_bufs[1] if keep_tanh else None,
+        low_precision_grad=torch.empty(rows, vocab, dtype=dtype, device=device) if low_precision else None,
+        grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
+    )
+    tasks = workers * TASKS_PER_WORKER if workers > 1 else 1
+    class_spans = _spans(0, vocab, tasks, multiple=64)
+    with _Workers(workers) as pool:
+        for chunk_start in range(0, num_tokens, rows):
+            chunk_end = min(chunk_start + rows, num_tokens)
+            row_tasks = max(1, min(tasks, (chunk_end - chunk_start) // MIN_TASK_TOKENS))
+            pool.map(work.rows, [(s, e, chunk_start) for s, e in _spans(chunk_start, chunk_end, row_tasks)])
+            if need_w or need_b:
+                scaled = work.scaled_hidden(chunk_start, chunk_end)
+                pool.map(work.classes, [(s, e, chunk_start, chunk_end, scaled) for s, e in class_spans])
     return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
 
 
@@ -447,20 +568,22 @@ def _reduce(ce, z, batch: _Batch, spec: LossSpec):
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, spec, chunk_size, onednn, compute_grads):
+    def forward(ctx, hidden, weight, bias, labels, spec, chunk_size, onednn, workers, compute_grads):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         needs = tuple(n and compute_grads for n in needs)
         defer = spec.reduction == "none"
         batch = _Batch.of(labels, spec, weight.shape[0])
         ce, z, grad_h, grad_w, grad_b = _chunked_pass(
-            hidden, weight, bias, batch, spec, chunk_size, (False, False, False) if defer else needs, onednn
+            hidden, weight, bias, batch, spec, chunk_size, (False, False, False) if defer else needs, onednn,
+            workers,
         )
         loss, z_loss = _reduce(ce, z, batch, spec)
         # The inputs are saved (references, no memory) for a recomputation; the forward's gradients
         # are kept outside save_for_backward, to be handed over to the first backward.
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.grads = None if defer else (grad_h, grad_w, grad_b)
-        ctx.spec, ctx.chunk_size, ctx.needs, ctx.defer, ctx.onednn = spec, chunk_size, needs, defer, onednn
+        ctx.spec, ctx.chunk_size, ctx.needs, ctx.defer = spec, chunk_size, needs, defer
+        ctx.onednn, ctx.workers = onednn, workers
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(z_loss)
         return loss, z_loss
@@ -476,7 +599,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             batch = _Batch.of(labels, ctx.spec, weight.shape[0])
             upstream = grad_loss if ctx.defer else None
             _, _, *grads = _chunked_pass(
-                hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, ctx.onednn, token_scale=upstream
+                hidden, weight, bias, batch, ctx.spec, ctx.chunk_size, ctx.needs, ctx.onednn, ctx.workers,
+                token_scale=upstream,
             )
         grad_h, grad_w, grad_b = grads
         # The forward's gradients are for an upstream gradient of 1; scaled in place (these buffers
@@ -489,7 +613,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(weight_dtype)
         grad_b = None if grad_b is None else grad_b.to(bias_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 SUPPORTED = ("bias", "ignore_index", "label_smoothing", "z_loss", "logit_scale", "softcap", "loss_div_factor",
@@ -501,13 +625,16 @@ class Chunked(Implementation):
     family = "native"
     summary = "project's pure-PyTorch chunked loss: gradients computed chunk by chunk in the forward"
 
-    def __init__(self, chunk_size: int | None = None, *, onednn: bool = True) -> None:
-        """``onednn=False`` keeps float32 CPU matmuls on torch.mm, the path of a torch without oneDNN."""
+    def __init__(self, chunk_size: int | None = None, *, onednn: bool = True, workers: int | None = None) -> None:
+        """``onednn=False`` keeps float32 CPU matmuls on torch.mm, the path of a torch without oneDNN;
+        ``workers`` sets the worker threads of a CPU pass (default ``cpu_workers``; 1: each op uses
+        every intra-op thread, the path where OpenMP's per-thread count cannot be set)."""
         self.chunk_size = chunk_size
         self.onednn = onednn
+        self.workers = workers
 
     def with_chunk_size(self, chunk_size):
-        return Chunked(chunk_size=chunk_size, onednn=self.onednn)
+        return Chunked(chunk_size=chunk_size, onednn=self.onednn, workers=self.workers)
 
     def capabilities(self, device):
         return Capabilities(supported_options=SUPPORTED)
@@ -516,7 +643,8 @@ class Chunked(Implementation):
         chunk_size = None if self.chunk_size is None else max(1, self.chunk_size)
         onednn = (self.onednn and hidden.device.type == "cpu" and hidden.dtype == torch.float32
                   and onednn_linear() is not None)
+        workers = cpu_workers(hidden.device) if self.workers is None or hidden.device.type != "cpu" else self.workers
         loss, z_loss = _ChunkedLinearCrossEntropy.apply(
-            hidden, weight, bias, labels, spec, chunk_size, onednn, torch.is_grad_enabled()
+            hidden, weight, bias, labels, spec, chunk_size, onednn, workers, torch.is_grad_enabled()
         )
         return LossOutput(loss, z_loss)
