@@ -343,6 +343,9 @@ def cpu_workers(device: torch.device) -> int:
 
 
 def _start_worker() -> None:
+    # torch sets a thread's OpenMP count on the thread's first parallel op (to torch.set_num_threads's
+    # value, where it was called): that comes first, so that the limit of one thread stays.
+    torch.get_num_threads()
     _openmp().limit(limits=1)
     torch.set_grad_enabled(False)  # as in the autograd function that calls the pass: no graph
 

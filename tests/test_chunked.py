@@ -236,3 +236,15 @@ def test_a_cpu_pass_has_a_worker_per_intra_op_thread_where_openmp_can_be_set_per
     finally:
         torch.set_num_threads(threads)
     assert chunked_module.cpu_workers(torch.device("meta")) == 1
+
+
+@pytest.mark.skipif(chunked_module._openmp() is None, reason="no per-thread OpenMP control here")
+def test_each_worker_runs_its_ops_on_one_thread_even_after_set_num_threads():
+    """torch.set_num_threads makes torch set each new thread's count on its first op: a worker's
+    limit of one must come after that, or two workers would each start a team of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    seen = []
+    with chunked_module._Workers(2) as pool:
+        pool.map(lambda: seen.append(torch.get_num_threads()), [()] * 4)
+    assert seen == [1, 1, 1, 1]
