@@ -3,12 +3,25 @@ case (harness.check.shared): computed once, loaded by the others, the same numbe
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
 from harness.case import parse_case
 from harness.check.evaluation import run_reference
-from harness.check.shared import SharedResults
+from harness.check.profiles import get_profile
+from harness.check.properties import find_property
+from harness.check.run_property import PASS, Target, run_property
+from harness.check.shared import FLOOR_FILE, FOLDER_PREFIX, USABLE_FREE_FRACTION, SharedResults, new_folder
+from harness.check.support_probe import discover_support
+from harness.registry import resolve
 
 CASE = parse_case("N=5,D=8,V=33,dtype=bfloat16,reduction=sum,bias=1,ignored=some,seed=3")
 
@@ -41,3 +54,48 @@ def test_without_a_folder_everything_is_computed_in_place():
     for _ in range(2):
         SharedResults().get("reference", CASE, "cpu", lambda: calls.append(1))
     assert len(calls) == 2
+
+
+def test_a_run_uses_at_most_half_the_free_space_it_started_with(tmp_path, monkeypatch):
+    """Saved results only save time: a run over thousands of cases must not fill the disk."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with new_folder() as name:
+        floor = int((Path(name) / FLOOR_FILE).read_text())
+        assert floor == pytest.approx(shutil.disk_usage(name).free * (1 - USABLE_FREE_FRACTION), rel=0.01)
+        (Path(name) / FLOOR_FILE).write_text(str(shutil.disk_usage(name).free))  # as if the share were used up
+        calls = []
+        for _ in range(2):
+            SharedResults(Path(name)).get("reference", CASE, "cpu", lambda: calls.append(1) or run_reference(CASE))
+        assert len(calls) == 2 and not list(Path(name).glob("*.pt"))
+
+
+def test_a_new_run_removes_the_folders_of_runs_that_were_killed_but_not_of_live_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f"{FOLDER_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{FOLDER_PREFIX}{os.getppid()}-def"
+    for folder in (killed, live):
+        folder.mkdir()
+        (folder / "result.pt").write_bytes(b"x")
+    with new_folder() as name:
+        assert Path(name).name.startswith(f"{FOLDER_PREFIX}{os.getpid()}-")
+    assert not killed.exists() and live.exists()
+
+
+def test_drawn_cases_of_a_random_profile_are_not_saved_but_explicit_examples_are(tmp_path):
+    """dev and thorough draw different cases for every implementation: saving them would only fill
+    the folder (a dev run over 14 implementations wrote 22 GiB before this rule)."""
+    equivalence = find_property("equivalence/float32")
+    saving = dataclasses.replace(  # its explicit examples and draws, with a check that only saves
+        equivalence, check=lambda impl, case, ctx: ctx.shared.get("reference", case, "cpu", lambda: torch.zeros(1)))
+    target = Target("torch-eager", resolve("torch-eager"))
+    support = discover_support(target.impl, "cpu")
+    saved = {}
+    for profile in ("ci", "dev"):
+        folder = tmp_path / profile
+        folder.mkdir()
+        result = run_property(target, saving, support, get_profile(profile, 3), "cpu", shared=SharedResults(folder))
+        assert result.status == PASS
+        saved[profile] = len(list(folder.glob("*.pt")))
+    assert saved["dev"] > 0 and saved["ci"] > saved["dev"]

@@ -27,7 +27,6 @@ import importlib.metadata
 from contextlib import nullcontext
 import os
 import queue
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +66,7 @@ from harness.check.run_property import (
     Target,
     run_case,
 )
+from harness.check.shared import new_folder as new_shared_folder
 from harness.check.worker import SUPPORT_ITEM
 from harness.console import terminal_console
 from harness.environment import device_environment, host_environment, local_device
@@ -424,7 +424,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     device = local_device()
     jobs = 1 if args.in_process else min(args.jobs or default_jobs(), len(targets))
     # Several implementations share the reference and the yardstick of each case (harness.check.shared).
-    shared = tempfile.TemporaryDirectory(prefix="lmhead-check-shared-") if len(targets) > 1 else None
+    shared = new_shared_folder() if len(targets) > 1 else None
     settings = GateSettings(
         profile=profile_name, max_examples=args.max_examples, device=device, dtypes=dtypes,
         in_process=args.in_process, threads=max(1, (os.cpu_count() or 1) // jobs),

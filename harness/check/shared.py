@@ -8,12 +8,16 @@ computes and saves, the others load. The folder lives as long as the run (``chec
 it checks more than one implementation and removes it at the end); without one, everything is
 computed in place. A result is written under a temporary name, then renamed, so that a reader
 never sees half a file; two processes that compute the same case at once write the same numbers.
+Only cases that other checks meet are worth saving: every explicit example, and drawn cases in a
+seeded profile (``run_property`` gives the random draws of the others no folder).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,38 @@ Result = TypeVar("Result")
 # A result above this is computed in place rather than saved: writing and reading it back would
 # cost about what computing it does.
 LARGEST_SAVED_BYTES = 1 << 30
+# A run's results may take at most this share of the space that was free when its folder was made:
+# they only save time, never worth a full disk (a run over thousands of cases would otherwise write
+# tens of GiB). Past it, results are computed in place.
+USABLE_FREE_FRACTION = 0.5
+# The file in the folder that holds the free space a save must leave, in bytes.
+FLOOR_FILE = "keep-free-bytes"
+
+
+FOLDER_PREFIX = "lmhead-check-shared-"
+
+
+def new_folder() -> tempfile.TemporaryDirectory:
+    """A run's folder, named after its process, with the free space its saves must leave. The
+    folders of runs whose process is gone (killed before it could remove its own) are removed first."""
+    for old in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        pid = old.name[len(FOLDER_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = tempfile.TemporaryDirectory(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+    free = shutil.disk_usage(folder.name).free
+    (Path(folder.name) / FLOOR_FILE).write_text(str(int(free * (1 - USABLE_FREE_FRACTION))))
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -46,11 +82,21 @@ class SharedResults:
         except FileNotFoundError:
             pass
         result = compute()
-        if _size_in_bytes(result) <= LARGEST_SAVED_BYTES:
+        size = _size_in_bytes(result)
+        if size <= LARGEST_SAVED_BYTES and _room_for(self.folder, size):
             partial = path.with_name(f"{key}.{os.getpid()}.partial")
             torch.save(result, partial)
             os.replace(partial, path)
         return result
+
+
+def _room_for(folder: Path, size: int) -> bool:
+    """Whether ``size`` more bytes leave the free space its run's folder must keep (none recorded: 0)."""
+    try:
+        floor = int((folder / FLOOR_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        floor = 0
+    return shutil.disk_usage(folder).free - size >= floor
 
 
 def _size_in_bytes(value) -> int:
