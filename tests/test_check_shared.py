@@ -99,3 +99,14 @@ def test_drawn_cases_of_a_random_profile_are_not_saved_but_explicit_examples_are
         assert result.status == PASS
         saved[profile] = len(list(folder.glob("*.pt")))
     assert saved["dev"] > 0 and saved["ci"] > saved["dev"]
+
+
+def test_a_result_that_cannot_be_saved_is_still_returned(tmp_path, monkeypatch):
+    """A disk that fills up during a run (it did, 2026-12-07) costs time, not verdicts."""
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert SharedResults(tmp_path).get("reference", CASE, "cpu", lambda: "computed") == "computed"
+    assert not list(tmp_path.iterdir())

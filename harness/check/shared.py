@@ -85,8 +85,11 @@ class SharedResults:
         size = _size_in_bytes(result)
         if size <= LARGEST_SAVED_BYTES and _room_for(self.folder, size):
             partial = path.with_name(f"{key}.{os.getpid()}.partial")
-            torch.save(result, partial)
-            os.replace(partial, path)
+            try:
+                torch.save(result, partial)
+                os.replace(partial, path)
+            except OSError:  # a full disk, say: saving only saves time, so the check goes on
+                partial.unlink(missing_ok=True)
         return result
 
 
