@@ -476,9 +476,9 @@ class _Pass:
         if self.low_precision_grad is not None and hidden.is_cuda:
             return hidden  # alpha is in low_precision_grad; the matmul accumulates in float32
         scaled = hidden.float() * self.alpha[chunk_start:chunk_end]
-        return scaled.t().contiguous() if self._onednn_weight_grad(chunk_end - chunk_start) else scaled
+        return scaled.t().contiguous() if self._weight_grad_through_onednn(chunk_end - chunk_start) else scaled
 
-    def _onednn_weight_grad(self, tokens: int) -> bool:
+    def _weight_grad_through_onednn(self, tokens: int) -> bool:
         """oneDNN is slower than torch.mm on the weight gradient of a chunk of more tokens than D (its
         K longer than its N), so such chunks keep torch.mm (docs/measurements/2026-12-02-chunked-onednn.md)."""
         return self.onednn and tokens <= self.weight.shape[1]
@@ -494,7 +494,7 @@ class _Pass:
         if self.grad_w is None:
             return
         grad_w = self.grad_w[start:end]
-        if self._onednn_weight_grad(tokens):
+        if self._weight_grad_through_onednn(tokens):
             _onednn_weight_grad(grad_w, grad, hidden, first)
         elif self.low_precision_grad is not None and grad.is_cuda:
             _accumulate_weight_grad(grad_w, self.low_precision_grad[:tokens, start:end], hidden, first)
