@@ -421,7 +421,8 @@ class _Recomputed(torch.autograd.Function):
                 new_top = torch.maximum(top, z.max(-1).values)
                 total = total * (top - new_top).exp() + (z - new_top[:, None]).exp().sum(-1)
                 top = new_top
-                target_logit[s:e] += (z * _hits(tokens.safe[s:e], v0, v1)).sum(-1)
+                # where, not a product with the hits: a logit that overflowed to -inf times 0 is NaN
+                target_logit[s:e] += torch.where(_hits(tokens.safe[s:e], v0, v1), z, 0.0).sum(-1)
                 if options.label_smoothing:
                     weighted[s:e] += z.sum(-1) if class_weight is None else z @ class_weight[v0:v1]
             lse[s:e] = top + total.log()
