@@ -44,7 +44,7 @@ blocks of classes, since it runs at about twice torch.mm's rate on the project's
 On the CPU each chunk's work is shared among worker threads, one per intra-op thread, each running
 its ops on one thread: first spans of the chunk's tokens (logits, statistics, gradient, the
 hidden-state gradient), then spans of the vocabulary (the weight and bias gradients). No op waits
-at a barrier for a thread that the machine's other work has descheduled (see ``TASKS_PER_WORKER``).
+at a barrier for a thread that the machine's other work has descheduled (see ``CLASS_TASKS_PER_WORKER``).
 """
 
 from __future__ import annotations
@@ -316,9 +316,12 @@ LOG_TINY_PROBABILITY = math.log(1e-30)
 # busy machine one thread is often descheduled and the other waits for it at each barrier (2.6-12
 # x the quiet time beside one other process; docs/measurements/2026-12-07-chunked-under-load.md).
 # A worker takes the next task when it finishes one, so a descheduled thread delays only its own.
-# Each chunk is cut into this many tasks per worker: enough for a late task to be taken over, few
-# enough for each task's matmuls to stay wide; and a span of tokens has at least MIN_TASK_TOKENS.
-TASKS_PER_WORKER = 4
+# A chunk's vocabulary is cut into CLASS_TASKS_PER_WORKER spans per worker, so that a late task can be
+# taken over. Its tokens are cut into one span per worker (of at least MIN_TASK_TOKENS): oneDNN
+# reorders a block of the weight for every product, which a span of fewer tokens repays less (two
+# spans per worker took 9% longer on the floor case, four 35%; docs/measurements/2026-12-07-chunked-under-load.md).
+ROW_TASKS_PER_WORKER = 1
+CLASS_TASKS_PER_WORKER = 4
 MIN_TASK_TOKENS = 32
 
 
@@ -544,12 +547,11 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, 
         low_precision_grad=torch.empty(rows, vocab, dtype=dtype, device=device) if low_precision else None,
         grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
     )
-    tasks = workers * TASKS_PER_WORKER if workers > 1 else 1
-    class_spans = _spans(0, vocab, tasks, multiple=64)
+    class_spans = _spans(0, vocab, workers * CLASS_TASKS_PER_WORKER if workers > 1 else 1, multiple=64)
     with _Workers(workers) as pool:
         for chunk_start in range(0, num_tokens, rows):
             chunk_end = min(chunk_start + rows, num_tokens)
-            row_tasks = max(1, min(tasks, (chunk_end - chunk_start) // MIN_TASK_TOKENS))
+            row_tasks = max(1, min(workers * ROW_TASKS_PER_WORKER, (chunk_end - chunk_start) // MIN_TASK_TOKENS))
             pool.map(work.rows, [(s, e, chunk_start) for s, e in _spans(chunk_start, chunk_end, row_tasks)])
             if need_w or need_b:
                 scaled = work.scaled_hidden(chunk_start, chunk_end)
