@@ -285,3 +285,15 @@ def test_a_reproducer_runs_as_printed_in_a_new_shell_from_another_directory(caps
     assert done.returncode == 1, done.stderr
     assert "tests.broken_impls:missing_bias_gradient  equivalence/float32  fail" in done.stdout
     assert "grad_bias: no gradient arrived although the input requires grad" in done.stdout
+
+
+def test_a_failure_that_does_not_recur_says_what_its_first_call_raised():
+    """Hypothesis reports a case that fails once and then passes as FlakyFailure; its message alone
+    hides why (a full disk, a nondeterministic kernel's mismatch), so the detail names it."""
+    from hypothesis.errors import FlakyFailure
+
+    from harness.check.run_property import describe_failure
+
+    flaky = FlakyFailure("Hypothesis body(case=...) produces unreliable results", [OSError(28, "No space left on device")])
+    first_line = describe_failure(flaky).splitlines()[0]
+    assert "FlakyFailure" in first_line and "its first call: raised OSError: [Errno 28] No space left on device" in first_line

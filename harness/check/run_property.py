@@ -90,7 +90,10 @@ def describe_failure(exc: BaseException) -> str:
     """One line; for an error the implementation raised (not a mismatch), its traceback after it."""
     if isinstance(exc, CheckFailure):
         return " ".join(str(exc).split())
-    return " ".join(f"raised {type(exc).__name__}: {exc}".split()) + "\n" + traceback_text(exc)
+    line = f"raised {type(exc).__name__}: {exc}"
+    if isinstance(exc, BaseExceptionGroup):  # Hypothesis's FlakyFailure: what the call that failed raised
+        line += "".join(f"; its first call: {describe_failure(sub).splitlines()[0]}" for sub in exc.exceptions)
+    return " ".join(line.split()) + "\n" + traceback_text(exc)
 
 
 def cannot_run(target: Target, prop: Property, support: Support) -> tuple[str, str] | None:
