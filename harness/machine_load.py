@@ -12,9 +12,12 @@ case (where a job starts a process at all), and at its end, and records the load
   2026-11-24, 0.175-0.197 over five of 2026-12-02), while one other busy process on its two cores
   halves it (about 50 %); 25 % lies between the two. On a GPU, clocks and temperature move a
   sustained matmul rate by up to about 10 % too;
-- or, on a CPU, the 1-minute load average at the start was above ``BUSY_CORES_FRACTION`` of the
-  cores: other processes were already using at least half the machine (a load that stays the
-  same all along does not move the rate, yet it slows and disturbs every timing).
+- or, on a CPU, other processes kept more than ``BUSY_CORES_FRACTION`` of the cores busy at the
+  start (a load that stays the same all along does not move the rate, yet it slows and disturbs
+  every timing). That is read from the CPU time the whole machine spent over ``BUSY_WINDOW_S``
+  while the sweep waited (``/proc/stat``), not from the 1-minute load average, which still counts
+  a job that ended a minute before (it flagged run 20261207-110656 so); where there is no
+  ``/proc/stat``, the load average decides.
 
 A case may also be measured under a load of its own choosing (the case file's ``companions``):
 ``companion_processes`` starts that many CPU-bound processes beside its jobs, so that how an
@@ -29,6 +32,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 # What a companion runs: a pure-Python busy loop, one core's worth of work that allocates nothing
@@ -37,6 +41,7 @@ COMPANION_PROGRAM = "while True: pass"
 
 RATE_TOLERANCE = 0.25
 BUSY_CORES_FRACTION = 0.5
+BUSY_WINDOW_S = 2.0
 
 
 def load_average() -> list[float] | None:
@@ -47,11 +52,33 @@ def load_average() -> list[float] | None:
         return None
 
 
-def probe_record(where: str, tflops: float | None, load: list[float] | None = None, companions: int = 0) -> dict:
+def busy_cores(window_s: float = BUSY_WINDOW_S) -> float | None:
+    """How many cores' worth of CPU time the machine spent over the next ``window_s`` seconds (this
+    process sleeps through them), from ``/proc/stat``; None where there is none."""
+    def spent() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle and iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])  # guest time is already in user time
+    try:
+        busy_before, total_before = spent()
+        time.sleep(window_s)
+        busy_after, total_after = spent()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total_after - total_before
+    return round((busy_after - busy_before) / elapsed * (os.cpu_count() or 1), 2) if elapsed > 0 else None
+
+
+def probe_record(where: str, tflops: float | None, load: list[float] | None = None, companions: int = 0,
+                 busy: float | None = None) -> dict:
     """One reading of the probe, with the time and the load average (``load``: read earlier, before
-    the sweep's own processes ran), and the companion processes running beside it, if any."""
+    the sweep's own processes ran), the busy cores (``busy_cores``, where read), and the companion
+    processes running beside it, if any."""
     record = {"where": where, "time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "tflops": tflops, "load_average": load or load_average()}
+    if busy is not None:
+        record["busy_cores"] = busy
     return {**record, "companions": companions} if companions else record
 
 
@@ -78,10 +105,13 @@ def judge(probes: list[dict], *, device_kind: str, cpu_count: int | None) -> dic
     if moved is not None and moved > RATE_TOLERANCE:
         reasons.append(f"the device's matmul rate moved by {moved:.0%} during the sweep ({min(rates):.3g} to "
                        f"{max(rates):.3g} TFLOP/s; beyond {RATE_TOLERANCE:.0%} it is load, not noise)")
-    start = next((p for p in probes if p.get("where") == "start"), None)
-    start_load = (start or {}).get("load_average")
-    if device_kind == "cpu" and start_load and cpu_count and start_load[0] > BUSY_CORES_FRACTION * cpu_count:
-        reasons.append(f"the load average was {start_load[0]:.1f} on {cpu_count} cores at the start")
+    start = next((p for p in probes if p.get("where") == "start"), None) or {}
+    busy, start_load = start.get("busy_cores"), start.get("load_average")
+    if device_kind == "cpu" and cpu_count:
+        if busy is not None and busy > BUSY_CORES_FRACTION * cpu_count:
+            reasons.append(f"other processes kept {busy:.1f} of {cpu_count} cores busy at the start")
+        elif busy is None and start_load and start_load[0] > BUSY_CORES_FRACTION * cpu_count:
+            reasons.append(f"the load average was {start_load[0]:.1f} on {cpu_count} cores at the start")
     return {
         "loaded": bool(reasons),
         "reasons": reasons,

@@ -8,9 +8,11 @@ machine is said before anything else. The runs are written in the real results f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from harness.report.checks import choose_check
 from harness.report.dashboard import write_dashboard
@@ -18,7 +20,7 @@ from harness.report.noise import clearly_faster, judge_time
 from harness.report.runs import device_label, failures, load_run, measurements, primary_mode
 from harness.report.tables import picks
 from harness.results import PROPERTY_COLUMNS, RowWriter, mark_run_finished, read_meta, run_finished, write_json_atomic
-from harness.machine_load import judge, probe_record, warning
+from harness.machine_load import busy_cores, judge, probe_record, warning
 from tests.report_fixtures import SWEEP_COMMIT, SYNTHETIC_DEVICE, write_check_run, write_sweep_run
 
 CASE = dict(case="head/N=512/float32", shape="head", vocab=4096, hidden=256, tokens=512, dtype="float32",
@@ -164,6 +166,22 @@ def test_the_load_check_passes_a_steady_rate_and_flags_a_busy_start():
     verdict = judge(busy, device_kind="cpu", cpu_count=2)
     assert verdict["loaded"] and "load average was 3.1 on 2 cores" in verdict["reasons"][0]
     assert not judge(busy, device_kind="cuda", cpu_count=2)["loaded"], "a GPU's rate alone decides"
+
+
+def test_a_busy_start_is_read_from_the_cores_in_use_not_the_lagging_load_average():
+    """The 1-minute load average still counts a job that ended a minute before the sweep began."""
+    after_a_job = [probe_record("start", 0.20, [1.6, 1.7, 2.3], busy=0.1), probe_record("end", 0.20)]
+    assert not judge(after_a_job, device_kind="cpu", cpu_count=2)["loaded"]
+    beside_one = [probe_record("start", 0.20, [0.3, 0.3, 0.3], busy=1.4), probe_record("end", 0.20)]
+    verdict = judge(beside_one, device_kind="cpu", cpu_count=2)
+    assert verdict["loaded"] and "kept 1.4 of 2 cores busy" in verdict["reasons"][0]
+
+
+def test_the_cores_in_use_are_measured_where_proc_stat_exists():
+    busy = busy_cores(0.2)
+    if busy is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= busy <= (os.cpu_count() or 1)
 
 
 def test_readings_beside_a_cases_own_companion_processes_are_kept_but_not_judged():

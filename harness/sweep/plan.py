@@ -23,7 +23,7 @@ from harness.sweep.distributed import Ranks, visible_device_for
 from harness.sweep.measure import TimingSettings
 from harness.sweep.presets import PRESETS, DeviceDescription, choose_preset
 from harness.sweep.rows import Job
-from harness.machine_load import judge, load_average, probe_record
+from harness.machine_load import busy_cores, judge, load_average, probe_record
 from harness.sweep.runner import (
     COMPILE_CACHES,
     SweepSettings,
@@ -178,7 +178,7 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         return {"run_dir": str(resume_dir), "device_name": meta["device_name"], "matmul_tflops": rates}
 
     console.print(f"measuring the device's matmul rate ({', '.join(plan.dtypes)})...", highlight=False)
-    load_before = load_average()  # before the sweep's own processes add to it
+    load_before, busy_before = load_average(), busy_cores()  # before the sweep's own processes add to them
     device = measure_environment(settings, plan.dtypes)
     run_dir = new_run_dir(results_dir)
     environment = device["environment"]
@@ -202,7 +202,7 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         "excluded": plan.excluded,
         # cases measured beside CPU-bound companion processes of their own (the case file's companions)
         "companions": {job.case.name: job.case.companions for job in plan.jobs if job.case.companions},
-        "load": judge([probe_record("start", device["probe"].get("tflops"), load_before)],
+        "load": judge([probe_record("start", device["probe"].get("tflops"), load_before, busy=busy_before)],
                       device_kind=settings.device, cpu_count=os.cpu_count()),
         "finished": None,
     }
