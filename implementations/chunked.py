@@ -212,7 +212,8 @@ def _apply_softcap_chain_rule_(grad: torch.Tensor, tanh: torch.Tensor) -> None:
 # (docs/measurements/2026-12-02-chunked-onednn.md).
 ONEDNN_BLOCK_BYTES = 2**20
 # What they and the allocator's slack add at the peak, left to them in the chunk's budget so that
-# buffers and temporaries together keep to it (measured on the floor case, same page).
+# buffers and temporaries together keep to it (measured on the floor case, same page); each worker
+# thread has temporaries of its own, so a pass reserves this once per worker.
 ONEDNN_WORKSPACE_BYTES = 12 * 2**20
 
 
