@@ -178,7 +178,8 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         return {"run_dir": str(resume_dir), "device_name": meta["device_name"], "matmul_tflops": rates}
 
     console.print(f"measuring the device's matmul rate ({', '.join(plan.dtypes)})...", highlight=False)
-    load_before, busy_before = load_average(), busy_cores()  # before the sweep's own processes add to them
+    # Before the sweep's own processes add to them; the busy cores are judged on a CPU alone (2 s).
+    load_before, busy_before = load_average(), busy_cores() if settings.device == "cpu" else None
     device = measure_environment(settings, plan.dtypes)
     run_dir = new_run_dir(results_dir)
     environment = device["environment"]
