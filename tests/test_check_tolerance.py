@@ -176,3 +176,19 @@ def test_the_share_of_the_allowance_used_is_the_worst_of_elements_and_norm():
     half[3] += 0.5 * float(allowed.bound[3])
     assert math.isclose(allowed.used(half, REFERENCE), max(0.5, float((half - REFERENCE).norm()) / allowed.norm))
     assert allowed.used(REFERENCE, REFERENCE) == 0.0
+
+
+def test_an_infinity_is_the_rounding_of_a_value_beyond_the_output_range_and_nothing_else():
+    f16_max = torch.finfo(torch.float16).max
+    inf = torch.tensor([math.inf], dtype=torch.float16)
+    beyond = torch.tensor([70000.0], dtype=torch.float64)
+    allowed = allowance([Error(0.0, 0.0)], beyond, beyond, torch.float16, [torch.float16], [1])
+    assert mismatch("loss", inf, beyond, allowed) is None
+    assert mismatch("loss", -inf, beyond, allowed) is not None  # the wrong sign
+    # at the edge, a value that its allowed error may carry past the range may round to an infinity
+    edge = torch.tensor([f16_max - 0.5 * float(allowed.bound[0])], dtype=torch.float64)
+    assert mismatch("loss", inf, edge, allowance([Error(0.0, 0.0)], edge, edge, torch.float16,
+                                                    [torch.float16], [1])) is None
+    inside = torch.tensor([1000.0], dtype=torch.float64)
+    assert mismatch("loss", inf, inside, allowance([Error(0.0, 0.0)], inside, inside, torch.float16,
+                                                    [torch.float16], [1])) is not None

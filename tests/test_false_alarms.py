@@ -97,13 +97,10 @@ def test_no_variant_fails_an_explicit_example(property_id, tmp_path):
     assert judge_all(property_id, tmp_path) == {}
 
 
-# Found by the third dev run after the fixes (2026-12-07) and not fixed yet: the harness divides a
-# plain plugin's loss by loss_div_factor after the call, so a float16 sum of 77 480 (beyond
-# float16's 65 504), which the plugin rounds correctly to inf, stays inf though the divided loss,
-# 25 827, fits. The gate should take inf as the correct rounding of a value beyond the output
-# dtype's range (or refuse the case); strict, so that the fix shows here.
-@pytest.mark.xfail(strict=True, reason="open false alarm: the plugin's own output overflows before the "
-                                       "harness divides by loss_div_factor")
+# Found by the third dev run after the fixes (2026-12-07): the harness divides a plain plugin's loss
+# by loss_div_factor after the call, so a float16 sum of 77 480 (beyond float16's 65 504), which the
+# plugin rounds correctly to inf, stays inf though the divided loss, 25 827, fits. The gate takes an
+# infinity as the rounding of an undivided loss beyond the dtype's range.
 def test_a_loss_that_overflows_only_before_the_harness_divides_it_is_no_failure():
     variant = "tests.correct_variants:loss_in_input_dtype"
     case = "N=48,D=1,V=63,dtype=float16,reduction=sum,loss_div_factor=3.0,scale=16.0,logits=peaked,seed=1"

@@ -108,16 +108,17 @@ def summed_over_tokens(linear: torch.Tensor, root_sum_square: torch.Tensor) -> t
     return torch.minimum(linear, SPREAD * root_sum_square)
 
 
-def _difference(actual: torch.Tensor, expected: torch.Tensor, largest: float = math.inf) -> torch.Tensor:
+def _difference(actual: torch.Tensor, expected: torch.Tensor, largest: float = math.inf,
+                slack: torch.Tensor | float = 0.0) -> torch.Tensor:
     """|actual - expected| in float64; 0 where both are the same NaN or infinity, or where one is an
-    infinity and the other beyond ``largest`` with the same sign (an overflow of the output
-    dtype); inf where only one is NaN or infinite."""
+    infinity and the other, moved by up to ``slack`` (the allowed error), beyond ``largest`` with the
+    same sign (an overflow of the output dtype); inf where only one is NaN or infinite."""
     actual, expected = actual.double(), expected.double()
     if bool(actual.isfinite().all()) and bool(expected.isfinite().all()):  # the common case, in one pass
         return (actual - expected).abs()
     same = (actual == expected) | (actual.isnan() & expected.isnan())
     for inf, other in ((actual, expected), (expected, actual)):
-        same |= inf.isinf() & (other.abs() > largest) & (inf.sign() == other.sign())
+        same |= inf.isinf() & (other.abs() + slack > largest) & (inf.sign() == other.sign())
     diff = (actual - expected).abs()
     diff = torch.where(same, torch.zeros_like(diff), diff)
     return torch.where(diff.isnan(), torch.full_like(diff, math.inf), diff)
@@ -161,9 +162,10 @@ class Allowance:
     (``norm``; infinite where no norm-wise comparison applies).
 
     ``budget`` is the budget's share of ``bound`` (the rest is output rounding and summation order);
-    ``explanation`` says in words what went into it. ``largest``: the largest finite value of the
-    output dtype; an exact value beyond it cannot be returned in that dtype, so an infinity of the
-    same sign there is the output's rounding.
+    ``explanation`` says in words what went into it. ``largest``: the largest magnitude the result
+    can have without overflowing the output dtype (its largest finite value, less where the result
+    is a value in that dtype divided afterwards); a value within ``bound`` of one beyond it may
+    round to an infinity of the same sign, which is then the output's rounding.
     """
 
     bound: torch.Tensor
@@ -178,7 +180,7 @@ class Allowance:
             return math.inf
         if actual.numel() == 0:
             return 0.0
-        diff = _difference(actual, expected, self.largest)
+        diff = _difference(actual, expected, self.largest, self.bound)
         element = diff / self.bound.clamp_min(1e-300)
         element = torch.where((diff == 0) & (self.bound == 0), torch.zeros_like(element), element)
         worst = float(element.max())
@@ -254,7 +256,7 @@ def mismatch(name: str, actual: torch.Tensor, expected: torch.Tensor, allowed: A
         return f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if actual.numel() == 0:
         return None
-    diff = _difference(actual, expected, allowed.largest)
+    diff = _difference(actual, expected, allowed.largest, allowed.bound)
     over = diff > allowed.bound
     if bool(over.any()):
         excess = torch.where(over, diff / allowed.bound.clamp_min(1e-300), torch.zeros_like(diff))
