@@ -307,6 +307,45 @@ def float32_sum_over_count(hidden, weight, labels, *, bias=None, ignore_index=-1
     return ce.sum() / tokens.target.sum() + z_loss.sum() / tokens.valid.sum()
 
 
+def per_token_losses_in_input_dtype(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                                    label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None):
+    """Per-token losses stored in the input dtype (a kernel's loss buffer), then a float32 reduction."""
+    options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, softcap, class_weight)
+    h, y = _rows(hidden, labels)
+    z = _capped(_wide(F.linear(h, weight, bias)), softcap)
+    ce = F.cross_entropy(z, y, weight=_class_weight(options, z.dtype), ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
+    tokens = _tokens(y, options, z.dtype)
+    z_loss = z_loss_multiplier * torch.where(tokens.valid, torch.logsumexp(z, -1).square(), 0.0)
+    buffer = (ce + z_loss) if reduction == "none" else torch.stack([ce, z_loss])
+    buffer = _wide(buffer.to(hidden.dtype))
+    if reduction == "none":
+        return buffer.reshape(labels.shape)
+    return _reduce(buffer[0], buffer[1], tokens, options, labels.shape)
+
+
+def softcap_in_input_dtype(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                           label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None):
+    """Softcap as ``tanh(z / cap) * cap`` in the input dtype, three roundings (Hugging Face's Gemma-2 head)."""
+    options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, None, class_weight)
+    h, y = _rows(hidden, labels)
+    z = F.linear(h, weight, bias)
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return _pytorch_loss(_wide(z), y, options, labels.shape)
+
+
+def all_float64(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                z_loss_multiplier=0.0, softcap=None, class_weight=None):
+    """Everything in float64 (more exact than torch-eager); the loss returned in float32, gradients rounded once."""
+    wide = None if class_weight is None else class_weight.double()
+    options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, softcap, wide)
+    h, y = _rows(hidden, labels)
+    loss = _pytorch_loss(F.linear(h.double(), weight.double(), None if bias is None else bias.double()), y,
+                         options, labels.shape)
+    return loss if hidden.dtype == torch.float64 else loss.float()
+
+
 def vocab_shards(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                  z_loss_multiplier=0.0, softcap=None, class_weight=None):
     """Two vocabulary shards combined as in tensor parallelism: global max, summed exp, the target from its shard."""
@@ -598,6 +637,9 @@ VARIANTS = (
     log2_exp2_logsumexp,
     smoothing_as_mixture,
     float32_sum_over_count,
+    per_token_losses_in_input_dtype,
+    softcap_in_input_dtype,
+    all_float64,
     vocab_shards,
     reordered_sums,
     online_logsumexp_blocks,

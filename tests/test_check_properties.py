@@ -66,6 +66,15 @@ def test_logits_in_the_hundreds_in_bfloat16_hold_torch_eager_to_its_widened_erro
     assert_passes("chunked", "equivalence/bfloat16", case)
 
 
+def test_confident_tokens_keep_the_cancellation_of_lse_and_the_target_logit():
+    # p_y near 1: a loss of 0.003 from lse and z_y near 12. A kernel that rounds lse and z_y each to
+    # bfloat16 before subtracting them returns 0 or 0.0625; a loss kept in bfloat16 is no failure.
+    case = "B=2,T=40,D=64,V=129,dtype=bfloat16,reduction=none,logits=confident,seed=0"
+    assert_fails("tests.reach_bugs:loss_from_rounded_statistics", "equivalence/bfloat16", case,
+                 "79 of 80 elements beyond the allowed error")
+    assert_passes("tests.correct_variants:per_token_losses_in_input_dtype", "equivalence/bfloat16", case)
+
+
 def test_a_wrong_mean_denominator_shows_only_when_some_tokens_are_ignored():
     assert_passes(BROKEN + "wrong_mean_denominator", "equivalence/float32", "N=8,D=4,V=17,seed=0")
     assert_fails(BROKEN + "wrong_mean_denominator", "equivalence/float32", "N=8,D=4,V=17,ignored=some,seed=0",

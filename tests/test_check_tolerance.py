@@ -192,3 +192,15 @@ def test_an_infinity_is_the_rounding_of_a_value_beyond_the_output_range_and_noth
     inside = torch.tensor([1000.0], dtype=torch.float64)
     assert mismatch("loss", inf, inside, allowance([Error(0.0, 0.0)], inside, inside, torch.float16,
                                                     [torch.float16], [1])) is not None
+
+
+def test_a_loss_kept_in_the_input_dtype_on_its_way_out_costs_one_rounding_of_that_dtype():
+    loss = torch.tensor([5.0], dtype=torch.float64)
+    terms = torch.tensor([1.0], dtype=torch.float64)
+    plain = allowance([Error(0.0, 0.0)], loss, terms, BF16, [F32], [1])
+    kept = allowance([Error(0.0, 0.0)], loss, terms, BF16, [F32], [1], held_in=BF16)
+    assert math.isclose(float(kept.bound[0] - plain.bound[0]), U * 5.0)
+    assert "kept in bfloat16" in kept.explanation
+    off_by_a_bf16_rounding = loss + 0.9 * U * 5.0
+    assert mismatch("loss", off_by_a_bf16_rounding, loss, plain) is not None
+    assert mismatch("loss", off_by_a_bf16_rounding, loss, kept) is None

@@ -39,7 +39,6 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from harness.case import parse_case
 from harness.check import tolerance
 from harness.check.behaviour import EDGE_CASE_TIMEOUT_S, EDGE_CASES, BehaviourResult
 from harness.check.engine import (

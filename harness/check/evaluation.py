@@ -7,7 +7,6 @@ gradients, so outcomes of different dtypes and devices compare directly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,8 +187,10 @@ def term_magnitudes(
       |b_layer|) + |h|``;
     - ``logsumexp(z)``: ``E = sum_j p_j L_j + a |logsumexp(z)|``, ``a`` the share of a float32
       sum over V (``accumulation_share``): the logsumexp itself is computed in float32;
-    - a token's cross-entropy ``lse - z_y`` (smoothed: ``(1 - eps) w_y (lse - z_y) + eps / V sum_j
-      w_j (lse - z_j)``): the same expression with ``E`` and ``L`` in place of ``lse`` and ``z``;
+    - a token's cross-entropy ``lse - z_y``: ``sum_j |p_j - [j = y]| L_j + a (|lse| + L_y)``, each
+      logit's error times its effect on the loss (errors of ``lse`` and ``z_y`` cancel as ``p_y`` nears
+      1) plus the float32 share of forming it; smoothed, ``(1 - eps) w_y`` times that ``+ eps / V sum_j
+      w_j (E + L_j)``;
       its z-loss ``m lse^2``: ``2 m |lse| E``;
     - a logit gradient ``s (p_j c - c' [j = y] - eps w_j / V) + 2 m s' lse p_j``: every term taken
       positive, with ``p_j`` counted as ``p_j (1 + L_j + E)`` (an error in a logit or in the
@@ -235,8 +236,13 @@ def term_magnitudes(
             ce_scale = z_scale = valid
 
         label_terms = logit_size.gather(1, safe[:, None]).squeeze(1)
+        one_hot = F.one_hot(safe, vocab).double()
+        # lse - z_y moves by p_j - [j = y] times an error of logit j: as p_y nears 1 the errors of the
+        # two cancel, which a loss formed from both in float32 keeps (each rounded first would not).
+        nll_terms = (((probs - one_hot).abs() * logit_size).sum(-1)
+                     + accumulation_share(dtype, vocab) * (lse.abs() + label_terms))
         smooth_terms = (logit_size * class_weight).sum(-1) / vocab + lse_terms * class_weight.sum() / vocab
-        per_token_ce = ((1 - eps) * weight_y * (lse_terms + label_terms) + eps * smooth_terms * valid) * widening
+        per_token_ce = ((1 - eps) * weight_y * nll_terms + eps * smooth_terms * valid) * widening
         per_token_z = 2 * z_mult * lse.abs() * lse_terms * valid * widening
         per_token = (per_token_ce + per_token_z).reshape(inputs.labels.shape) / spec.loss_div_factor
         if spec.reduction == "none":
@@ -252,7 +258,6 @@ def term_magnitudes(
             ce_scale = z_scale = upstream * valid
         factor = abs(loss_scale) * backward_calls / spec.loss_div_factor
         ce_scale, z_scale = ce_scale * factor, z_scale * factor
-        one_hot = F.one_hot(safe, vocab).double()
         mix = (1 - eps) * weight_y + eps / vocab * class_weight.sum() * valid
         prob_terms = probs * (1 + logit_size + lse_terms[:, None])
         logit_grad = (

@@ -205,13 +205,16 @@ def allowance(
     lengths: Sequence[int],
     roundings: int = 1,
     ratio: float = 1.0,
+    held_in: torch.dtype | None = None,
 ) -> Allowance:
     """The rule for one tensor, summed over the sides of an identity (one side: a plain comparison).
 
     ``yardstick`` holds torch-eager's error on each side, for the norm-wise comparison; None when
     there is none (torch-eager judged itself, or its result is not finite). ``out_dtypes``: the
     candidate's output dtype on each side; ``roundings``: how many times the output may be rounded
-    to it; ``ratio``: a known imprecision's multiple of the budget (1 otherwise).
+    to it; ``held_in``: a dtype it may be rounded to once more on its way out (a per-token loss
+    kept in the input dtype before it is reduced); ``ratio``: a known imprecision's multiple of the
+    budget (1 otherwise).
     """
     expected = expected.double()
     terms = terms.double().reshape(expected.shape).abs().nan_to_num(nan=0.0)  # NaN reference: exact NaN due
@@ -223,13 +226,16 @@ def allowance(
     norm = 0.0
     out_parts = []
     for side, out_dtype in enumerate(out_dtypes):
-        rounding = roundings * unit_roundoff(out_dtype) if out_dtype.is_floating_point else 0.0
-        tiny = roundings * underflow(out_dtype) if out_dtype.is_floating_point else 0.0  # per rounding
+        kept = [out_dtype] * roundings + ([held_in] if held_in is not None else [])
+        rounding = sum(unit_roundoff(d) for d in kept if d.is_floating_point)
+        tiny = sum(underflow(d) for d in kept if d.is_floating_point)  # per rounding
         bound = bound + budget + floor * terms + rounding * size + tiny
         if yardstick is not None:  # never below one element's whole budget: the norm judges a drift
             drift = max(ratio * NORM_MULTIPLE * yardstick[side].norm, float(budget.max()) if budget.numel() else 0.0)
             norm += drift + floor * float(terms.norm()) + rounding * float(size.norm()) + tiny * size.numel() ** 0.5
         out_parts.append(f"{roundings} rounding{'s' * (roundings > 1)} of its {dtype_name(out_dtype)} output")
+        if held_in is not None:
+            out_parts.append(f"1 of it kept in {dtype_name(held_in)}")
     sides = len(out_dtypes)
     scaled = f"{ratio:g} x " if ratio != 1 else ""
     explanation = (f"{scaled}{BUDGET:g} roundings of {dtype_name(dtype)} (u = {u:.3g}) of the terms it is computed "
@@ -238,7 +244,8 @@ def allowance(
         explanation = f"each side: {explanation}"
     if yardstick is None:
         norm = math.inf
-    largest = min((torch.finfo(d).max for d in out_dtypes if d.is_floating_point), default=math.inf)
+    held = [*out_dtypes, *([held_in] if held_in is not None else [])]
+    largest = min((torch.finfo(d).max for d in held if d.is_floating_point), default=math.inf)
     return Allowance(bound, norm, explanation, budget * sides, largest)
 
 
