@@ -290,16 +290,22 @@ def smoothing_as_mixture(hidden, weight, labels, *, bias=None, ignore_index=-100
     return _reduce(ce, z_loss, tokens, options, labels.shape)
 
 
+def _float32_per_token_losses(hidden, weight, labels, bias, options: Options):
+    """Each token's cross-entropy and z-loss, in float32 from torch-eager's rounded logits, and its ``Tokens``."""
+    h, y = _rows(hidden, labels)
+    z = _capped(_wide(F.linear(h, weight, bias)), options.softcap)
+    ce = F.cross_entropy(z, y, weight=_class_weight(options, z.dtype), ignore_index=options.ignore_index,
+                         reduction="none", label_smoothing=options.label_smoothing)
+    tokens = _tokens(y, options, z.dtype)
+    z_loss = options.z_loss_multiplier * torch.where(tokens.valid, torch.logsumexp(z, -1).square(), 0.0)
+    return ce, z_loss, tokens
+
+
 def float32_sum_over_count(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                            label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None):
     """Per-token losses in float32 reduced by a float32 sum over the count (the mean), not by F.cross_entropy."""
     options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, softcap, class_weight)
-    h, y = _rows(hidden, labels)
-    z = _capped(_wide(F.linear(h, weight, bias)), softcap)
-    ce = F.cross_entropy(z, y, weight=_class_weight(options, z.dtype), ignore_index=ignore_index, reduction="none",
-                         label_smoothing=label_smoothing)
-    tokens = _tokens(y, options, z.dtype)
-    z_loss = z_loss_multiplier * torch.where(tokens.valid, torch.logsumexp(z, -1).square(), 0.0)
+    ce, z_loss, tokens = _float32_per_token_losses(hidden, weight, labels, bias, options)
     if reduction == "none":
         return (ce + z_loss).reshape(labels.shape)
     if reduction == "sum":
@@ -311,12 +317,7 @@ def per_token_losses_in_input_dtype(hidden, weight, labels, *, bias=None, ignore
                                     label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None):
     """Per-token losses stored in the input dtype (a kernel's loss buffer), then a float32 reduction."""
     options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, softcap, class_weight)
-    h, y = _rows(hidden, labels)
-    z = _capped(_wide(F.linear(h, weight, bias)), softcap)
-    ce = F.cross_entropy(z, y, weight=_class_weight(options, z.dtype), ignore_index=ignore_index, reduction="none",
-                         label_smoothing=label_smoothing)
-    tokens = _tokens(y, options, z.dtype)
-    z_loss = z_loss_multiplier * torch.where(tokens.valid, torch.logsumexp(z, -1).square(), 0.0)
+    ce, z_loss, tokens = _float32_per_token_losses(hidden, weight, labels, bias, options)
     buffer = (ce + z_loss) if reduction == "none" else torch.stack([ce, z_loss])
     buffer = _wide(buffer.to(hidden.dtype))
     if reduction == "none":
