@@ -156,10 +156,11 @@ def allowed_error(
     roundings = output_roundings(name, divisor != 1) + accumulated
     # A loss may be kept in the input dtype on its way out (a kernel's per-token loss buffer, as
     # log_softmax of bfloat16 logits returns), then reduced and returned in any dtype: one rounding more.
-    held_in = case.torch_dtype if name in ("loss", "z_loss") else None
+    is_loss = name in ("loss", "z_loss")
+    held_in = case.torch_dtype if is_loss else None
     allowed = allowance(eager_errors, expected, terms, case.torch_dtype, out_dtypes, summation_lengths(case, name),
                         roundings, ratio, held_in)
-    if name in ("loss", "z_loss") and divisor > 1:
+    if is_loss and divisor > 1:
         # The loss may be formed in its dtype before it is divided (as the harness divides a plain
         # plugin's): an undivided value beyond the dtype's range is an infinity however it is divided.
         allowed = replace(allowed, largest=allowed.largest / divisor)
@@ -458,7 +459,7 @@ def batches(case: Case, count: int, *, device: str = "cpu", reference: bool = Fa
         gradient_inputs = {name: first.gradient_inputs[name] if name in SHARED else tensor
                            for name, tensor in other.gradient_inputs.items()}
         result.append(replace(first, hidden=other.hidden, labels=other.labels, upstream=other.upstream,
-                                          gradient_inputs=gradient_inputs))
+                              gradient_inputs=gradient_inputs))
     return result
 
 
