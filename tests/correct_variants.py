@@ -347,6 +347,26 @@ def all_float64(hidden, weight, labels, *, bias=None, ignore_index=-100, reducti
     return loss if hidden.dtype == torch.float64 else loss.float()
 
 
+class _SubnormalsFlushed(torch.autograd.Function):
+    """The identity, whose backward flushes float32 subnormals of the gradient to zero."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.where(grad.abs() < torch.finfo(torch.float32).smallest_normal, 0.0, grad)
+
+
+def logit_gradient_flushed_to_zero(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                                   label_smoothing=0.0, z_loss_multiplier=0.0, softcap=None, class_weight=None):
+    """torch-eager's arithmetic with the float32 logit gradient's subnormals flushed to zero (fast-math FTZ)."""
+    options = Options(ignore_index, reduction, label_smoothing, z_loss_multiplier, softcap, class_weight)
+    h, y = _rows(hidden, labels)
+    return _pytorch_loss(_SubnormalsFlushed.apply(_wide(F.linear(h, weight, bias))), y, options, labels.shape)
+
+
 def vocab_shards(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                  z_loss_multiplier=0.0, softcap=None, class_weight=None):
     """Two vocabulary shards combined as in tensor parallelism: global max, summed exp, the target from its shard."""
@@ -641,6 +661,7 @@ VARIANTS = (
     per_token_losses_in_input_dtype,
     softcap_in_input_dtype,
     all_float64,
+    logit_gradient_flushed_to_zero,
     vocab_shards,
     reordered_sums,
     online_logsumexp_blocks,

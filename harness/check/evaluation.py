@@ -21,6 +21,10 @@ from harness.semantics import NormTerms, in_float64, logits_with_terms, norm_wit
 from harness.check.tolerance import LOGIT_ROUNDINGS, SUM_ORDER, logit_rounding_factor, summed_over_tokens
 from harness.spec import LossOutput, LossSpec, underflow, unit_roundoff
 
+# float32's smallest normal number: what a float32 value below it loses where subnormals are
+# flushed to zero, as CUDA's fast-math (-ftz=true) and CPUs' denormals-are-zero modes do.
+FLUSHED = torch.finfo(torch.float32).smallest_normal
+
 
 class CheckFailure(AssertionError):
     """A property does not hold; the message says what differs, by how much, and where."""
@@ -199,9 +203,9 @@ def term_magnitudes(
     - everything a token's logits reach is widened by ``logit_rounding_factor`` of that token's own
       largest logit (a rounding of a large logit moves its probability by a factor, not a fraction);
     - a logit gradient rounded to the case's ``dtype`` may also lose up to ``underflow(dtype)``
-      outright, whatever its size: that is ``underflow / u`` in units of the terms; below the
-      dtype's normal range the loss is the same for equal gradients, so sums over tokens take it
-      linearly;
+      outright, whatever its size, and up to ``FLUSHED`` where its float32 computation flushes
+      subnormals to zero: the larger over ``u`` in units of the terms; below the normal range the
+      loss is the same for equal gradients, so sums over tokens take it linearly;
     - the gradients of hidden, weight and bias sum the logit gradients' terms against ``|W|``,
       ``|H|`` and ones; a tied weight adds the embedding path's; a class scale's against the raw
       logits' terms;
@@ -265,11 +269,13 @@ def term_magnitudes(
                                  + eps / vocab * class_weight[None, :] * valid[:, None])
             + (z_scale * 2 * z_mult)[:, None] * (lse.abs()[:, None] * prob_terms + probs * lse_terms[:, None])
         ) * widening[:, None]
-        lost_to_underflow = underflow(dtype) / unit_roundoff(dtype)  # in units of the terms
-        # A logit gradient below the dtype's normal range is stored with that absolute loss, the same
-        # for every token whose gradient has the same value (a mean's 1/N times smoothing's eps/V):
-        # no independent roundings, so its sum over tokens is linear.
-        normal_min = torch.finfo(dtype).smallest_normal
+        # A logit gradient below the normal range is stored with an absolute loss: up to underflow(dtype)
+        # rounded to the case's dtype, up to float32's smallest normal where its float32 computation
+        # flushes subnormals to zero (GPUs' fast-math exp, CPUs' denormals-are-zero mode). The loss is
+        # the same for every token whose gradient has the same value (a mean's 1/N times smoothing's
+        # eps/V): no independent roundings, so its sum over tokens is linear.
+        lost_to_underflow = max(underflow(dtype), FLUSHED) / unit_roundoff(dtype)  # in units of the terms
+        normal_min = max(torch.finfo(dtype).smallest_normal, FLUSHED)
         subnormal = logit_grad < normal_min
         if head.class_scale_terms is not None:  # d(loss)/d(scale_j) = sum over tokens of dL/dz_j dz_j/ds_j
             products = (logit_grad + lost_to_underflow) * head.class_scale_terms + lost_to_underflow
