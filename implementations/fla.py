@@ -29,7 +29,7 @@ from harness.known import KnownFailure
 from harness.spec import LossOutput
 from implementations.distributed import VocabParallel, equal_shards_world_size
 from implementations.known_shapes import second_backward_rescales_the_saved_gradient
-from implementations.triton_runtime import triton_availability
+from implementations.triton_runtime import refuse_too_many_tokens_to_interpret, triton_availability
 
 PACKAGE_HINT = "pip install 'lmhead-bench[fla]'"
 PACKAGE = "fla-core 0.6.0"
@@ -97,6 +97,7 @@ class Fla(Implementation):
         return KNOWN_ISSUES
 
     def compute(self, hidden, weight, labels, spec, bias):
+        refuse_too_many_tokens_to_interpret(labels)
         return LossOutput(fla_loss(hidden, weight, labels, spec, bias), None)
 
 

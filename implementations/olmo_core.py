@@ -36,6 +36,7 @@ from harness.errors import UnsupportedCase
 from harness.known import KnownFailure, Mismatch
 from harness.spec import LossOutput, LossSpec
 from implementations.liger import Liger
+from implementations.triton_runtime import refuse_too_many_tokens_to_interpret
 
 HEAD_OPTIONS = ("norm", "bias", "ignore_index", "z_loss", "loss_div_factor")
 NO_LOSS_OPTION = "OLMo-core's LMHead.forward takes no {} (its loss has ignore_index, z-loss and loss_div_factor only)"
@@ -166,6 +167,10 @@ class OlmoCoreFusedHead(OlmoCoreHead):
         if not runs.available:
             return runs
         return Availability(True, f"{available.detail}, liger-kernel {liger}; {runs.detail}")
+
+    def compute(self, hidden, weight, labels, spec, bias):
+        refuse_too_many_tokens_to_interpret(labels)
+        return super().compute(hidden, weight, labels, spec, bias)
 
     def known_issues(self, device):
         return (FUSED_LINEAR_UNPACKS_THREE,)

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from harness.adapter import Availability
+from harness.errors import UnsupportedCase
 
 # What the interpreter does differently from a GPU, which the Triton peers' known issues cite.
 TRUNCATION = (
@@ -22,6 +23,23 @@ TRUNCATION = (
     "passes no rounding mode to _convert_float), where a GPU rounds to nearest even: on a CPU every bfloat16 "
     "value a Triton kernel stores is rounded toward zero, all in the same direction"
 )
+
+
+# The interpreter runs a kernel's programs one after another in Python. Liger-Kernel's and fla-core's
+# losses, a program per token, took 32 and 48 ms a token on the CPU machine (N = 2048, D = 8, V = 17,
+# fused linear cross-entropy forward and backward, load about 5, 2026-12-07): the gate's 65 600-token
+# case would take over half an hour. Cases of more tokens are refused there; a GPU runs them.
+INTERPRETED_TOKENS_MAX = 4096
+
+
+def refuse_too_many_tokens_to_interpret(labels: torch.Tensor) -> None:
+    """Raise ``UnsupportedCase`` where Triton's interpreter would run more than
+    ``INTERPRETED_TOKENS_MAX`` tokens (a program each): hours of a CPU for one case."""
+    if interpreter_on() and labels.numel() > INTERPRETED_TOKENS_MAX:
+        raise UnsupportedCase(
+            f"{labels.numel()} tokens through Triton's interpreter (no GPU here), a program each: more than "
+            f"{INTERPRETED_TOKENS_MAX} would take most of an hour on a CPU; a GPU runs such cases"
+        )
 
 
 def interpreter_on() -> bool:

@@ -315,6 +315,22 @@ def test_a_peers_known_issue_shows_exactly_as_known_on_its_example(name, known):
 
 
 @no_gpu
+@pytest.mark.parametrize("name", ["liger", "liger-fp32-accum", "liger-ce", "liger-vocab-parallel", "fla",
+                                  "olmo-core-fused"])
+def test_triton_peers_refuse_more_tokens_than_the_interpreter_runs_in_minutes(name):
+    """The gate's 65 600-token case would take Triton's interpreter over half an hour per call."""
+    from implementations.triton_runtime import INTERPRETED_TOKENS_MAX
+
+    impl = resolve(name)
+    if not impl.availability().available:
+        pytest.skip(impl.availability().detail)
+    tokens = INTERPRETED_TOKENS_MAX + 1
+    hidden, weight = torch.randn(tokens, 8), torch.randn(16, 8)  # V divisible by the ranks of vocab-parallel
+    with pytest.raises(UnsupportedCase, match="Triton's interpreter"):
+        impl.loss(hidden, weight, torch.zeros(tokens, dtype=torch.long))
+
+
+@no_gpu
 def test_liger_ce_refuses_bfloat16_on_a_cpu_with_the_interpreters_reason():
     impl = resolve("liger-ce")
     if not impl.availability().available:
