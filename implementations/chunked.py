@@ -87,7 +87,8 @@ def lower_bound_bytes(num_tokens: int, vocab: int, dim: int, itemsize: int, has_
 
 def buffer_bytes_per_token(vocab: int, dtype: torch.dtype, spec: LossSpec, want_grad: bool) -> int:
     """Bytes of chunk buffers per token: float32 logits, plus (with gradients) the softcap's tanh in
-    float32, kept for its chain rule, and, for low-precision inputs, the gradient in the input dtype."""
+    float32, kept for its chain rule, and, for low-precision inputs, the gradient in the input dtype
+    for a GPU's matmuls (kept free on a CPU too, where the products' temporaries are smaller)."""
     per_class = 4
     if want_grad and spec.softcap is not None:
         per_class += 4
