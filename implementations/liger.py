@@ -270,10 +270,10 @@ def _no_head_gradient_with_a_frozen_backbone(m: Mismatch) -> bool:
 
 
 def _second_backward_scales_the_saved_gradient_again(m: Mismatch) -> bool:
-    """Two backwards of ``c * loss`` gave ``2 c^2 g`` where autograd kept the saved buffer itself as
-    the ``.grad`` (so the second in-place scaling reached the first backward's share too), or
-    ``(c + c^2) g`` where the gradient went on through another op (the weight and bias; hidden
-    states that are a strided view or come from a model's layer), where ``2 c g`` (the other side)
+    """Two backwards of ``c * loss`` gave ``(c + c^2) g`` (the weight and bias; hidden states that are
+    a strided view or come from a model's layer, whose gradient goes on through another op) or
+    ``2 c^2 g`` (hidden states whose ``.grad`` autograd keeps as the saved buffer itself, so the
+    second in-place scaling reaches the first backward's share too) where ``2 c g`` (the other side)
     was due."""
     from harness.check.tolerance import mismatch
 
@@ -282,7 +282,8 @@ def _second_backward_scales_the_saved_gradient_again(m: Mismatch) -> bool:
     if m.actual is None or m.expected is None or m.allowed is None or not m.tensor.startswith("grad_"):
         return False
     c = upstream_at_the_peer(m)
-    return any(mismatch(m.tensor, m.actual, m.expected * factor, m.allowed) is None for factor in (c, (1 + c) / 2))
+    factors = ((1 + c) / 2, c) if m.tensor == "grad_hidden" else ((1 + c) / 2,)
+    return any(mismatch(m.tensor, m.actual, m.expected * factor, m.allowed) is None for factor in factors)
 
 
 STRUCTURAL = (
@@ -298,8 +299,8 @@ STRUCTURAL = (
         "liger-kernel 0.8.5 multiplies the gradients saved in the forward by the upstream gradient in "
         "place (element_mul_kernel): a second backward through a retained graph of c x loss scales them "
         "by c again",
-        "retain-graph, mean or sum: the two backwards accumulate (c + c^2) g, or 2 c^2 g where the saved "
-        "buffer itself became .grad (the hidden states), instead of 2 c g",
+        "retain-graph, mean or sum: the two backwards accumulate (c + c^2) g, or 2 c^2 g at hidden states "
+        "whose .grad is the saved buffer itself, instead of 2 c g",
         "autograd/retain-graph: N=6,D=5,V=33,dtype=float32,reduction=mean,bias=1,ignored=some,seed=10",
         PACKAGE,
         matches=_second_backward_scales_the_saved_gradient_again,
