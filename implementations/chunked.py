@@ -1,22 +1,20 @@
 """The project's own memory-efficient LM-head loss in pure PyTorch.
 
-Tokens are processed in chunks, and each chunk's vocabulary in spans of classes. Each chunk's logits
-are written by the matmul into one float32 buffer, which two steps turn, in place, into the
-gradient of the logits:
+Tokens are processed in chunks. Each chunk's logits are written by the matmul into one float32
+buffer, which two steps turn, in place, into the gradient of the logits:
 
-1. logits and statistics, span by span: the options that change the logits (the logit scale, and
-   a softcap's 1 / cap, as the matmul's own scalar factor; then ``_to_logits_``), then
-   exp(z - m_s) in place with m_s the row's largest logit in the span, its sum, the label's logit
-   and (with smoothing) sum_j w_j (z_j - m_s). The spans' statistics give each token's loss,
-   z-loss and log-sum-exp (``_Pass.combine``: -log p_y = log(sum_j exp(z_j - M)) - (z_y - M), no
-   exp at the label, so an underflowing probability loses nothing);
-2. the gradient, span by span: exp(z - m_s) times one per-token factor is alpha p (alpha: the
-   per-token scale of the softmax's term), then the label's and the smoothing's terms and the chain
-   rule of the options that changed the logits; then the span's products: its share of the
-   hidden-state gradient, its rows of the weight and bias gradients (float32 accumulators).
+1. row statistics: the options that change the logits (the logit scale, and a softcap's 1 / cap,
+   as the matmul's own scalar factor; then ``_to_logits_``), an in-place ``softmax`` (one exp per
+   logit), from which the loss, the z-loss and the log-sum-exp are read per token
+   (logsumexp = z_y - log p_y);
+2. the gradient, divided by its per-token scale alpha: the label's and the smoothing's terms and
+   the chain rule of the options that changed the logits. alpha itself is applied on the
+   matmuls' small operands (rows of grad_hidden; a scaled (tokens, D) copy of the chunk's hidden
+   for the weight gradient), not in a pass over the buffer.
 
-Peak extra memory is the chunk's buffers, sized from a budget relative to the lower bound (the
-gradients of hidden and weight), plus the gradients themselves.
+The gradient is then projected onto the gradients of hidden, weight and bias (float32
+accumulators for weight and bias). Peak extra memory is the chunk's buffers, sized from a budget
+relative to the lower bound (the gradients of hidden and weight), plus the gradients themselves.
 
 With ``reduction="mean"``/``"sum"`` the gradients are computed in the forward (the upstream
 gradient is a scalar, applied in backward unless it is 1 and on the CPU). With
@@ -33,19 +31,20 @@ then multiplied by d(logits)/d(raw matmul output): the logit scale s, and 1 - ta
 with a softcap (tanh kept in a second float32 buffer for it).
 
 Low-precision inputs (bfloat16, float16): statistics and gradient are computed in the float32
-buffer. On CUDA the logits matmul writes float32 directly, the gradient is written into a buffer of
-the input dtype for the two gradient matmuls, and the weight gradient is accumulated in float32 by
-the matmul itself (``out_dtype``). PyTorch's CPU matmuls have no ``out_dtype``, so there the logits
-are rounded to the input dtype first (as torch-eager's are) and the gradients' products are made in
-float32, from float32 copies of the chunk's hidden states and of the weight, a block at a time.
+buffer; the gradient is written into a buffer of the input dtype for the two gradient matmuls.
+On CUDA the logits matmul writes float32 directly and the weight gradient is accumulated in
+float32 by the matmul itself (``out_dtype``); PyTorch's CPU matmuls have no ``out_dtype``, so
+there the logits are rounded to the input dtype first (as torch-eager's are) and the weight
+gradient is accumulated from the float32 buffer and a float32 copy of hidden made once per pass.
 
 Float32 on the CPU: the matmuls go through oneDNN where torch has it (``harness.onednn``), in
 blocks of classes, since it runs at about twice torch.mm's rate on the project's AMD CPU machine;
 ``Chunked(onednn=False)`` keeps torch.mm, as a torch without oneDNN does.
 
-On the CPU each step's spans are shared among worker threads, one per intra-op thread, each running
-its ops on one thread and taking the next span when it finishes one: no op waits at a barrier for
-a thread that the machine's other work has descheduled (see ``CLASS_TASKS_PER_WORKER``).
+On the CPU each chunk's work is shared among worker threads, one per intra-op thread, each running
+its ops on one thread: first spans of the chunk's tokens (logits, statistics, gradient, the
+hidden-state gradient), then spans of the vocabulary (the weight and bias gradients). No op waits
+at a barrier for a thread that the machine's other work has descheduled (see ``CLASS_TASKS_PER_WORKER``).
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ import functools
 import itertools
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -87,8 +85,7 @@ def lower_bound_bytes(num_tokens: int, vocab: int, dim: int, itemsize: int, has_
 
 def buffer_bytes_per_token(vocab: int, dtype: torch.dtype, spec: LossSpec, want_grad: bool) -> int:
     """Bytes of chunk buffers per token: float32 logits, plus (with gradients) the softcap's tanh in
-    float32, kept for its chain rule, and, for low-precision inputs, the gradient in the input dtype
-    for a GPU's matmuls (kept free on a CPU too, where the products' temporaries are smaller)."""
+    float32, kept for its chain rule, and, for low-precision inputs, the gradient in the input dtype."""
     per_class = 4
     if want_grad and spec.softcap is not None:
         per_class += 4
@@ -240,16 +237,16 @@ def _onednn_logits_matmul(out, hidden, weight, bias, scale):
             torch.mul(part, scale, out=out[:, block])
 
 
-def _blocked_hidden_grad(grad, weight, linear):
-    """grad @ weight in float32, a block of classes at a time through ``linear`` (oneDNN's, or
-    torch's on float32 copies of low-precision weight blocks), summed in a (tokens, D) temporary."""
-    size = onednn_vocab_block(grad.shape[0], weight.shape[1])
+def _onednn_hidden_grad(out, grad, weight, alpha):
+    """``out`` = (grad @ weight) * alpha through oneDNN, a block of classes at a time, summed in a
+    (tokens, D) temporary."""
+    linear, size = onednn_linear(), onednn_vocab_block(grad.shape[0], weight.shape[1])
     acc = None
     for start in range(0, weight.shape[0], size):
         block = slice(start, start + size)
-        part = linear(grad[:, block], weight[block].float().t())
+        part = linear(grad[:, block], weight[block].t(), None, "none", [], "")
         acc = part if acc is None else acc.add_(part)
-    return acc
+    torch.mul(acc, alpha, out=out)
 
 
 def _onednn_weight_grad(grad_w, grad, hidden_t, first):
@@ -302,17 +299,33 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, hidden: to
         torch.addmm(grad_w, grad.t(), hidden, out_dtype=grad_w.dtype, out=grad_w)
 
 
+def _rows_label_log_probability(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec
+):
+    """log p at the label of a few rows, z_y - logsumexp(z), recomputed from their logits."""
+    logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    _logits_matmul(logits, hidden, weight, bias, _matmul_scale(spec))
+    _to_logits_(logits, spec, None)
+    return logits.gather(1, labels) - torch.logsumexp(logits, 1, keepdim=True)
+
+
+# Below this log p at the label, p has lost precision to float32's subnormals (or underflowed to
+# 0), so the token's log p at the label is recomputed from its logits instead of read off p.
+LOG_TINY_PROBABILITY = math.log(1e-30)
+
 # On the CPU, a chunk's work is shared among worker threads, as many as torch's intra-op threads,
 # each running its ops on one OpenMP thread, instead of every op being split among the threads.
 # An op split among threads ends at a barrier, and the floor case makes thousands of them: on a
 # busy machine one thread is often descheduled and the other waits for it at each barrier (2.6-12
 # x the quiet time beside one other process; docs/measurements/2026-12-07-chunked-under-load.md).
-# Both steps of a chunk are cut into spans of the vocabulary, CLASS_TASKS_PER_WORKER per worker,
-# every token of the chunk in each (oneDNN reorders a block of the weight for every product, which
-# a product of more tokens repays better); a worker takes the next span when it finishes one, so a
-# descheduled thread holds up the step's end by one span at most. 4 and 16 spans per worker were
-# no faster on the floor case, quiet or beside one other process.
-CLASS_TASKS_PER_WORKER = 8
+# A worker takes the next task when it finishes one, so a descheduled thread delays only its own.
+# A chunk's vocabulary is cut into CLASS_TASKS_PER_WORKER spans per worker, so that a late task can be
+# taken over. Its tokens are cut into one span per worker (of at least MIN_TASK_TOKENS): oneDNN
+# reorders a block of the weight for every product, which a span of fewer tokens repays less (two
+# spans per worker took 9% longer on the floor case, four 35%; docs/measurements/2026-12-07-chunked-under-load.md).
+ROW_TASKS_PER_WORKER = 1
+CLASS_TASKS_PER_WORKER = 4
+MIN_TASK_TOKENS = 32
 
 
 @functools.cache
@@ -335,13 +348,12 @@ def cpu_workers(device: torch.device) -> int:
     return torch.get_num_threads()
 
 
-def _start_worker(local: threading.local, index: int, cpu: int | None) -> None:
+def _start_worker(cpu: int | None) -> None:
     # torch sets a thread's OpenMP count on the thread's first parallel op (to torch.set_num_threads's
     # value, where it was called): that comes first, so that the limit of one thread stays.
     torch.get_num_threads()
     _openmp().limit(limits=1)
     torch.set_grad_enabled(False)  # as in the autograd function that calls the pass: no graph
-    local.index = index
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # this thread only
 
@@ -359,29 +371,23 @@ def _worker_cpus(count: int) -> list[int] | None:
 
 class _Workers:
     """Runs each task of a list, on ``count`` worker threads or, with a count of 1, in the calling
-    thread; ``map`` returns once all are done (the tasks of a chunk's next step depend on them). A
-    task's first argument is the index of the worker that runs it, for buffers of its own."""
+    thread; ``map`` returns once all are done (the tasks of a chunk's next step depend on them)."""
 
     def __init__(self, count: int) -> None:
-        self._local = threading.local()
-        self._local.index = 0
         indices, cpus = itertools.count(), _worker_cpus(count)
 
         def start() -> None:
             index = next(indices)
-            _start_worker(self._local, index, None if cpus is None else cpus[index])
+            _start_worker(None if cpus is None else cpus[index])
 
         self._pool = None if count == 1 else ThreadPoolExecutor(count, initializer=start)
-        # While the workers run the steps, the calling thread's own ops (between steps, on (tokens,
-        # D) tensors) stay on one thread too: a team of threads would wait at its barrier as well.
-        self._caller_limit = None if count == 1 else _openmp().limit(limits=1)
 
     def map(self, task, arguments) -> None:
         if self._pool is None:
             for args in arguments:
-                task(0, *args)
+                task(*args)
         else:
-            for _ in self._pool.map(lambda args: task(self._local.index, *args), arguments):
+            for _ in self._pool.map(lambda args: task(*args), arguments):
                 pass  # re-raises a task's exception here
 
     def __enter__(self) -> _Workers:
@@ -390,7 +396,6 @@ class _Workers:
     def __exit__(self, *exc_info) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-            self._caller_limit.restore_original_limits()
 
 
 def _spans(start: int, end: int, parts: int, multiple: int = 1) -> list[tuple[int, int]]:
@@ -400,39 +405,11 @@ def _spans(start: int, end: int, parts: int, multiple: int = 1) -> list[tuple[in
 
 
 @dataclass(frozen=True)
-class _SpanStatistics:
-    """What the logits step leaves per span of classes and token, (spans, chunk) float32 rows (a
-    task writes its own row): the row's largest logit m_s in the span, sum of exp(z - m_s), the
-    label's logit where the label is in the span (else 0), the smoothing's sum of w_j (z_j - m_s),
-    and, written between the steps, the factor that turns exp(z - m_s) into the gradient's alpha p."""
-
-    max: torch.Tensor
-    exp_sum: torch.Tensor
-    label_logit: torch.Tensor
-    smoothing_dot: torch.Tensor
-    probability_scale: torch.Tensor
-
-    @staticmethod
-    def empty(spans: int, rows: int, device) -> _SpanStatistics:
-        return _SpanStatistics(*torch.empty(5, spans, rows, dtype=torch.float32, device=device))
-
-
-@dataclass(frozen=True)
-class _ChunkOperands:
-    """A chunk's hidden states as the products of the gradient step take them, made once per chunk:
-    float32 on the CPU (``hidden``), and transposed, (D, tokens), for oneDNN's weight gradient."""
-
-    hidden: torch.Tensor | None
-    hidden_t: torch.Tensor | None
-
-
-@dataclass(frozen=True)
 class _Pass:
-    """What a pass's tasks read and write. A chunk takes two steps, each a task per span of classes:
-    ``logits`` (the logits and their per-span statistics), then, after ``combine`` has made the
-    tokens' loss and log-sum-exp from the spans' statistics, ``gradient`` (the gradient in place of
-    the logits, and its products: the span's share of the hidden-state gradient, its rows of the
-    weight and bias gradients). Tasks of a step write disjoint slices."""
+    """What a pass's tasks read and write. A chunk takes two steps: ``rows`` tasks (spans of its
+    tokens: logits, statistics, the gradient in place in ``logits``, the hidden-state gradient),
+    then ``classes`` tasks (spans of the vocabulary: the weight and bias gradients). Tasks of a step
+    write disjoint slices."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -442,151 +419,112 @@ class _Pass:
     terms: _GradientTerms | None  # None: no gradient wanted
     onednn: bool
     need_h: bool
-    spans: list[tuple[int, int]]
-    span_smoothing_sums: torch.Tensor | None  # (spans, 1) float32: sum of w over each span; with smoothing
-    ce: torch.Tensor  # (N,) float32, written by ``combine``; so are z_loss and alpha
+    ce: torch.Tensor  # (N, 1) float32, written by the rows tasks; so are z_loss and alpha
     z_loss: torch.Tensor | None
-    alpha: torch.Tensor  # (N,) float32: the per-token factor of p in the gradient
-    stats: _SpanStatistics
-    logits: torch.Tensor  # (chunk, V) float32: the logits, exp(z - m_s), then the gradient
+    alpha: torch.Tensor  # (N, 1) float32: the per-token scale of the gradient kept in ``logits``
+    logits: torch.Tensor  # (chunk, V) float32: the logits, then the gradient over alpha
     tanh: torch.Tensor | None  # (chunk, V) float32: a softcap's tanh, for its chain rule
-    low_precision_grad: torch.Tensor | None  # (chunk, V) input dtype: the gradient for a GPU's matmuls
+    low_precision_grad: torch.Tensor | None  # (chunk, V) input dtype: the gradient for its matmuls
     grad_h: torch.Tensor | None
-    grad_h_parts: torch.Tensor | None  # (workers, chunk, D) float32: each worker's sum of its spans' shares
     grad_w: torch.Tensor | None  # (V, D) float32 accumulator
     grad_b: torch.Tensor | None  # (V,) float32 accumulator
 
-    def _labels_in_span(self, k: int, chunk_start: int, chunk_end: int):
-        """The chunk's labels as indices into span k (clamped into it), and which are in it."""
-        start, end = self.spans[k]
-        labels = self.batch.safe_labels[chunk_start:chunk_end]
-        return (labels - start).clamp_(0, end - start - 1), (labels >= start) & (labels < end)
-
-    def logits_step(self, _worker: int, k: int, chunk_start: int, chunk_end: int) -> None:
-        """Span k's logits for the chunk's tokens, replaced by exp(z - m_s), and its statistics."""
-        spec, stats, (start, end) = self.spec, self.stats, self.spans[k]
-        tokens = chunk_end - chunk_start
-        z = self.logits[:tokens, start:end]
-        tanh = None if self.tanh is None else self.tanh[:tokens, start:end]
-        hidden, weight = self.hidden[chunk_start:chunk_end], self.weight[start:end]
-        bias = None if self.bias is None else self.bias[start:end]
+    def rows(self, start: int, end: int, chunk_start: int) -> None:
+        """Tokens [start, end) of the chunk that starts at ``chunk_start``."""
+        spec, batch, weight, bias = self.spec, self.batch, self.weight, self.bias
+        eps, m, vocab = spec.label_smoothing, spec.z_loss_multiplier, weight.shape[0]
+        rows = slice(start - chunk_start, end - chunk_start)
+        z, tanh = self.logits[rows], None if self.tanh is None else self.tanh[rows]
         if self.onednn:
-            _onednn_logits_matmul(z, hidden, weight, bias, _matmul_scale(spec))
+            _onednn_logits_matmul(z, self.hidden[start:end], weight, bias, _matmul_scale(spec))
         else:
-            _logits_matmul(z, hidden, weight, bias, _matmul_scale(spec))
+            _logits_matmul(z, self.hidden[start:end], weight, bias, _matmul_scale(spec))
         _to_logits_(z, spec, tanh)
-        index, in_span = self._labels_in_span(k, chunk_start, chunk_end)
-        torch.mul(z.gather(1, index), in_span, out=stats.label_logit[k, :tokens, None])
-        row_max = torch.amax(z, 1, keepdim=True, out=stats.max[k, :tokens, None])
-        z.sub_(row_max)
-        if spec.label_smoothing:  # shifted by the span's max, so that no large sums cancel
-            torch.mm(z, self.batch.smoothing_weights[start:end], out=stats.smoothing_dot[k, :tokens, None])
-        torch.sum(z.exp_(), 1, keepdim=True, out=stats.exp_sum[k, :tokens, None])
 
-    def combine(self, chunk_start: int, chunk_end: int) -> None:
-        """The chunk's tokens' cross-entropy, z-loss and alpha from the spans' statistics, and each
-        span's factor for the gradient step. -log p_y = log(sum_j exp(z_j - M)) - (z_y - M), M the
-        row's largest logit: no exp at the label, so a probability that underflows loses nothing."""
-        spec, stats, batch = self.spec, self.stats, self.batch
-        eps, m, vocab = spec.label_smoothing, spec.z_loss_multiplier, self.weight.shape[0]
-        tokens, rows = chunk_end - chunk_start, slice(chunk_start, chunk_end)
-        span_max = stats.max[:, :tokens]
-        row_max = span_max.amax(0)
-        log_total = (stats.exp_sum[:, :tokens] * (span_max - row_max).exp_()).sum(0).log_()
-        ce = torch.sub(log_total, stats.label_logit[:, :tokens].sum(0) - row_max, out=self.ce[rows])
+        # Row statistics: softmax in place (each exp computed once); logsumexp = z_y - log p_y.
+        y = batch.safe_labels[start:end]
+        if eps or m:  # the label's logit, before the softmax overwrites it
+            z_y = z.gather(1, y)
+        if eps:  # -sum_j w_j log p_j = sum(w) (lse - max) - sum_j w_j (z_j - max): shifted, so no large sums cancel
+            shift = z.amax(1, keepdim=True)
+            shifted_dot = z.sub_(shift) @ batch.smoothing_weights
+        torch.softmax(z, 1, out=z)
+        log_p_y = z.gather(1, y).log_()
+        if log_p_y.amin().item() < LOG_TINY_PROBABILITY:
+            tiny = (log_p_y[:, 0] < LOG_TINY_PROBABILITY).nonzero()[:, 0]
+            log_p_y[tiny] = _rows_label_log_probability(self.hidden[tiny + start], y[tiny], weight, bias, spec)
+        ce = torch.neg(log_p_y, out=self.ce[start:end])
         if batch.label_weights is not None:
-            ce.mul_(batch.label_weights[rows, 0])
-        if eps:  # -sum_j w_j log p_j = sum(w) log_total - sum_j w_j (z_j - M)
-            shifted_dot = (stats.smoothing_dot[:, :tokens] + (span_max - row_max) * self.span_smoothing_sums).sum(0)
-            ce.mul_(1 - eps).add_(eps / vocab * (batch.smoothing_sum * log_total - shifted_dot))
-        lse = row_max + log_total
+            ce.mul_(batch.label_weights[start:end])
+        if eps:
+            ce.mul_(1 - eps).add_(eps / vocab * (batch.smoothing_sum * ((z_y - shift) - log_p_y) - shifted_dot))
         if m:
-            torch.mul(lse.square(), m, out=self.z_loss[rows])
-        if self.terms is None:
-            return
-        alpha = self.alpha[rows]
-        if m:
-            torch.add(self.terms.softmax[rows, 0], self.terms.z_loss[rows, 0] * lse, out=alpha)
-        else:
-            alpha.copy_(self.terms.softmax[rows, 0])
-        # p_j = exp(z_j - m_s) exp((m_s - M) - log_total): no rounding of a large lse in the factor.
-        torch.mul((span_max - row_max).sub_(log_total).exp_(), alpha, out=stats.probability_scale[:, :tokens])
+            lse = z_y - log_p_y
+            torch.mul(lse.square(), m, out=self.z_loss[start:end])
+        if self.terms is not None:
+            self._gradient_rows(z, tanh, y, lse if m else None, start, end, rows)
 
-    def operands(self, chunk_start: int, chunk_end: int) -> _ChunkOperands:
-        """The chunk's hidden states for the gradient step's products (``_ChunkOperands``)."""
+    def _gradient_rows(self, grad, tanh, y, lse, start, end, rows) -> None:
+        """d(loss)/dz = alpha p - beta [j == y] - gamma w_j in place of p, divided by alpha (applied on
+        the matmuls' small operands instead of in a pass of its own); then these tokens' rows of the
+        hidden-state gradient. ``rows``: their rows in the chunk's buffers."""
+        terms = self.terms
+        alpha = self.alpha[start:end]
+        if lse is None:
+            alpha.copy_(terms.softmax[start:end])
+        else:
+            torch.add(terms.softmax[start:end], terms.z_loss[start:end] * lse, out=alpha)
+        if terms.label is None:  # beta = alpha: the gradient over alpha is p - 1 at the label
+            grad.scatter_add_(1, y, torch.full_like(alpha, -1.0))
+        else:
+            inverse = torch.where(alpha != 0, alpha.reciprocal(), 0.0)
+            grad.scatter_add_(1, y, -(terms.label[start:end] * inverse))
+            if self.spec.label_smoothing:
+                grad.addmm_(terms.smoothing[start:end] * inverse, self.batch.smoothing_weights.t(), alpha=-1)
+        if tanh is not None:
+            _apply_softcap_chain_rule_(grad, tanh)
+        if self.low_precision_grad is not None:  # the copy to the input dtype applies alpha on the way
+            matmul_grad = torch.mul(grad, alpha, out=self.low_precision_grad[rows])
+            if self.need_h:
+                torch.mm(matmul_grad, self.weight, out=self.grad_h[start:end])
+        elif self.need_h and self.onednn:
+            _onednn_hidden_grad(self.grad_h[start:end], grad, self.weight, alpha)
+        elif self.need_h:
+            torch.mm(grad, self.weight, out=self.grad_h[start:end]).mul_(alpha)
+
+    def scaled_hidden(self, chunk_start: int, chunk_end: int) -> torch.Tensor | None:
+        """The chunk's hidden states as the weight gradient's matmul takes them (None: no weight
+        gradient): times alpha, in float32 on the CPU; transposed, (D, tokens), for oneDNN."""
+        if self.grad_w is None:
+            return None
         hidden = self.hidden[chunk_start:chunk_end]
-        if hidden.is_cuda:
-            return _ChunkOperands(hidden, None)
-        hidden = hidden.float()
-        if self.grad_w is not None and self._weight_grad_through_onednn(chunk_end - chunk_start):
-            return _ChunkOperands(hidden, hidden.t().contiguous())
-        return _ChunkOperands(hidden, None)
+        if self.low_precision_grad is not None and hidden.is_cuda:
+            return hidden  # alpha is in low_precision_grad; the matmul accumulates in float32
+        scaled = hidden.float() * self.alpha[chunk_start:chunk_end]
+        return scaled.t().contiguous() if self._weight_grad_through_onednn(chunk_end - chunk_start) else scaled
 
     def _weight_grad_through_onednn(self, tokens: int) -> bool:
         """oneDNN is slower than torch.mm on the weight gradient of a chunk of more tokens than D (its
         K longer than its N), so such chunks keep torch.mm (docs/measurements/2026-12-02-chunked-onednn.md)."""
         return self.onednn and tokens <= self.weight.shape[1]
 
-    def gradient_step(self, worker: int, k: int, chunk_start: int, chunk_end: int, operands: _ChunkOperands) -> None:
-        """d(loss)/dz = alpha p - beta [j == y] - gamma w_j over span k, in place of exp(z - m_s), then
-        its products."""
-        terms, (start, end) = self.terms, self.spans[k]
-        tokens, rows = chunk_end - chunk_start, slice(chunk_start, chunk_end)
+    def classes(self, start: int, end: int, chunk_start: int, chunk_end: int, hidden: torch.Tensor | None) -> None:
+        """Classes [start, end) of the weight and bias gradients, from the chunk that spans tokens
+        [chunk_start, chunk_end); ``hidden`` is ``scaled_hidden``'s. The first chunk overwrites the
+        weight gradient's accumulator (no pass to zero it)."""
+        tokens, first = chunk_end - chunk_start, chunk_start == 0
         grad = self.logits[:tokens, start:end]
-        grad.mul_(self.stats.probability_scale[k, :tokens, None])
-        index, in_span = self._labels_in_span(k, chunk_start, chunk_end)
-        beta = self.alpha[rows, None] if terms.label is None else terms.label[rows]
-        grad.scatter_add_(1, index, torch.where(in_span, -beta, 0.0))
-        if self.spec.label_smoothing:
-            grad.addmm_(terms.smoothing[rows], self.batch.smoothing_weights[start:end].t(), alpha=-1)
-        if self.tanh is not None:
-            _apply_softcap_chain_rule_(grad, self.tanh[:tokens, start:end])
         if self.grad_b is not None:
-            self.grad_b[start:end].add_(grad.sum(0))
-        if grad.is_cuda:
-            self._gpu_products(grad, chunk_start, chunk_end, operands)
-        else:
-            self._cpu_products(worker, grad, start, end, chunk_start, chunk_end, operands)
-
-    def _gpu_products(self, grad, chunk_start, chunk_end, operands) -> None:
-        """A GPU's pass has one span, the whole vocabulary: its products write the gradients whole;
-        low-precision inputs' matmuls take the gradient in their dtype and accumulate in float32."""
-        if self.low_precision_grad is not None:
-            grad = self.low_precision_grad[: chunk_end - chunk_start].copy_(grad)
-        if self.need_h:
-            torch.mm(grad, self.weight, out=self.grad_h[chunk_start:chunk_end])
-        if self.grad_w is not None:
-            _accumulate_weight_grad(self.grad_w, grad, operands.hidden, chunk_start == 0)
-
-    def _cpu_products(self, worker, grad, start, end, chunk_start, chunk_end, operands) -> None:
-        """Span [start, end)'s products in float32: its share of the hidden-state gradient (added to
-        the worker's part, or written whole with one span) and its rows of the weight gradient."""
-        if self.need_h:
-            linear = _onednn_linear_function() if self.onednn else torch.nn.functional.linear
-            share = _blocked_hidden_grad(grad, self.weight[start:end], linear)
-            if self.grad_h_parts is None:
-                self.grad_h[chunk_start:chunk_end].copy_(share)
-            else:
-                self.grad_h_parts[worker, : chunk_end - chunk_start].add_(share)
+            self.grad_b[start:end].addmv_(grad.t(), self.alpha[chunk_start:chunk_end, 0])
         if self.grad_w is None:
             return
-        grad_w, first = self.grad_w[start:end], chunk_start == 0
-        if operands.hidden_t is not None:
-            _onednn_weight_grad(grad_w, grad, operands.hidden_t, first)
+        grad_w = self.grad_w[start:end]
+        if self._weight_grad_through_onednn(tokens):
+            _onednn_weight_grad(grad_w, grad, hidden, first)
+        elif self.low_precision_grad is not None and grad.is_cuda:
+            _accumulate_weight_grad(grad_w, self.low_precision_grad[:tokens, start:end], hidden, first)
         else:
-            _accumulate_weight_grad(grad_w, grad, operands.hidden, first)
-
-    def sum_hidden_grad_parts(self, chunk_start: int, chunk_end: int) -> None:
-        """The chunk's rows of the hidden-state gradient: the workers' parts summed (several spans)."""
-        if self.grad_h_parts is not None:
-            parts = self.grad_h_parts[:, : chunk_end - chunk_start]
-            self.grad_h[chunk_start:chunk_end].copy_(parts.sum(0))
-
-
-def _onednn_linear_function():
-    """oneDNN's linear as ``torch.nn.functional.linear``'s signature (input, weight, bias=None)."""
-    linear = onednn_linear()
-    return lambda x, w, b=None: linear(x, w, b, "none", [], "")
+            _accumulate_weight_grad(grad_w, grad, hidden, first)
 
 
 def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, workers, token_scale=None):
@@ -597,11 +535,11 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, 
     # reads a strided bias as if it were contiguous.
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    num_tokens, dim, vocab = *hidden.shape, weight.shape[0]
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     need_h, need_w, need_b = needs
     want_grad = need_h or need_w or need_b
-    ce_all = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    ce_all = torch.empty(num_tokens, 1, dtype=torch.float32, device=device)
     z_all = torch.empty_like(ce_all) if spec.z_loss_multiplier else None
     grad_h = torch.empty_like(hidden) if need_h else None
     # Zeros only for an empty batch: otherwise the first chunk's matmul overwrites them.
@@ -609,46 +547,38 @@ def _chunked_pass(hidden, weight, bias, batch, spec, chunk_size, needs, onednn, 
     grad_w = new_accumulator(weight.shape, dtype=torch.float32, device=device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     if num_tokens == 0:
-        return ce_all, z_all, grad_h, grad_w, grad_b
+        return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            num_tokens, vocab, dim, dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad,
+            num_tokens, vocab, hidden.shape[1], dtype=dtype, spec=spec, has_bias=bias is not None, want_grad=want_grad,
             workspace_bytes=workers * ONEDNN_WORKSPACE_BYTES if onednn else 0,
         )
     rows = min(chunk_size, num_tokens)
-    spans = _spans(0, vocab, workers * CLASS_TASKS_PER_WORKER if workers > 1 else 1, multiple=64)
     # The chunk's buffers, allocated once and reused by every chunk. The float32 ones (logits, and a
     # softcap's tanh) are one allocation: glibc returns the heap's free top to the system once it
     # exceeds a threshold that adapts to twice the largest allocation freed, which two equal buffers
     # freed together exceed, and the next call would fault all their pages in again.
     keep_tanh = want_grad and spec.softcap is not None
     float_bufs = torch.empty(2 if keep_tanh else 1, rows, vocab, dtype=torch.float32, device=device)
-    low_precision = want_grad and dtype != torch.float32 and hidden.is_cuda
-    smoothing = batch.smoothing_weights
+    low_precision = want_grad and dtype != torch.float32
     work = _Pass(
         hidden, weight, bias, batch, spec,
         terms=_GradientTerms.of(batch, spec, vocab, token_scale) if want_grad else None,
-        onednn=onednn, need_h=need_h, spans=spans,
-        span_smoothing_sums=None if smoothing is None else torch.stack([smoothing[s:e].sum() for s, e in spans])[:, None],
-        ce=ce_all, z_loss=z_all, alpha=torch.empty_like(ce_all), stats=_SpanStatistics.empty(len(spans), rows, device),
+        onednn=onednn, need_h=need_h, ce=ce_all, z_loss=z_all, alpha=torch.empty_like(ce_all),
         logits=float_bufs[0], tanh=float_bufs[1] if keep_tanh else None,
         low_precision_grad=torch.empty(rows, vocab, dtype=dtype, device=device) if low_precision else None,
-        grad_h=grad_h,
-        grad_h_parts=torch.empty(workers, rows, dim, device=device) if need_h and len(spans) > 1 else None,
-        grad_w=grad_w, grad_b=grad_b,
+        grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
     )
+    class_spans = _spans(0, vocab, workers * CLASS_TASKS_PER_WORKER if workers > 1 else 1, multiple=64)
     with _Workers(workers) as pool:
         for chunk_start in range(0, num_tokens, rows):
             chunk_end = min(chunk_start + rows, num_tokens)
-            pool.map(work.logits_step, [(k, chunk_start, chunk_end) for k in range(len(spans))])
-            work.combine(chunk_start, chunk_end)
-            if want_grad:
-                if work.grad_h_parts is not None:
-                    work.grad_h_parts.zero_()
-                operands = work.operands(chunk_start, chunk_end)
-                pool.map(work.gradient_step, [(k, chunk_start, chunk_end, operands) for k in range(len(spans))])
-                work.sum_hidden_grad_parts(chunk_start, chunk_end)
-    return ce_all, z_all, grad_h, grad_w, grad_b
+            row_tasks = max(1, min(workers * ROW_TASKS_PER_WORKER, (chunk_end - chunk_start) // MIN_TASK_TOKENS))
+            pool.map(work.rows, [(s, e, chunk_start) for s, e in _spans(chunk_start, chunk_end, row_tasks)])
+            if need_w or need_b:
+                scaled = work.scaled_hidden(chunk_start, chunk_end)
+                pool.map(work.classes, [(s, e, chunk_start, chunk_end, scaled) for s, e in class_spans])
+    return ce_all[:, 0], None if z_all is None else z_all[:, 0], grad_h, grad_w, grad_b
 
 
 def _reduce(ce, z, batch: _Batch, spec: LossSpec):
