@@ -50,7 +50,6 @@ at a barrier for a thread that the machine's other work has descheduled (see ``C
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -374,13 +373,10 @@ class _Workers:
     thread; ``map`` returns once all are done (the tasks of a chunk's next step depend on them)."""
 
     def __init__(self, count: int) -> None:
-        indices, cpus = itertools.count(), _worker_cpus(count)
-
-        def start() -> None:
-            index = next(indices)
-            _start_worker(None if cpus is None else cpus[index])
-
-        self._pool = None if count == 1 else ThreadPoolExecutor(count, initializer=start)
+        self._pool = None
+        if count > 1:
+            cpus = iter(_worker_cpus(count) or [None] * count)  # each new thread takes the next
+            self._pool = ThreadPoolExecutor(count, initializer=lambda: _start_worker(next(cpus)))
 
     def map(self, task, arguments) -> None:
         if self._pool is None:
