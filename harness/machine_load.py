@@ -23,6 +23,15 @@ A case may also be measured under a load of its own choosing (the case file's ``
 ``companion_processes`` starts that many CPU-bound processes beside its jobs, so that how an
 implementation degrades on a shared machine is measured, not met by chance. Readings taken while
 they run are recorded with their count and left out of the judgement above.
+
+Where a companion runs decides how much of the machine a job can have. Linux's scheduler shares
+the CPUs between sessions first where autogroup scheduling is on (the default of most
+distributions; cgroups do the same between containers): a companion in a session of its own
+(``COMPANION_SESSIONS``' "own": another user's job, a shared CI runner) keeps two thirds of a CPU
+against a two-thread job on two cores, one started by the job's process ("job": a DataLoader's
+worker) a half. On the project's CPU machine two pinned threads of one-thread matmuls drawn from
+one queue, with no barrier at all, took 1.53x their quiet time beside the first and 1.34x beside
+the second (docs/measurements/2026-12-07-chunked-under-load.md): no implementation does better.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ from collections.abc import Iterator
 # What a companion runs: a pure-Python busy loop, one core's worth of work that allocates nothing
 # and does no I/O (a data loader's or another training process's CPU share, reduced to its load).
 COMPANION_PROGRAM = "while True: pass"
+
+# Where a case's companions run (the case file's ``companion_session``): in a session of their own,
+# or in the job's (started by the job's process). See the module's docstring.
+COMPANION_SESSIONS = ("own", "job")
 
 RATE_TOLERANCE = 0.25
 BUSY_CORES_FRACTION = 0.5
@@ -83,10 +96,11 @@ def probe_record(where: str, tflops: float | None, load: list[float] | None = No
 
 
 @contextlib.contextmanager
-def companion_processes(count: int) -> Iterator[list[subprocess.Popen]]:
-    """``count`` CPU-bound processes running for the duration of the block, then killed."""
+def companion_processes(count: int, *, own_session: bool = True) -> Iterator[list[subprocess.Popen]]:
+    """``count`` CPU-bound processes running for the duration of the block, then killed; each in a
+    session of its own, or (``own_session=False``) in this process's, as its own workers would be."""
     companions = [subprocess.Popen([sys.executable, "-c", COMPANION_PROGRAM], stdin=subprocess.DEVNULL,
-                                   start_new_session=True) for _ in range(count)]
+                                   start_new_session=own_session) for _ in range(count)]
     try:
         yield companions
     finally:

@@ -1,6 +1,10 @@
 """Issue 31's in-process experiment: chunked's floor case (N = 4096, D = 512, V = 32000, float32,
-forward and backward) with its workers pinned one per CPU and unpinned, beside torch-eager; quiet,
-then beside one CPU-bound companion. Calls are interleaved so that drifts of load hit all alike.
+forward and backward) with its workers pinned one per CPU and unpinned, beside torch-eager and an
+ideal parallel job (two threads pinned one per CPU, each running one-thread oneDNN matmuls of
+chunked's shapes drawn from one queue: no barrier, no imbalance; what no implementation beats);
+quiet, beside one CPU-bound companion in a session of its own (another job's), and beside one
+started by this process (a data loader's). Each repeat runs every implementation once in each of
+the three, so that the host's drifts of speed hit all alike; medians over the repeats.
 
     PYTHONPATH=. python scripts/chunked_under_load.py [REPEATS]
 
@@ -16,15 +20,18 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 import implementations.chunked as chunked
 from harness.machine_load import companion_processes
+from harness.onednn import onednn_linear
 from harness.registry import resolve
 from harness.spec import LossSpec
 
 N, D, V = 4096, 512, 32000
+IDEAL_TASKS = 400  # products of (256, 512) by (512, 2048): 215 GFLOP, about 1.5 s on two quiet cores
 
 
 def matmul_gflops(seconds: float = 4.0) -> float:
@@ -52,40 +59,57 @@ def check_cpus() -> None:
         busy.kill()
 
 
+def ideal_parallel_job():
+    """Two one-thread workers pinned one per CPU, taking oneDNN products of chunked's shapes from one queue."""
+    linear, x, w = onednn_linear(), torch.randn(256, D), torch.randn(2048, D)
+    workers = chunked.cpu_workers(torch.device("cpu"))
+    cpus = iter(chunked._worker_cpus(workers) or [None] * workers)
+    pool = ThreadPoolExecutor(workers, initializer=lambda: chunked._start_worker(next(cpus)))
+
+    def run() -> None:
+        for _ in pool.map(lambda _: linear(x, w, None, "none", [], ""), range(IDEAL_TASKS)):
+            pass
+    return run
+
+
 def floor_case(repeats: int) -> None:
     torch.manual_seed(0)
     hidden = torch.randn(N, D, requires_grad=True)
     weight = (torch.randn(V, D) * 0.02).requires_grad_()
     labels = torch.randint(0, V, (N,))
     pinned = chunked._worker_cpus
-    runs = {"chunked, pinned": (chunked.Chunked(), pinned),
-            "chunked, unpinned": (chunked.Chunked(), lambda count: None),
-            "torch-eager": (resolve("torch-eager"), pinned)}
 
-    def once(impl, worker_cpus) -> float:
-        chunked._worker_cpus = worker_cpus
-        hidden.grad = weight.grad = None
-        start = time.perf_counter()
-        impl.loss(hidden, weight, labels, LossSpec()).loss.backward()
-        return time.perf_counter() - start
+    def loss(impl, worker_cpus):
+        def run() -> None:
+            chunked._worker_cpus = worker_cpus
+            hidden.grad = weight.grad = None
+            impl.loss(hidden, weight, labels, LossSpec()).loss.backward()
+            chunked._worker_cpus = pinned
+        return run
 
-    def medians() -> dict[str, float]:
-        times = {name: [] for name in runs}
-        for run in runs.values():
-            once(*run)  # warm-up
-        for _ in range(repeats):
-            for name, run in runs.items():
-                times[name].append(once(*run))
-        return {name: statistics.median(t) for name, t in times.items()}
+    runs = {"chunked, pinned": loss(chunked.Chunked(), pinned),
+            "chunked, unpinned": loss(chunked.Chunked(), lambda count: None),
+            "torch-eager": loss(resolve("torch-eager"), pinned),
+            "ideal parallel job": ideal_parallel_job()}
 
-    quiet = medians()
-    with companion_processes(1):
-        time.sleep(1)
-        loaded = medians()
-    chunked._worker_cpus = pinned
+    scenarios = {"quiet": 0, "own session": 1, "this session": 1}
+    times = {(scenario, name): [] for scenario in scenarios for name in runs}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(repeats):
+        for scenario, count in scenarios.items():
+            with companion_processes(count, own_session=scenario == "own session"):
+                time.sleep(0.5)
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    times[scenario, name].append(time.perf_counter() - start)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    print(f"{'':18s} {'quiet':>8s}  " + "  ".join(f"companion in {s}: ms, ratio" for s in list(scenarios)[1:]))
     for name in runs:
-        print(f"{name:18s} quiet {quiet[name] * 1e3:6.0f} ms  beside one companion {loaded[name] * 1e3:6.0f} ms  "
-              f"ratio {loaded[name] / quiet[name]:.2f}")
+        quiet = median["quiet", name]
+        print(f"{name:18s} {quiet * 1e3:6.0f} ms  " + "  ".join(
+            f"{median[s, name] * 1e3:22.0f} {median[s, name] / quiet:5.2f}" for s in list(scenarios)[1:]))
 
 
 if __name__ == "__main__":

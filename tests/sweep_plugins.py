@@ -42,8 +42,21 @@ def companions_running() -> list[int]:
     return pids
 
 
+def in_my_session(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that run in this process's session."""
+    mine = []
+    for pid in pids:
+        try:
+            if os.getsid(pid) == os.getsid(0):
+                mine.append(pid)
+        except ProcessLookupError:
+            continue
+    return mine
+
+
 class CountsCompanions(Implementation):
-    """The eager loss; logs its token count and how many companion processes run beside it."""
+    """The eager loss; logs its token count, how many companion processes run beside it, and how
+    many of them run in its own session."""
 
     name = "test-counts-companions"
     family = "plugin"
@@ -52,7 +65,9 @@ class CountsCompanions(Implementation):
         path = os.environ.get("LMHEAD_TEST_CALL_LOG")
         if path:
             with open(path, "a") as log:
-                log.write(f"tokens {hidden.shape[0]} companions {len(companions_running())}\n")
+                companions = companions_running()
+                log.write(f"tokens {hidden.shape[0]} companions {len(companions)} "
+                          f"in-session {len(in_my_session(companions))}\n")
         return eager_loss(hidden, weight, labels, spec, bias)
 
 

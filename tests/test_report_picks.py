@@ -18,7 +18,7 @@ from harness.report.checks import choose_check
 from harness.report.dashboard import write_dashboard
 from harness.report.noise import clearly_faster, judge_time
 from harness.report.runs import device_label, failures, load_run, measurements, primary_mode
-from harness.report.tables import picks
+from harness.report.tables import beside_companions, picks
 from harness.results import PROPERTY_COLUMNS, RowWriter, mark_run_finished, read_meta, run_finished, write_json_atomic
 from harness.machine_load import busy_cores, judge, probe_record, warning
 from tests.report_fixtures import SWEEP_COMMIT, SYNTHETIC_DEVICE, write_check_run, write_sweep_run
@@ -190,3 +190,25 @@ def test_readings_beside_a_cases_own_companion_processes_are_kept_but_not_judged
     verdict = judge(probes, device_kind="cpu", cpu_count=2)
     assert not verdict["loaded"], "the load the case asked for is no sign of an unreliable run"
     assert [p.get("companions", 0) for p in verdict["probes"]] == [0, 1, 0]
+
+
+def test_a_case_measured_beside_companions_is_shown_against_the_same_case_measured_quietly(tmp_path):
+    run_dir = write_run(tmp_path, "shared", {"chunked": (100.0, 99.0, 101.0), "torch-eager": (120.0, 119.0, 121.0)},
+                        meta={"companions": {"head-loaded/N=512/float32": 1},
+                              "companion_sessions": {"head-loaded/N=512/float32": "job"}})
+    loaded = dict(CASE, case="head-loaded/N=512/float32")
+    writer = RowWriter(run_dir / "rows.csv")
+    for impl, median in (("chunked", 150.0), ("torch-eager", 240.0)):
+        writer.append([dict(loaded, run_id="shared", implementation=impl, metric="time_median", value=median,
+                            unit="ms", status="ok")])
+    run = load_run(run_dir)
+    table = beside_companions(measurements([run]), {run.name: run.meta}).set_index("implementation")
+    assert list(table["slow-down"]) == ["1.50×", "2.00×"]
+    assert set(table["beside"]) == {"1 process, in the job's session"}
+    assert "Beside busy processes" in page(run_dir, tmp_path)
+
+
+def test_without_companions_there_is_no_beside_table(tmp_path):
+    run = load_run(write_run(tmp_path, "quiet", {"chunked": (100.0, 99.0, 101.0)}))
+    assert beside_companions(measurements([run]), {run.name: run.meta}).empty
+    assert "Beside busy processes" not in page(run.path, tmp_path)

@@ -132,6 +132,10 @@ def test_lower_bound_and_logits_sizes_follow_the_definitions():
          "entry 'x': 'logits' must be among random, peaked"),
         ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\ncompanions = -1",
          "entry 'x': 'companions' must be a number of processes"),
+        ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\ncompanions = 1\n"
+         "companion_session = 'mine'", "entry 'x': 'companion_session' must be one of 'own', 'job', got 'mine'"),
+        ("[[case]]\nname = 'x'\nvocab = 8\nhidden = 8\ntokens = 4\ndtypes = ['float32']\ncompanion_session = 'job'",
+         "entry 'x': 'companion_session' says where companions run, but the entry has no 'companions'"),
         ("[[case]]\nvocab = 8", "entry 1: 'name' must be"),
         ("title = 'x'", "unknown top-level key 'title'"),
         ("description = 'nothing'", "no [[case]] entries"),

@@ -298,7 +298,9 @@ def test_the_results_folder_is_named_with_out_as_in_check_and_results_dir_still_
 def test_a_case_with_companions_runs_beside_that_many_busy_processes_and_meta_says_so(tmp_path, capsys, monkeypatch):
     cases = tmp_path / "loaded.toml"
     cases.write_text('dtypes = ["float32"]\n[[case]]\nname = "tiny-loaded"\nvocab = 256\ndim = 16\ntokens = 32\n'
-                     'companions = 1\n[[case]]\nname = "tiny"\nvocab = 256\ndim = 16\ntokens = 48\n')
+                     'companions = 1\n[[case]]\nname = "tiny"\nvocab = 256\ndim = 16\ntokens = 48\n'
+                     '[[case]]\nname = "tiny-beside-loader"\nvocab = 256\ndim = 16\ntokens = 40\n'
+                     'companions = 1\ncompanion_session = "job"\n')
     log = tmp_path / "neighbours.log"
     monkeypatch.setenv("LMHEAD_TEST_CALL_LOG", str(log))
     results = tmp_path / "results"
@@ -306,9 +308,13 @@ def test_a_case_with_companions_runs_beside_that_many_busy_processes_and_meta_sa
             "--mode", "forward", *QUICK]
     assert main(argv) == 0
     run_dir = only_run(results)
-    assert read_meta(run_dir)["companions"] == {"tiny-loaded/N=32/float32": 1}
+    meta = read_meta(run_dir)
+    assert meta["companions"] == {"tiny-loaded/N=32/float32": 1, "tiny-beside-loader/N=40/float32": 1}
+    assert meta["companion_sessions"] == {"tiny-loaded/N=32/float32": "own", "tiny-beside-loader/N=40/float32": "job"}
     assert set(read_rows(run_dir).status) == {"ok"}
-    seen = {tuple(map(int, line.split()[1::2])) for line in log.read_text().splitlines()}  # (tokens, companions)
-    assert seen == {(32, 1), (48, 0)}, "one companion beside the loaded case's job, none beside the other"
-    assert "beside 1 companion process" in " ".join(capsys.readouterr().err.split())
+    seen = {tuple(map(int, line.split()[1::2])) for line in log.read_text().splitlines()}  # (tokens, all, in session)
+    assert seen == {(32, 1, 0), (48, 0, 0), (40, 1, 1)}, \
+        "one companion beside each loaded case's job, in its session where asked; none beside the other"
+    err = " ".join(capsys.readouterr().err.split())
+    assert "beside 1 companion process)" in err and "beside 1 companion process in its session)" in err
     assert not list(companions_running()), "stopped after the job"

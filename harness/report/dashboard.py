@@ -75,6 +75,7 @@ def write_dashboard(
         '<nav><a href="#summary">Picks</a><a href="#plots">Plots</a><a href="#tables">All measurements</a>'
         '<a href="#correctness">Correctness</a><a href="#failures">Failures</a><a href="#environment">Environment</a></nav>',
         _summary_section(frame, failures, mode, "machine loaded" if any(load.warning(r.meta) for r in runs) else ""),
+        _beside_companions_section(frame, runs),
         _plots_section(plots),
         _tables_section(frame, failures),
         _correctness_section(check),
@@ -195,6 +196,22 @@ def _summary_section(frame: pd.DataFrame, failures: pd.DataFrame, mode: str | No
     )
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _beside_companions_section(frame: pd.DataFrame, runs: list[Run]) -> str:
+    table = tables.beside_companions(frame, {run.name: run.meta for run in runs})
+    if table.empty:
+        return ""
+    return "\n".join([
+        '<section id="beside"><h2>Beside busy processes</h2>',
+        _table(table),
+        "<p class='note'>Cases measured beside CPU-bound companion processes (the case file's "
+        "<code>companions</code>), each against the same case measured without them in the same run. A "
+        "companion in a session of its own is shared with as another job is; one in the job's session as "
+        "its data loader is (<code>companion_session</code>: the case files' documentation says what each "
+        "leaves a job).</p>",
+        "</section>",
+    ])
 
 
 def _pick_class(column: str, value: str) -> str:

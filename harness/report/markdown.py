@@ -64,6 +64,7 @@ def write_summary(
         if len(picks) > MAX_CASES_PER_DTYPE * 2:
             lines.append(f"\n…and {len(picks) - MAX_CASES_PER_DTYPE * 2} more cases in the dashboard.")
         lines.append("")
+    lines += _beside_companions(frame, runs)
     dtypes = sorted(set(frame["dtype"]) | set(failures["dtype"])) if not (frame.empty and failures.empty) else []
     for dtype in dtypes:
         table = tables.case_by_implementation(frame, mode, dtype, tables.time_and_memory_cell, failures)
@@ -77,6 +78,14 @@ def write_summary(
     lines += _failures(failures)
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def _beside_companions(frame: pd.DataFrame, runs: list[Run]) -> list[str]:
+    table = tables.beside_companions(frame, {run.name: run.meta for run in runs})
+    if table.empty:
+        return []
+    return ["### Beside busy processes: time against the same case measured quietly", "",
+            *_table(table.set_index("case"), index="case"), ""]
 
 
 def matmul_rate_line(name: str, meta: dict) -> str:

@@ -136,6 +136,38 @@ def case_by_implementation(frame: pd.DataFrame, mode: str, dtype: str, cell,
     return table.fillna("–")
 
 
+# What makes a measurement beside companions and one without them the same case but for the load.
+_SAME_CASE = ["run", "device", "vocab", "hidden", "tokens", "dtype", "tied", "options", "logits", "mode", "implementation"]
+BESIDE_COLUMNS = ["case", "beside", "implementation", "quiet", "beside them", "slow-down"]
+
+
+def beside_companions(frame: pd.DataFrame, metas: dict[str, dict]) -> pd.DataFrame:
+    """Each case measured beside busy companion processes (``metas``: run name -> meta.json), per
+    implementation: its median time there, the same case's measured quietly in the same run, and
+    the slow-down between them: how the implementation fares on a shared machine."""
+    loaded = {(run, case): (count, meta.get("companion_sessions", {}).get(case, "own"))
+              for run, meta in metas.items() for case, count in (meta.get("companions") or {}).items()}
+    if frame.empty or not loaded:
+        return pd.DataFrame(columns=BESIDE_COLUMNS)
+    keys = list(zip(frame["run"], frame["case"]))
+    is_loaded = pd.Series([key in loaded for key in keys], index=frame.index)
+    quiet = frame[~is_loaded].drop_duplicates(subset=_SAME_CASE)[[*_SAME_CASE, "time_median"]]
+    pairs = frame[is_loaded].merge(quiet, on=_SAME_CASE, how="left", suffixes=("", "_quiet"))
+    rows = []
+    for _, row in _case_order(pairs).iterrows():
+        count, session = loaded[(row["run"], row["case"])]
+        rows.append({
+            "case": row["case"],
+            "beside": f"{count} process{'es' if count > 1 else ''}, " + ("in the job's session" if session == "job"
+                      else f"{'each ' if count > 1 else ''}in a session of its own"),
+            "implementation": row["series"],
+            "quiet": format_ms(row["time_median_quiet"]) if pd.notna(row["time_median_quiet"]) else "not measured",
+            "beside them": format_ms(row["time_median"]),
+            "slow-down": format_ratio(row["time_median"] / row["time_median_quiet"]),
+        })
+    return pd.DataFrame(rows, columns=BESIDE_COLUMNS)
+
+
 def time_cell(row: pd.Series) -> str:
     speedup = "" if pd.isna(row["speedup"]) else f" (×{row['speedup']:.2f})"
     return format_ms(row["time_median"]) + speedup

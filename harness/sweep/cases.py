@@ -41,6 +41,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
 
 from harness.case import LOGIT_MODES, Case, OptionValues, format_case, parse_case
 from harness.errors import HarnessError
+from harness.machine_load import COMPANION_SESSIONS
 from harness.results import MODES
 from harness.spec import DTYPES, OPTION_DECLARATIONS, REDUCTIONS
 
@@ -51,7 +52,7 @@ INPUT_SEED = 1234
 
 FILE_KEYS = ("description", "tokens", "dtypes", "implementations", "case")
 ENTRY_KEYS = ("name", "vocab", "dim", "hidden", "tokens", "dtypes", "logits", "tied", "options", "implementations",
-              "modes", "companions", "note")
+              "modes", "companions", "companion_session", "note")
 # Keys a case file's ``options`` table takes: the options and their older names, and the reduction.
 OPTION_KEYS = ("reduction", *(key for option in OPTION_DECLARATIONS for key in (option.name, *option.aliases)))
 
@@ -68,6 +69,7 @@ class SweepCase:
     modes: tuple[str, ...] | None = None  # None: every mode the sweep measures
     source: str = ""  # the case file
     companions: int = 0  # CPU-bound processes running beside its jobs (harness.machine_load.companion_processes)
+    companion_session: str = "own"  # where they run: a session of their own, or the job's (COMPANION_SESSIONS)
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "case": format_case(self.case)}
@@ -153,6 +155,14 @@ class _EntryReader:
             self.fail(f"'companions' must be a number of processes (0 or more), got {value!r}")
         return value
 
+    def companion_session(self) -> str:
+        value = self.table.get("companion_session", "own")
+        if value not in COMPANION_SESSIONS:
+            self.fail(f"'companion_session' must be one of {', '.join(map(repr, COMPANION_SESSIONS))}, got {value!r}")
+        if "companion_session" in self.table and not self.companions():
+            self.fail("'companion_session' says where companions run, but the entry has no 'companions'")
+        return value
+
     def modes(self) -> tuple[str, ...] | None:
         value = self.table.get("modes")
         if value is None:
@@ -231,7 +241,7 @@ def load_case_file(path: Path) -> list[SweepCase]:
         reduction, options = reader.options()
         implementations = reader.implementations(default_impls)
         modes = reader.modes()
-        companions = reader.companions()
+        companions, companion_session = reader.companions(), reader.companion_session()
         for vocab, dim, logits, n, dtype in itertools.product(vocabs, dims, logit_modes, tokens, dtypes):
             parts = [name]
             if len(vocabs) > 1:
@@ -246,7 +256,8 @@ def load_case_file(path: Path) -> list[SweepCase]:
                             logits=logits, seed=INPUT_SEED)
             except HarnessError as exc:  # the options' own range checks (e.g. softcap > 0)
                 reader.fail(str(exc))
-            cases.append(SweepCase("/".join(parts), name, case, tied, implementations, modes, where, companions))
+            cases.append(SweepCase("/".join(parts), name, case, tied, implementations, modes, where, companions,
+                                   companion_session))
     return cases
 
 

@@ -203,6 +203,7 @@ def start_run(plan: SweepPlan, resume_dir: Path | None, results_dir: Path, ranks
         "excluded": plan.excluded,
         # cases measured beside CPU-bound companion processes of their own (the case file's companions)
         "companions": {job.case.name: job.case.companions for job in plan.jobs if job.case.companions},
+        "companion_sessions": {job.case.name: job.case.companion_session for job in plan.jobs if job.case.companions},
         "load": judge([probe_record("start", device["probe"].get("tflops"), load_before, busy=busy_before)],
                       device_kind=settings.device, cpu_count=os.cpu_count()),
         "finished": None,

@@ -215,7 +215,8 @@ def _summary(job: Job, results: dict[str, dict], seconds: float) -> str:
         else:
             parts.append(f"{label} [bold]{result['status']}[/]")
     reasons = {r.get("reason", "") for r in results.values() if r["status"] != "ok"} - {""}
-    beside = f", beside {job.case.companions} companion process{'es' if job.case.companions > 1 else ''}" \
+    in_session = " in its session" if job.case.companion_session == "job" else ""
+    beside = f", beside {job.case.companions} companion process{'es' if job.case.companions > 1 else ''}{in_session}" \
         if job.case.companions else ""
     line = escape(f"{job.implementation:>16}  {job.case.name} ({seconds:.0f} s{beside}): ") + "; ".join(parts)
     if reasons:
@@ -265,10 +266,12 @@ def run_jobs(
             }
             reason = declared_unsupported(job, settings.device)
             companions = job.case.companions
+            # companions in the job's session are the job process's to start (harness.sweep.worker)
+            beside_job = companions if job.case.companion_session == "own" else 0
             results, seconds = {}, 0.0
             if reason is None and modes:
                 with tempfile.TemporaryDirectory(prefix="lmhead-bench-job-") as cache_dir, \
-                        companion_processes(companions):
+                        companion_processes(beside_job):
                     outcome = run_job(payload, settings, reference=job.reference,
                                       env=job_environment(settings.child_env, cache_dir))
                 results, seconds = mode_results(outcome, modes), outcome.seconds

@@ -28,6 +28,7 @@ from harness.isolation import FATAL_EXIT_STATUS, Report, child_report, classify
 from harness.registry import resolve
 from harness.results import BASELINE
 from harness.case import make_inputs
+from harness.machine_load import companion_processes
 from harness.sweep.cases import SweepCase
 from harness.environment import device_environment
 from harness.sweep.measure import TimingSettings, matmul_routine_tflops, measure_mode, probe_tflops
@@ -48,7 +49,15 @@ def send_probe(device: str, out: Report) -> None:
 
 
 def run_case(job: dict, out: Report) -> int:
-    case = SweepCase.from_json(job["case"]).case
+    """The case's modes, measured beside its companions where they belong to the job's session
+    (the runner starts those of a session of their own); the job's process group ends them."""
+    sweep_case = SweepCase.from_json(job["case"])
+    in_session = sweep_case.companions if sweep_case.companion_session == "job" else 0
+    with companion_processes(in_session, own_session=False):
+        return _measure_case(sweep_case.case, job, out)
+
+
+def _measure_case(case, job: dict, out: Report) -> int:
     device = job["device"]
     timing = TimingSettings(**job["timing"])
     modes = job["modes"]
