@@ -30,8 +30,9 @@ distributions; cgroups do the same between containers): a companion in a session
 (``COMPANION_SESSIONS``' "own": another user's job, a shared CI runner) keeps two thirds of a CPU
 against a two-thread job on two cores, one started by the job's process ("job": a DataLoader's
 worker) a half. On the project's CPU machine two pinned threads of one-thread matmuls drawn from
-one queue, with no barrier at all, took 1.53x their quiet time beside the first and 1.34x beside
-the second (docs/measurements/2026-12-07-chunked-under-load.md): no implementation does better.
+one queue, with no barrier at all, took 1.52x their quiet time beside the first and 1.37x beside
+the second (median of 5; docs/measurements/2026-12-07-chunked-under-load.md): no implementation
+does better.
 """
 
 from __future__ import annotations

@@ -206,10 +206,10 @@ def _beside_companions_section(frame: pd.DataFrame, runs: list[Run]) -> str:
         '<section id="beside"><h2>Beside busy processes</h2>',
         _table(table),
         "<p class='note'>Cases measured beside CPU-bound companion processes (the case file's "
-        "<code>companions</code>), each against the same case measured without them in the same run. A "
-        "companion in a session of its own is shared with as another job is; one in the job's session as "
-        "its data loader is (<code>companion_session</code>: the case files' documentation says what each "
-        "leaves a job).</p>",
+        "<code>companions</code>), each against the same case measured without them in the same run. The "
+        "scheduler shares the cores with a companion in a session of its own as with another job, and with "
+        "one in the job's session as with the job's own data loader (<code>companion_session</code>; "
+        "docs/case-files.md says what each leaves a job).</p>",
         "</section>",
     ])
 

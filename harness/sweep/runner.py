@@ -267,11 +267,11 @@ def run_jobs(
             reason = declared_unsupported(job, settings.device)
             companions = job.case.companions
             # companions in the job's session are the job process's to start (harness.sweep.worker)
-            beside_job = companions if job.case.companion_session == "own" else 0
+            own_session_companions = companions if job.case.companion_session == "own" else 0
             results, seconds = {}, 0.0
             if reason is None and modes:
                 with tempfile.TemporaryDirectory(prefix="lmhead-bench-job-") as cache_dir, \
-                        companion_processes(beside_job):
+                        companion_processes(own_session_companions):
                     outcome = run_job(payload, settings, reference=job.reference,
                                       env=job_environment(settings.child_env, cache_dir))
                 results, seconds = mode_results(outcome, modes), outcome.seconds
