@@ -259,11 +259,16 @@ def test_workers_are_pinned_one_per_cpu_only_when_there_is_a_worker_for_every_cp
     workers than CPUs (hyperthreads of one core, perhaps) or more, the scheduler places them."""
     cpus = sorted(os.sched_getaffinity(0))
     for count in {len(cpus), len(cpus) + 1} - {1}:
-        seen = {}
+        seen, all_started = {}, threading.Barrier(count, timeout=30)
+
+        def note_affinity() -> None:  # each task waits for the others: every worker takes one
+            seen[threading.get_ident()] = os.sched_getaffinity(0)
+            all_started.wait()
         with chunked_module._Workers(count) as pool:
-            pool.map(lambda: seen.setdefault(threading.get_ident(), os.sched_getaffinity(0)), [()] * 8 * count)
+            pool.map(note_affinity, [()] * count)
+        assert len(seen) == count
         if count == len(cpus):
-            assert sorted(min(affinity) for affinity in seen.values()) == cpus[: len(seen)]
+            assert sorted(min(affinity) for affinity in seen.values()) == cpus
             assert all(len(affinity) == 1 for affinity in seen.values())
         else:
             assert all(affinity == set(cpus) for affinity in seen.values())
