@@ -322,9 +322,12 @@ LOG_TINY_PROBABILITY = math.log(1e-30)
 # taken over. Its tokens are cut into one span per worker (of at least MIN_TASK_TOKENS): oneDNN
 # reorders a block of the weight for every product, which a span of fewer tokens repays less (two
 # spans per worker took 9% longer on the floor case, four 35%; docs/measurements/2026-12-07-chunked-under-load.md).
+# A chunk of fewer than 2 x MIN_TASK_TOKENS tokens is one task and leaves the other workers idle:
+# large vocabularies with a small D, whose budget allows chunks of a few dozen tokens (N = 1024,
+# D = 64, V = 128256: chunks of 61 tokens, 901 ms with 16 against 1303 with 32).
 ROW_TASKS_PER_WORKER = 1
 CLASS_TASKS_PER_WORKER = 4
-MIN_TASK_TOKENS = 32
+MIN_TASK_TOKENS = 16
 
 
 @functools.cache
