@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.report import noise
-from harness.report.runs import format_bytes, format_ms, format_ratio
+from harness.report.runs import MEASUREMENT_KEY, format_bytes, format_ms, format_ratio
 from harness.results import BASELINE
 
 
@@ -136,8 +136,9 @@ def case_by_implementation(frame: pd.DataFrame, mode: str, dtype: str, cell,
     return table.fillna("–")
 
 
-# What makes a measurement beside companions and one without them the same case but for the load.
-_SAME_CASE = ["run", "device", "vocab", "hidden", "tokens", "dtype", "tied", "options", "logits", "mode", "implementation"]
+# What makes a measurement beside companions and one without them the same case but for the load:
+# the measurement's key without the names (the case's, and its case-file entry's).
+_SAME_CASE = [column for column in MEASUREMENT_KEY if column not in ("case", "shape")]
 BESIDE_COLUMNS = ["case", "beside", "implementation", "quiet", "beside them", "slow-down"]
 
 
